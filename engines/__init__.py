@@ -1,0 +1,1 @@
+"""See ../shared/DESIGN.md; filled in by later issues."""

@@ -1,0 +1,157 @@
+/*
+ * xt.h — the whole cffi-visible API of the xentap shim.
+ *
+ * The shim is a userspace Xen PV block backend (blkif).  Python opens a VBD
+ * on an image, connects it to a frontend's rings over a transport (real Xen
+ * or the `sim` stand-in), and reads counters; every request is served in C
+ * threads, one per ring (queue).  The sim blkfront (xt_front_*) is a
+ * frontend for tests, benchmarks and the demo.
+ *
+ * Conventions: functions return 0 or a negative errno and, on failure, write
+ * a one-line reason into `err` (XT_ERRLEN bytes).  build_shim.py feeds this
+ * file to cffi with the preprocessor lines removed, so constants are enums
+ * and array sizes are literals (their enum names are in the comments).
+ */
+#ifndef XENTAP_XT_H
+#define XENTAP_XT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    XT_ERRLEN = 256,
+    XT_MAX_QUEUES = 8,          /* multi-queue-max-queues we advertise */
+    XT_MAX_RING_ORDER = 4,      /* max-ring-page-order we advertise */
+    XT_MAX_RING_PAGES = 16,     /* 1 << XT_MAX_RING_ORDER */
+    XT_MAX_INDIRECT_SEGMENTS = 256, /* feature-max-indirect-segments */
+    XT_SECTOR_SIZE = 512,       /* blkif sector numbers are always 512 B */
+};
+
+/* I/O engines. */
+enum { XT_ENGINE_AUTO = 0, XT_ENGINE_URING = 1, XT_ENGINE_THREADS = 2 };
+
+/* Ring ABIs (the frontend's `protocol` key). */
+enum { XT_PROTO_NATIVE = 0 };
+
+/* VBD states, as xt_stats.state. */
+enum { XT_STATE_OPEN = 1, XT_STATE_CONNECTED = 2, XT_STATE_FAILED = 3 };
+
+/* ------------------------------------------------------------------ */
+/* Transports: how the backend reaches a frontend's memory and events. */
+
+typedef struct xt_transport xt_transport;
+
+/* The sim transport: `simdir` is a sim domain made by xt_simdom_create. */
+int xt_transport_sim_open(const char *simdir, xt_transport **out, char *err);
+/* The xen transport: libxengnttab + libxenevtchn (needs /dev/xen/gntdev). */
+int xt_transport_xen_open(xt_transport **out, char *err);
+void xt_transport_close(xt_transport *t);
+const char *xt_transport_name(const xt_transport *t);
+
+/* A sim domain: a sealed memfd acting as the domain's grant table (v1
+ * entries + pages, gref i is entry i) and FIFOs as its event channels, all
+ * found through the directory `simdir`.  The creating process must keep
+ * running while the domain lives (the memfd is published as /proc/PID/fd/N),
+ * like a domain whose death ends its grants. */
+typedef struct xt_simdom xt_simdom;
+int xt_simdom_create(const char *simdir, uint16_t domid, uint32_t nr_pages,
+                     xt_simdom **out, char *err);
+void xt_simdom_destroy(xt_simdom *d);
+
+/* ------------------------------------------------------------------ */
+/* VBDs. */
+
+typedef struct xt_vbd xt_vbd;
+
+struct xt_vbd_config {
+    const char *path;           /* raw image file or block device */
+    int engine;                 /* XT_ENGINE_* */
+    int direct;                 /* open with O_DIRECT */
+    int readonly;               /* refuse writes */
+    uint32_t max_indirect_segments; /* 0: no indirect; max XT_MAX_INDIRECT_SEGMENTS */
+};
+
+/* What the frontend published: ring pages and event channel per queue. */
+struct xt_ring_params {
+    uint16_t domid;             /* the frontend's domain */
+    uint32_t protocol;          /* XT_PROTO_* */
+    uint32_t nr_queues;         /* 1 .. XT_MAX_QUEUES */
+    uint32_t ring_order;        /* 0 .. XT_MAX_RING_ORDER */
+    uint32_t ring_ref[128];     /* [queue * XT_MAX_RING_PAGES + page] */
+    uint32_t evtchn[8];         /* [queue], the frontend's unbound port */
+};
+
+struct xt_stats {
+    uint32_t state;             /* XT_STATE_* */
+    uint32_t nr_queues;
+    uint64_t sectors;           /* disk size in 512-byte sectors */
+    uint64_t reqs_read, reqs_write, reqs_flush, reqs_indirect;
+    uint64_t bytes_read, bytes_written;
+    uint64_t err_bad_request;   /* malformed by the guest: BLKIF_RSP_ERROR */
+    uint64_t err_unsupported;   /* unknown operation: BLKIF_RSP_EOPNOTSUPP */
+    uint64_t err_grant;         /* grant copy or map refused */
+    uint64_t err_io;            /* the image returned an error */
+    uint64_t in_flight;         /* requests taken from rings, not yet answered */
+    uint64_t buffer_bytes;      /* bounce buffers held (peak in-flight data) */
+    uint64_t ring_stopped;      /* rings stopped for a protocol violation */
+};
+
+int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err);
+uint64_t xt_vbd_sectors(const xt_vbd *v);
+const char *xt_vbd_engine_name(const xt_vbd *v);
+int xt_vbd_connect(xt_vbd *v, xt_transport *t, const struct xt_ring_params *p,
+                   char *err);
+/* Stops the queue threads after answering what is in flight; unmaps rings. */
+void xt_vbd_disconnect(xt_vbd *v);
+void xt_vbd_close(xt_vbd *v);
+void xt_vbd_stats(const xt_vbd *v, struct xt_stats *out);
+
+/* Where the shim writes its log lines (default 2, stderr). */
+void xt_set_log_fd(int fd);
+
+/* ------------------------------------------------------------------ */
+/* The sim blkfront: a frontend that drives the ring protocol as Linux's
+ * xen-blkfront does, with fio-like workloads. */
+
+typedef struct xt_front xt_front;
+
+struct xt_front_config {
+    const char *simdir;         /* its sim domain */
+    uint32_t nr_queues;
+    uint32_t ring_order;
+    uint32_t max_indirect_segments; /* what the backend advertised; 0: none */
+    uint64_t sectors;           /* disk size the backend advertised */
+};
+
+struct xt_workload {
+    uint32_t block_size;        /* bytes, multiple of 512 */
+    uint32_t queue_depth;       /* per queue */
+    uint32_t read_pct;          /* 0..100 */
+    uint32_t sequential;        /* 0: random offsets */
+    uint64_t offset, size;      /* region in bytes; size 0: whole disk */
+    double seconds;             /* stop after this long (0: no limit) */
+    uint64_t max_ios;           /* stop after this many (0: no limit) */
+    uint32_t verify;            /* write patterns, check them on reads */
+    uint32_t flush_every;       /* a FLUSH after every N writes (0: never) */
+    uint64_t seed;
+};
+
+struct xt_front_result {
+    uint64_t ios, reads, writes, flushes;
+    uint64_t bytes_read, bytes_written;
+    uint64_t errors;            /* responses other than BLKIF_RSP_OKAY */
+    uint64_t verify_failures;   /* sectors whose content was wrong */
+    uint64_t first_bad_sector;
+    double seconds;
+    double lat_us_p50, lat_us_p99, lat_us_max;
+};
+
+int xt_front_open(const struct xt_front_config *cfg, xt_front **out,
+                  struct xt_ring_params *params, char *err);
+int xt_front_run(xt_front *f, const struct xt_workload *w,
+                 struct xt_front_result *res, char *err);
+/* Asks a running xt_front_run to stop early (from another thread). */
+void xt_front_stop(xt_front *f);
+void xt_front_close(xt_front *f);
+
+#endif

@@ -1,0 +1,1 @@
+"""xentap: hypervisor-level data services for Xen (dom0 side)."""
