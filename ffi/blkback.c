@@ -1,0 +1,382 @@
+/*
+ * blkback.c — the dataplane: one thread per ring serves blkif requests.
+ *
+ * A request's life, one function each, top to bottom:
+ *   take (a preallocated slot) → fetch (copy it out of the shared ring once)
+ *   → parse (every check on what the guest wrote, in one place)
+ *   → copy in (grant copy, writes) → submit (I/O engine)
+ *   → complete → copy out (grant copy, reads) → respond → back to the free list.
+ * The dataplane knows nothing of xenstore or of which transport it runs on.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "xt_internal.h"
+
+#define WAKE_EVTCHN 0x1u
+#define WAKE_STOP 0x2u
+#define MAX_LOGGED_ERRORS 20
+#define REAP_BATCH 64
+
+static inline void count(atomic_uint_fast64_t *c, uint64_t v)
+{
+    atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+/* A guest's mistake: logged (up to a limit per ring) and counted. */
+static int16_t reject(struct xt_queue *q, int16_t status, const char *why,
+                      uint64_t id)
+{
+    if (status == BLKIF_RSP_EOPNOTSUPP)
+        count(&q->c.err_unsupported, 1);
+    else
+        count(&q->c.err_bad_request, 1);
+    if (q->errors_logged < MAX_LOGGED_ERRORS) {
+        q->errors_logged++;
+        xt_log("domain %u queue %u: request id %llu refused: %s%s", q->vbd->domid,
+               q->idx, (unsigned long long)id, why,
+               q->errors_logged == MAX_LOGGED_ERRORS ? " (further errors on this ring not logged)" : "");
+    }
+    return status;
+}
+
+/* ---- take / respond ---- */
+
+static struct xt_req *take(struct xt_queue *q)
+{
+    struct xt_req *req = q->free_list;
+    if (req) {
+        q->free_list = req->next_free;
+        count(&q->c.in_flight, 1);
+    }
+    return req;
+}
+
+static void respond(struct xt_queue *q, struct xt_req *req, int16_t status)
+{
+    blkif_response_t rsp;
+    memset(&rsp, 0, sizeof(rsp));   /* no stale bytes in the padding (XSA-216) */
+    rsp.id = req->id;
+    rsp.operation = req->operation;
+    rsp.status = status;
+    memcpy(RING_GET_RESPONSE(&q->ring, q->ring.rsp_prod_pvt), &rsp, sizeof(rsp));
+    q->ring.rsp_prod_pvt++;
+    req->next_free = q->free_list;
+    q->free_list = req;
+    atomic_fetch_sub_explicit(&q->c.in_flight, 1, memory_order_relaxed);
+}
+
+static void push_responses(struct xt_queue *q)
+{
+    int notify;
+    RING_PUSH_RESPONSES_AND_CHECK_NOTIFY(&q->ring, notify);
+    if (notify)
+        q->vbd->t->ops->notify(q->vbd->t, &q->ev);
+}
+
+/* ---- parse ---- */
+
+static int16_t parse_segments(struct xt_queue *q, struct xt_req *req,
+                              const struct blkif_request_segment *segs, unsigned n)
+{
+    uint64_t nsect = 0;
+    for (unsigned i = 0; i < n; i++) {
+        struct blkif_request_segment s = segs[i];
+        if (s.first_sect > s.last_sect)
+            return reject(q, BLKIF_RSP_ERROR, "first_sect > last_sect", req->id);
+        if (s.last_sect >= XT_SECTORS_PER_PAGE)
+            return reject(q, BLKIF_RSP_ERROR, "last_sect past the end of the page", req->id);
+        req->segs[i].gref = s.gref;
+        req->segs[i].first_sect = s.first_sect;
+        req->segs[i].last_sect = s.last_sect;
+        nsect += (uint64_t)(s.last_sect - s.first_sect + 1);
+    }
+    if (req->sector > q->vbd->sectors || nsect > q->vbd->sectors - req->sector)
+        return reject(q, BLKIF_RSP_ERROR, "access beyond the end of the disk", req->id);
+    req->nr_segs = (uint16_t)n;
+    req->len = nsect * XT_SECTOR_SIZE;
+    return BLKIF_RSP_OKAY;
+}
+
+/* Fetches the segment list of an indirect request from its indirect pages. */
+static int16_t fetch_indirect(struct xt_queue *q, struct xt_req *req,
+                              const blkif_request_indirect_t *ind)
+{
+    unsigned n = ind->nr_segments;
+    if (n == 0 || n > q->vbd->max_indirect)
+        return reject(q, BLKIF_RSP_ERROR, "indirect segment count out of range", req->id);
+    unsigned pages = (unsigned)((n + XT_SEGS_PER_INDIRECT_PAGE - 1) / XT_SEGS_PER_INDIRECT_PAGE);
+    if (pages > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
+        return reject(q, BLKIF_RSP_ERROR, "too many indirect pages", req->id);
+    for (unsigned p = 0; p < pages; p++) {
+        unsigned first = p * (unsigned)XT_SEGS_PER_INDIRECT_PAGE;
+        unsigned cnt = n - first < XT_SEGS_PER_INDIRECT_PAGE ? n - first
+                                                             : (unsigned)XT_SEGS_PER_INDIRECT_PAGE;
+        q->copies[p] = (struct xt_copy){
+            .gref = ind->indirect_grefs[p],
+            .offset = 0,
+            .len = (uint16_t)(cnt * sizeof(struct blkif_request_segment)),
+            .local = &q->ind_segs[first],
+        };
+    }
+    if (q->vbd->t->ops->copy(q->vbd->t, q->vbd->domid, XT_COPY_FROM_GUEST, q->copies, pages) < 0) {
+        count(&q->c.err_grant, 1);
+        return reject(q, BLKIF_RSP_ERROR, "indirect page grant copy failed", req->id);
+    }
+    count(&q->c.reqs_indirect, 1);
+    return parse_segments(q, req, q->ind_segs, n);
+}
+
+union ring_request {
+    blkif_request_t rw;
+    blkif_request_indirect_t indirect;
+    blkif_request_discard_t discard;
+};
+
+static int16_t parse(struct xt_queue *q, struct xt_req *req, const union ring_request *r)
+{
+    req->id = r->rw.id;
+    req->operation = r->rw.operation;
+    req->nr_segs = 0;
+    req->len = 0;
+    req->stage = 0;
+    switch (r->rw.operation) {
+    case BLKIF_OP_READ:
+    case BLKIF_OP_WRITE:
+    case BLKIF_OP_FLUSH_DISKCACHE:
+        req->io_op = r->rw.operation;
+        req->sector = r->rw.sector_number;
+        if (r->rw.nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST)
+            return reject(q, BLKIF_RSP_ERROR, "too many segments", req->id);
+        if (r->rw.nr_segments == 0 && req->io_op != BLKIF_OP_FLUSH_DISKCACHE)
+            return reject(q, BLKIF_RSP_ERROR, "no segments", req->id);
+        if (req->io_op != BLKIF_OP_READ && q->vbd->readonly && r->rw.nr_segments)
+            return reject(q, BLKIF_RSP_ERROR, "write to a read-only disk", req->id);
+        return parse_segments(q, req, r->rw.seg, r->rw.nr_segments);
+    case BLKIF_OP_INDIRECT:
+        if (q->vbd->max_indirect == 0)
+            return reject(q, BLKIF_RSP_EOPNOTSUPP, "indirect requests not negotiated", req->id);
+        if (r->indirect.indirect_op != BLKIF_OP_READ && r->indirect.indirect_op != BLKIF_OP_WRITE)
+            return reject(q, BLKIF_RSP_ERROR, "indirect operation not read or write", req->id);
+        req->io_op = r->indirect.indirect_op;
+        req->sector = r->indirect.sector_number;
+        if (req->io_op == BLKIF_OP_WRITE && q->vbd->readonly)
+            return reject(q, BLKIF_RSP_ERROR, "write to a read-only disk", req->id);
+        return fetch_indirect(q, req, &r->indirect);
+    default:
+        return reject(q, BLKIF_RSP_EOPNOTSUPP, "unknown operation", req->id);
+    }
+}
+
+/* ---- data movement ---- */
+
+static int ensure_buffer(struct xt_queue *q, struct xt_req *req)
+{
+    if (req->buf_cap >= req->len)
+        return 0;
+    size_t cap = XT_PAGE_SIZE;
+    while (cap < req->len)
+        cap *= 2;
+    void *buf;
+    if (posix_memalign(&buf, XT_PAGE_SIZE, cap) != 0)
+        return -ENOMEM;
+    free(req->buf);
+    count(&q->c.buffer_bytes, cap - req->buf_cap);
+    req->buf = buf;
+    req->buf_cap = cap;
+    return 0;
+}
+
+/* Grant copy between the request's guest pages and its bounce buffer. */
+static int copy_data(struct xt_queue *q, struct xt_req *req, enum xt_copy_dir dir)
+{
+    size_t pos = 0;
+    for (unsigned i = 0; i < req->nr_segs; i++) {
+        struct xt_seg *s = &req->segs[i];
+        uint16_t len = (uint16_t)((s->last_sect - s->first_sect + 1) * XT_SECTOR_SIZE);
+        q->copies[i] = (struct xt_copy){
+            .gref = s->gref,
+            .offset = (uint16_t)(s->first_sect * XT_SECTOR_SIZE),
+            .len = len,
+            .local = req->buf + pos,
+        };
+        pos += len;
+    }
+    if (q->vbd->t->ops->copy(q->vbd->t, q->vbd->domid, dir, q->copies, req->nr_segs) < 0) {
+        count(&q->c.err_grant, 1);
+        reject(q, BLKIF_RSP_ERROR, "grant copy failed (bad or foreign grant ref)", req->id);
+        return -1;
+    }
+    return 0;
+}
+
+static void submit(struct xt_queue *q, struct xt_req *req, enum xt_io_op op)
+{
+    req->io.op = op;
+    req->io.offset = req->sector * XT_SECTOR_SIZE;
+    req->io.buf = req->buf;
+    req->io.len = op == XT_IO_FSYNC ? 0 : req->len;
+    q->engine.ops->submit(&q->engine, &req->io);
+}
+
+/* Writes (and the data of a flush) are copied in and submitted. */
+static void start_write(struct xt_queue *q, struct xt_req *req)
+{
+    if (copy_data(q, req, XT_COPY_FROM_GUEST) < 0) {
+        respond(q, req, BLKIF_RSP_ERROR);
+        return;
+    }
+    q->writes_in_flight++;
+    submit(q, req, XT_IO_WRITE);
+}
+
+/* A flush runs once every write taken before it has completed. */
+static void start_flush(struct xt_queue *q, struct xt_req *req)
+{
+    if (req->nr_segs) {
+        start_write(q, req);    /* stage 0: its data, then stage 1: fdatasync */
+        return;
+    }
+    req->stage = 1;
+    submit(q, req, XT_IO_FSYNC);
+}
+
+static void start(struct xt_queue *q, struct xt_req *req, const union ring_request *r)
+{
+    int16_t st = parse(q, req, r);
+    if (st != BLKIF_RSP_OKAY) {
+        respond(q, req, st);
+        return;
+    }
+    if (req->len && ensure_buffer(q, req) < 0) {
+        xt_log("domain %u queue %u: out of memory for a %zu-byte request",
+               q->vbd->domid, q->idx, req->len);
+        respond(q, req, BLKIF_RSP_ERROR);
+        return;
+    }
+    switch (req->io_op) {
+    case BLKIF_OP_READ:
+        submit(q, req, XT_IO_READ);
+        break;
+    case BLKIF_OP_WRITE:
+        start_write(q, req);
+        break;
+    case BLKIF_OP_FLUSH_DISKCACHE:
+        if (q->writes_in_flight)
+            q->waiting_flush = req;     /* consumption pauses until writes drain */
+        else
+            start_flush(q, req);
+        break;
+    }
+}
+
+static void complete(struct xt_queue *q, struct xt_req *req)
+{
+    int res = req->io.res;
+    bool was_write = req->io.op == XT_IO_WRITE;
+    if (was_write)
+        q->writes_in_flight--;
+    if (res < 0) {
+        count(&q->c.err_io, 1);
+        xt_log("domain %u queue %u: I/O error at sector %llu: %s", q->vbd->domid, q->idx,
+               (unsigned long long)req->sector, strerror(-res));
+        respond(q, req, BLKIF_RSP_ERROR);
+    } else if (req->io_op == BLKIF_OP_READ) {
+        if (copy_data(q, req, XT_COPY_TO_GUEST) < 0) {
+            respond(q, req, BLKIF_RSP_ERROR);
+        } else {
+            count(&q->c.reqs_read, 1);
+            count(&q->c.bytes_read, req->len);
+            respond(q, req, BLKIF_RSP_OKAY);
+        }
+    } else if (req->io_op == BLKIF_OP_FLUSH_DISKCACHE && req->stage == 0) {
+        count(&q->c.bytes_written, req->len);
+        req->stage = 1;
+        submit(q, req, XT_IO_FSYNC);
+    } else {
+        if (req->io_op == BLKIF_OP_WRITE) {
+            count(&q->c.reqs_write, 1);
+            count(&q->c.bytes_written, req->len);
+        } else {
+            count(&q->c.reqs_flush, 1);
+        }
+        respond(q, req, BLKIF_RSP_OKAY);
+    }
+    if (was_write && q->writes_in_flight == 0 && q->waiting_flush) {
+        struct xt_req *f = q->waiting_flush;
+        q->waiting_flush = NULL;
+        start_flush(q, f);
+    }
+}
+
+/* ---- the ring ---- */
+
+static void stop_ring(struct xt_queue *q, const char *why)
+{
+    q->ring_dead = true;
+    count(&q->c.ring_stopped, 1);
+    xt_log("domain %u queue %u: %s; this ring is no longer served", q->vbd->domid, q->idx, why);
+}
+
+/* Takes every request the guest has produced, while there are slots. */
+static void consume(struct xt_queue *q)
+{
+    RING_IDX rc = q->ring.req_cons;
+    RING_IDX rp = q->ring.sring->req_prod;
+    xen_rmb();  /* see the requests the producer index covers */
+    if (RING_REQUEST_PROD_OVERFLOW(&q->ring, rp)) {
+        stop_ring(q, "the guest's request producer index runs past the ring");
+        return;
+    }
+    while (rc != rp && !q->waiting_flush) {
+        if (RING_REQUEST_CONS_OVERFLOW(&q->ring, rc))
+            break;
+        struct xt_req *req = take(q);
+        if (!req)
+            break;
+        union ring_request r;
+        memcpy(&r, RING_GET_REQUEST(&q->ring, rc), sizeof(r));     /* the one fetch */
+        atomic_signal_fence(memory_order_seq_cst);  /* no re-reads of the ring */
+        q->ring.req_cons = ++rc;
+        start(q, req, &r);
+    }
+}
+
+void *xt_queue_main(void *arg)
+{
+    struct xt_queue *q = arg;
+    struct xt_io *done[REAP_BATCH];
+    xt_transport *t = q->vbd->t;
+
+    for (;;) {
+        bool serving = !q->ring_dead && !q->stopping;
+        if (serving && !q->waiting_flush)
+            consume(q);
+        push_responses(q);
+
+        uint64_t in_flight = atomic_load_explicit(&q->c.in_flight, memory_order_relaxed);
+        if (q->stopping && in_flight == 0)
+            break;
+        int more = 0;
+        if (serving && !q->waiting_flush)
+            RING_FINAL_CHECK_FOR_REQUESTS(&q->ring, more);
+
+        unsigned woken = 0;
+        int n = q->engine.ops->wait(&q->engine, done, REAP_BATCH, &woken, !more);
+        for (int i = 0; i < n; i++) {
+            struct xt_req *req = (struct xt_req *)((uint8_t *)done[i] - offsetof(struct xt_req, io));
+            complete(q, req);
+        }
+        if (woken & WAKE_EVTCHN)
+            t->ops->ack(t, &q->ev);
+        if (woken & WAKE_STOP) {
+            uint64_t v;
+            ssize_t r = read(q->stop_fd, &v, sizeof(v));
+            (void)r;
+            q->stopping = true;
+        }
+    }
+    return NULL;
+}

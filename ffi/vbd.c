@@ -1,0 +1,292 @@
+/*
+ * vbd.c — a VBD's life: open the image, connect rings (one thread each),
+ * disconnect, close, and its counters.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/file.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "xt_internal.h"
+
+int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
+{
+    if (!cfg->path || !cfg->path[0])
+        return xt_fail(err, EINVAL, "no image path given");
+    if (cfg->max_indirect_segments > XT_MAX_INDIRECT_SEGMENTS)
+        return xt_fail(err, EINVAL, "max_indirect_segments %u is over the limit %d",
+                       cfg->max_indirect_segments, XT_MAX_INDIRECT_SEGMENTS);
+    const struct xt_engine_ops *engine;
+    switch (cfg->engine) {
+    case XT_ENGINE_AUTO:
+        engine = xt_uring_available() ? &xt_engine_uring : &xt_engine_threads;
+        break;
+    case XT_ENGINE_URING:
+        if (!xt_uring_available())
+            return xt_fail(err, ENOSYS, "io_uring is not available on this kernel");
+        engine = &xt_engine_uring;
+        break;
+    case XT_ENGINE_THREADS:
+        engine = &xt_engine_threads;
+        break;
+    default:
+        return xt_fail(err, EINVAL, "unknown I/O engine %d", cfg->engine);
+    }
+
+    int flags = (cfg->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | (cfg->direct ? O_DIRECT : 0);
+    int fd = open(cfg->path, flags);
+    if (fd < 0)
+        return xt_fail(err, errno, "cannot open image %s: %s", cfg->path, strerror(errno));
+    int rc;
+    struct stat st;
+    uint64_t bytes = 0;
+    if (fstat(fd, &st) < 0) {
+        rc = xt_fail(err, errno, "cannot stat image %s: %s", cfg->path, strerror(errno));
+        goto fail;
+    }
+    if (S_ISREG(st.st_mode)) {
+        bytes = (uint64_t)st.st_size;
+    } else if (S_ISBLK(st.st_mode)) {
+        if (ioctl(fd, BLKGETSIZE64, &bytes) < 0) {
+            rc = xt_fail(err, errno, "cannot size block device %s: %s", cfg->path, strerror(errno));
+            goto fail;
+        }
+    } else {
+        rc = xt_fail(err, EINVAL, "image %s is neither a file nor a block device", cfg->path);
+        goto fail;
+    }
+    if (bytes < XT_SECTOR_SIZE) {
+        rc = xt_fail(err, EINVAL, "image %s is empty", cfg->path);
+        goto fail;
+    }
+    /* One writer per image: a second VBD on it would corrupt the guest. */
+    if (flock(fd, (cfg->readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) < 0) {
+        rc = errno == EWOULDBLOCK
+                 ? xt_fail(err, EBUSY, "image %s is busy: another VBD has it open", cfg->path)
+                 : xt_fail(err, errno, "cannot lock image %s: %s", cfg->path, strerror(errno));
+        goto fail;
+    }
+
+    xt_vbd *v = calloc(1, sizeof(*v));
+    if (!v || !(v->path = strdup(cfg->path))) {
+        free(v);
+        rc = xt_fail(err, ENOMEM, "out of memory");
+        goto fail;
+    }
+    v->fd = fd;
+    v->sectors = bytes / XT_SECTOR_SIZE;
+    v->readonly = cfg->readonly != 0;
+    v->direct = cfg->direct != 0;
+    v->is_blockdev = S_ISBLK(st.st_mode);
+    v->max_indirect = cfg->max_indirect_segments;
+    v->engine_ops = engine;
+    atomic_store(&v->state, XT_STATE_OPEN);
+    pthread_mutex_init(&v->lock, NULL);
+    *out = v;
+    return 0;
+fail:
+    close(fd);
+    return rc;
+}
+
+uint64_t xt_vbd_sectors(const xt_vbd *v)
+{
+    return v->sectors;
+}
+
+const char *xt_vbd_engine_name(const xt_vbd *v)
+{
+    return v->engine_ops->name;
+}
+
+static void add_counters(struct xt_counters *to, struct xt_counters *from)
+{
+    atomic_uint_fast64_t *a = (atomic_uint_fast64_t *)to;
+    atomic_uint_fast64_t *b = (atomic_uint_fast64_t *)from;
+    size_t n = sizeof(*to) / sizeof(*a);
+    for (size_t i = 0; i < n; i++)
+        atomic_fetch_add_explicit(&a[i], atomic_load_explicit(&b[i], memory_order_relaxed),
+                                  memory_order_relaxed);
+}
+
+static void queue_teardown(xt_vbd *v, struct xt_queue *q)
+{
+    if (q->thread_started) {
+        uint64_t one = 1;
+        ssize_t w = write(q->stop_fd, &one, sizeof(one));
+        (void)w;
+        pthread_join(q->thread, NULL);
+        q->thread_started = false;
+    }
+    if (q->engine.ops)
+        q->engine.ops->fini(&q->engine);
+    if (q->ev_bound)
+        v->t->ops->unbind(v->t, &q->ev);
+    if (q->ring_addr)
+        v->t->ops->unmap(v->t, q->ring_addr, q->nr_ring_pages);
+    if (q->stop_fd > 0)
+        close(q->stop_fd);
+    for (unsigned i = 0; q->reqs && i < q->nr_reqs; i++)
+        free(q->reqs[i].buf);
+    free(q->reqs);
+    free(q->seg_store);
+    atomic_store(&q->c.in_flight, 0);
+    atomic_store(&q->c.buffer_bytes, 0);
+    add_counters(&v->closed, &q->c);
+}
+
+static int queue_setup(xt_vbd *v, struct xt_queue *q, const struct xt_ring_params *p, char *err)
+{
+    q->stop_fd = -1;
+    q->nr_ring_pages = 1u << p->ring_order;
+    const uint32_t *refs = &p->ring_ref[q->idx * XT_MAX_RING_PAGES];
+    q->ring_addr = v->t->ops->map(v->t, p->domid, refs, q->nr_ring_pages, err);
+    if (!q->ring_addr)
+        return -EPERM;
+    blkif_sring_t *sring = q->ring_addr;
+    /* Attach where the frontend's responses end: requests it produced
+     * before we (re)connected are served, none twice after a clean stop. */
+    RING_IDX start = sring->rsp_prod;
+    BACK_RING_ATTACH(&q->ring, sring, start, XT_PAGE_SIZE * q->nr_ring_pages);
+    q->nr_reqs = RING_SIZE(&q->ring);
+
+    int rc = v->t->ops->bind(v->t, p->domid, p->evtchn[q->idx], &q->ev, err);
+    if (rc < 0)
+        return rc;
+    q->ev_bound = true;
+    q->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (q->stop_fd < 0)
+        return xt_fail(err, errno, "eventfd: %s", strerror(errno));
+
+    q->reqs = calloc(q->nr_reqs, sizeof(*q->reqs));
+    unsigned max_segs = v->max_indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST
+                            ? v->max_indirect : BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    q->seg_store = calloc((size_t)q->nr_reqs * max_segs, sizeof(struct xt_seg));
+    if (!q->reqs || !q->seg_store)
+        return xt_fail(err, ENOMEM, "out of memory for %u request slots", q->nr_reqs);
+    for (unsigned i = q->nr_reqs; i-- > 0;) {
+        struct xt_req *r = &q->reqs[i];
+        r->q = q;
+        r->segs = &q->seg_store[(size_t)i * max_segs];
+        r->next_free = q->free_list;
+        q->free_list = r;
+    }
+
+    int wake[2] = { q->ev.fd, q->stop_fd };
+    q->engine.ops = v->engine_ops;
+    rc = v->engine_ops->init(&q->engine, v->fd, q->nr_reqs, wake, 2, err);
+    if (rc < 0) {
+        q->engine.ops = NULL;
+        return rc;
+    }
+    if (pthread_create(&q->thread, NULL, xt_queue_main, q) != 0)
+        return xt_fail(err, EAGAIN, "cannot start the queue thread");
+    q->thread_started = true;
+    return 0;
+}
+
+int xt_vbd_connect(xt_vbd *v, xt_transport *t, const struct xt_ring_params *p, char *err)
+{
+    if (p->nr_queues < 1 || p->nr_queues > XT_MAX_QUEUES)
+        return xt_fail(err, EINVAL, "number of queues %u out of range 1..%d", p->nr_queues, XT_MAX_QUEUES);
+    if (p->ring_order > XT_MAX_RING_ORDER)
+        return xt_fail(err, EINVAL, "ring page order %u over the maximum %d", p->ring_order, XT_MAX_RING_ORDER);
+    if (p->protocol != XT_PROTO_NATIVE)
+        return xt_fail(err, EPROTONOSUPPORT, "ring protocol %u not supported", p->protocol);
+
+    pthread_mutex_lock(&v->lock);
+    if (atomic_load(&v->state) == XT_STATE_CONNECTED) {
+        pthread_mutex_unlock(&v->lock);
+        return xt_fail(err, EBUSY, "VBD on %s is already connected", v->path);
+    }
+    v->t = t;
+    v->domid = p->domid;
+    v->protocol = p->protocol;
+    v->queues = calloc(p->nr_queues, sizeof(*v->queues));
+    if (!v->queues) {
+        pthread_mutex_unlock(&v->lock);
+        return xt_fail(err, ENOMEM, "out of memory");
+    }
+    v->nr_queues = p->nr_queues;
+    int rc = 0;
+    for (unsigned i = 0; i < v->nr_queues && rc == 0; i++) {
+        v->queues[i].vbd = v;
+        v->queues[i].idx = i;
+        rc = queue_setup(v, &v->queues[i], p, err);
+    }
+    if (rc < 0) {
+        for (unsigned i = 0; i < v->nr_queues; i++)
+            queue_teardown(v, &v->queues[i]);
+        free(v->queues);
+        v->queues = NULL;
+        v->nr_queues = 0;
+        pthread_mutex_unlock(&v->lock);
+        return rc;
+    }
+    atomic_store(&v->state, XT_STATE_CONNECTED);
+    pthread_mutex_unlock(&v->lock);
+    return 0;
+}
+
+void xt_vbd_disconnect(xt_vbd *v)
+{
+    pthread_mutex_lock(&v->lock);
+    if (v->queues) {
+        for (unsigned i = 0; i < v->nr_queues; i++)
+            queue_teardown(v, &v->queues[i]);
+        free(v->queues);
+        v->queues = NULL;
+        v->nr_queues = 0;
+        /* Written data is durable when the guest is told it is gone. */
+        if (!v->readonly)
+            fdatasync(v->fd);
+    }
+    atomic_store(&v->state, XT_STATE_OPEN);
+    pthread_mutex_unlock(&v->lock);
+}
+
+void xt_vbd_close(xt_vbd *v)
+{
+    if (!v)
+        return;
+    xt_vbd_disconnect(v);
+    close(v->fd);
+    pthread_mutex_destroy(&v->lock);
+    free(v->path);
+    free(v);
+}
+
+void xt_vbd_stats(const xt_vbd *cv, struct xt_stats *out)
+{
+    xt_vbd *v = (xt_vbd *)cv;
+    struct xt_counters sum;
+    memset(&sum, 0, sizeof(sum));
+    pthread_mutex_lock(&v->lock);
+    add_counters(&sum, &v->closed);
+    for (unsigned i = 0; i < v->nr_queues; i++)
+        add_counters(&sum, &v->queues[i].c);
+    memset(out, 0, sizeof(*out));
+    out->state = atomic_load(&v->state);
+    out->nr_queues = v->nr_queues;
+    pthread_mutex_unlock(&v->lock);
+    out->sectors = v->sectors;
+    out->reqs_read = sum.reqs_read;
+    out->reqs_write = sum.reqs_write;
+    out->reqs_flush = sum.reqs_flush;
+    out->reqs_indirect = sum.reqs_indirect;
+    out->bytes_read = sum.bytes_read;
+    out->bytes_written = sum.bytes_written;
+    out->err_bad_request = sum.err_bad_request;
+    out->err_unsupported = sum.err_unsupported;
+    out->err_grant = sum.err_grant;
+    out->err_io = sum.err_io;
+    out->in_flight = sum.in_flight;
+    out->buffer_bytes = sum.buffer_bytes;
+    out->ring_stopped = sum.ring_stopped;
+}

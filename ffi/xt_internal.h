@@ -1,0 +1,232 @@
+/*
+ * xt_internal.h — what the shim's C files share and cffi does not see:
+ * the transport and I/O engine interfaces, the queue and VBD structures.
+ */
+#ifndef XENTAP_XT_INTERNAL_H
+#define XENTAP_XT_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+
+/* Xen's public headers leave the memory barriers of ring.h to the user
+ * (tools define __XEN_TOOLS__ and their own xen_mb, as xenctrl.h does). */
+#define __XEN_TOOLS__ 1
+#define xen_mb() atomic_thread_fence(memory_order_seq_cst)
+#define xen_rmb() atomic_thread_fence(memory_order_acquire)
+#define xen_wmb() atomic_thread_fence(memory_order_release)
+#include <string.h>
+#include <xen/xen.h>
+#include <xen/grant_table.h>
+#include <xen/io/blkif.h>
+
+#include "xt.h"
+
+#define XT_PAGE_SIZE 4096u
+#define XT_PAGE_SHIFT 12
+#define XT_SECTORS_PER_PAGE (XT_PAGE_SIZE / XT_SECTOR_SIZE)
+/* Segments that fit one indirect page. */
+#define XT_SEGS_PER_INDIRECT_PAGE (XT_PAGE_SIZE / sizeof(struct blkif_request_segment))
+
+/* ---- logging and errors ---- */
+
+void xt_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Writes a one-line reason into err (XT_ERRLEN) and returns -errnum. */
+int xt_fail(char *err, int errnum, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* ---- transport: grant copy/map and event channels ---- */
+
+/* One segment of a grant copy between a guest page and a local buffer. */
+struct xt_copy {
+    uint32_t gref;
+    uint16_t offset;        /* within the guest page */
+    uint16_t len;           /* bytes, offset + len <= page */
+    void *local;
+    int16_t status;         /* out: 0 or a GNTST_* (negative) */
+};
+
+enum xt_copy_dir { XT_COPY_FROM_GUEST, XT_COPY_TO_GUEST };
+
+/* An event channel bound to a frontend's port; fd polls readable on events. */
+struct xt_evtchn {
+    int fd;
+    uint32_t local_port;
+    void *priv;
+};
+
+struct xt_transport_ops {
+    const char *name;
+    /* Maps `n` granted pages of `domid` contiguously, read-write. */
+    void *(*map)(xt_transport *t, uint16_t domid, const uint32_t *grefs,
+                 unsigned n, char *err);
+    void (*unmap)(xt_transport *t, void *addr, unsigned n);
+    /* Copies every segment; each gets its own status. Returns 0 if all
+     * succeeded, -1 if any failed. */
+    int (*copy)(xt_transport *t, uint16_t domid, enum xt_copy_dir dir,
+                struct xt_copy *segs, unsigned n);
+    int (*bind)(xt_transport *t, uint16_t domid, uint32_t remote_port,
+                struct xt_evtchn *ev, char *err);
+    void (*unbind)(xt_transport *t, struct xt_evtchn *ev);
+    void (*notify)(xt_transport *t, struct xt_evtchn *ev);
+    /* Consumes pending events on ev (after its fd polled readable) and
+     * re-enables delivery. */
+    void (*ack)(xt_transport *t, struct xt_evtchn *ev);
+    void (*close)(xt_transport *t);
+};
+
+struct xt_transport {
+    const struct xt_transport_ops *ops;
+};
+
+/* ---- the sim domain's layout, shared by its frontend and backend sides ---- */
+
+#define XT_SIMDOM_MAGIC 0x4d4f444d49535458ull /* "XTSIMDOM" */
+#define XT_SIMDOM_VERSION 1u
+
+struct xt_simdom_header {
+    uint64_t magic;
+    uint32_t version;
+    uint16_t domid;
+    uint16_t pad;
+    uint32_t nr_grants;     /* grant_entry_v1 entries after the header page */
+    uint32_t nr_pages;      /* frames after the entry pages */
+};
+
+/* Byte offsets inside the grant-table memfd. */
+static inline uint64_t xt_simdom_entries_off(void) { return XT_PAGE_SIZE; }
+static inline uint64_t xt_simdom_entry_pages(uint32_t nr_grants)
+{
+    return ((uint64_t)nr_grants * sizeof(grant_entry_v1_t) + XT_PAGE_SIZE - 1) / XT_PAGE_SIZE;
+}
+static inline uint64_t xt_simdom_frames_off(uint32_t nr_grants)
+{
+    return XT_PAGE_SIZE * (1 + xt_simdom_entry_pages(nr_grants));
+}
+
+/* Paths inside a sim domain directory. */
+int xt_simdom_path(char *out, size_t len, const char *dir, const char *leaf);
+int xt_simdom_evtchn_path(char *out, size_t len, const char *dir,
+                          uint32_t port, char side);
+
+/* ---- I/O engines ---- */
+
+enum xt_io_op { XT_IO_READ, XT_IO_WRITE, XT_IO_FSYNC };
+
+struct xt_io {
+    enum xt_io_op op;
+    uint64_t offset;
+    void *buf;
+    size_t len;
+    size_t done;            /* engine-private: bytes done so far */
+    int res;                /* out: 0 or -errno */
+    struct xt_io *next;     /* engine-private list link */
+};
+
+struct xt_engine;
+
+struct xt_engine_ops {
+    const char *name;
+    /* wake_fds are polled too; wait() reports which became readable. */
+    int (*init)(struct xt_engine *e, int fd, unsigned depth,
+                const int *wake_fds, unsigned nr_wake, char *err);
+    void (*submit)(struct xt_engine *e, struct xt_io *io);
+    /* Issues what was submitted; if `block`, waits until at least one I/O
+     * completes or a wake fd is readable.  Returns the number of completed
+     * I/Os stored in done[], and a bit per readable wake fd in *woken. */
+    int (*wait)(struct xt_engine *e, struct xt_io **done, unsigned max,
+                unsigned *woken, bool block);
+    void (*fini)(struct xt_engine *e);
+};
+
+struct xt_engine {
+    const struct xt_engine_ops *ops;
+    void *priv;
+};
+
+extern const struct xt_engine_ops xt_engine_uring;
+extern const struct xt_engine_ops xt_engine_threads;
+/* 1 if this kernel lets us set up an io_uring. */
+bool xt_uring_available(void);
+
+/* ---- the dataplane ---- */
+
+struct xt_seg {
+    uint32_t gref;
+    uint8_t first_sect, last_sect;
+};
+
+/* A request taken from the ring, preallocated per ring slot. */
+struct xt_req {
+    struct xt_queue *q;
+    uint64_t id;                /* the guest's, echoed */
+    uint8_t operation;          /* as in the ring (INDIRECT stays INDIRECT) */
+    uint8_t io_op;              /* effective BLKIF_OP_READ/WRITE/FLUSH */
+    uint8_t stage;              /* flush with data: 0 write, 1 fsync */
+    uint16_t nr_segs;
+    uint64_t sector;
+    struct xt_seg *segs;        /* XT_MAX_INDIRECT_SEGMENTS entries */
+    uint8_t *buf;               /* bounce buffer, page aligned */
+    size_t buf_cap, len;
+    struct xt_io io;
+    struct xt_req *next_free;
+};
+
+struct xt_counters {
+    atomic_uint_fast64_t reqs_read, reqs_write, reqs_flush, reqs_indirect;
+    atomic_uint_fast64_t bytes_read, bytes_written;
+    atomic_uint_fast64_t err_bad_request, err_unsupported, err_grant, err_io;
+    atomic_uint_fast64_t in_flight, buffer_bytes, ring_stopped;
+};
+
+struct xt_queue {
+    struct xt_vbd *vbd;
+    unsigned idx;
+    blkif_back_ring_t ring;
+    void *ring_addr;
+    unsigned nr_ring_pages;
+    struct xt_evtchn ev;
+    bool ev_bound;
+    struct xt_engine engine;
+    int stop_fd;                /* eventfd: ask the thread to stop */
+    pthread_t thread;
+    bool thread_started;
+    struct xt_req *reqs;        /* ring-size slots */
+    struct xt_seg *seg_store;
+    struct xt_req *free_list;
+    unsigned nr_reqs;
+    unsigned writes_in_flight;
+    struct xt_req *waiting_flush;   /* a flush waiting for writes to drain */
+    bool ring_dead;             /* protocol violation: no more service */
+    bool stopping;
+    unsigned errors_logged;
+    struct blkif_request_segment ind_segs[XT_MAX_INDIRECT_SEGMENTS];
+    struct xt_copy copies[XT_MAX_INDIRECT_SEGMENTS];
+    struct xt_counters c;
+};
+
+struct xt_vbd {
+    int fd;
+    char *path;
+    uint64_t sectors;
+    bool readonly;
+    bool direct;
+    bool is_blockdev;
+    uint32_t max_indirect;
+    int engine_kind;
+    const struct xt_engine_ops *engine_ops;
+    xt_transport *t;
+    uint16_t domid;
+    uint32_t protocol;
+    unsigned nr_queues;
+    struct xt_queue *queues;
+    atomic_uint state;
+    pthread_mutex_t lock;       /* connect/disconnect */
+    struct xt_counters closed;  /* counters of queues already torn down */
+};
+
+void *xt_queue_main(void *arg);
+
+#endif

@@ -1,0 +1,288 @@
+"""The one binding to the C shim (xentap._shim_c, cffi API mode).
+
+Everything else in xentap uses these classes, never the raw `lib`: they turn
+the C functions' negative errno + message into OSError subclasses
+(FileNotFoundError, PermissionError, ...; `VbdBusyError` for EBUSY) and C
+lifetimes into context managers.  No Python runs per request: the C threads
+serve the rings, Python only opens, connects, stops and reads counters.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from xentap._shim_c import ffi, lib
+
+MAX_QUEUES = lib.XT_MAX_QUEUES
+MAX_RING_ORDER = lib.XT_MAX_RING_ORDER
+MAX_RING_PAGES = lib.XT_MAX_RING_PAGES
+MAX_INDIRECT_SEGMENTS = lib.XT_MAX_INDIRECT_SEGMENTS
+SECTOR_SIZE = lib.XT_SECTOR_SIZE
+
+ENGINES = {"auto": lib.XT_ENGINE_AUTO, "io_uring": lib.XT_ENGINE_URING,
+           "threads": lib.XT_ENGINE_THREADS}
+STATES = {lib.XT_STATE_OPEN: "open", lib.XT_STATE_CONNECTED: "connected",
+          lib.XT_STATE_FAILED: "failed"}
+
+
+class VbdBusyError(OSError):
+    """The image is already served by another VBD, or the VBD is connected."""
+
+
+def _errbuf():
+    return ffi.new("char[]", lib.XT_ERRLEN)
+
+
+def _check(rc: int, err) -> None:
+    if rc >= 0:
+        return
+    code = -rc
+    msg = ffi.string(err).decode(errors="replace") or os.strerror(code)
+    if code == errno.EBUSY:
+        raise VbdBusyError(code, msg)
+    raise OSError(code, msg)
+
+
+def _path(p: str | os.PathLike) -> bytes:
+    return os.fsencode(os.fspath(p))
+
+
+class SimDomain:
+    """A simulated guest domain: its grant table and event channels (sim transport).
+
+    Lives as long as this object (and this process): the grant table is a
+    memfd published as /proc/PID/fd/N in `path`.
+    """
+
+    def __init__(self, path: str | os.PathLike, domid: int = 1, nr_pages: int = 1 << 18):
+        self.path = os.fspath(path)
+        self.domid = domid
+        out = ffi.new("xt_simdom **")
+        err = _errbuf()
+        _check(lib.xt_simdom_create(_path(path), domid, nr_pages, out, err), err)
+        self._d = out[0]
+
+    def close(self) -> None:
+        if self._d is not None:
+            lib.xt_simdom_destroy(self._d)
+            self._d = None
+
+    def __enter__(self) -> "SimDomain":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Transport:
+    """How the backend reaches a frontend: `Transport.sim(dir)` or `Transport.xen()`."""
+
+    def __init__(self, handle):
+        self._t = handle
+
+    @classmethod
+    def sim(cls, simdir: str | os.PathLike) -> "Transport":
+        out = ffi.new("xt_transport **")
+        err = _errbuf()
+        _check(lib.xt_transport_sim_open(_path(simdir), out, err), err)
+        return cls(out[0])
+
+    @classmethod
+    def xen(cls) -> "Transport":
+        out = ffi.new("xt_transport **")
+        err = _errbuf()
+        _check(lib.xt_transport_xen_open(out, err), err)
+        return cls(out[0])
+
+    @property
+    def name(self) -> str:
+        return ffi.string(lib.xt_transport_name(self._t)).decode()
+
+    def close(self) -> None:
+        if self._t is not None:
+            lib.xt_transport_close(self._t)
+            self._t = None
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class RingParams:
+    """What a frontend publishes (xenstore's ring-ref*, event-channel, protocol)."""
+
+    domid: int
+    nr_queues: int
+    ring_order: int
+    ring_refs: list[list[int]]      # [queue][page]
+    evtchns: list[int]              # [queue]
+    protocol: int = lib.XT_PROTO_NATIVE
+
+    def to_c(self):
+        p = ffi.new("struct xt_ring_params *")
+        p.domid = self.domid
+        p.protocol = self.protocol
+        p.nr_queues = self.nr_queues
+        p.ring_order = self.ring_order
+        if len(self.ring_refs) > MAX_QUEUES or len(self.evtchns) > MAX_QUEUES:
+            raise ValueError(f"at most {MAX_QUEUES} queues")
+        for q, refs in enumerate(self.ring_refs):
+            if len(refs) > MAX_RING_PAGES:
+                raise ValueError(f"at most {MAX_RING_PAGES} ring pages per queue")
+            for i, ref in enumerate(refs):
+                p.ring_ref[q * MAX_RING_PAGES + i] = ref
+        for q, port in enumerate(self.evtchns):
+            p.evtchn[q] = port
+        return p
+
+    @classmethod
+    def from_c(cls, p) -> "RingParams":
+        pages = 1 << p.ring_order
+        return cls(domid=p.domid, nr_queues=p.nr_queues, ring_order=p.ring_order,
+                   ring_refs=[[p.ring_ref[q * MAX_RING_PAGES + i] for i in range(pages)]
+                              for q in range(p.nr_queues)],
+                   evtchns=[p.evtchn[q] for q in range(p.nr_queues)],
+                   protocol=p.protocol)
+
+
+_STAT_FIELDS = ("nr_queues", "sectors", "reqs_read", "reqs_write", "reqs_flush",
+                "reqs_indirect", "bytes_read", "bytes_written", "err_bad_request",
+                "err_unsupported", "err_grant", "err_io", "in_flight", "buffer_bytes",
+                "ring_stopped")
+
+
+class Vbd:
+    """A virtual block device served from an image file or block device."""
+
+    def __init__(self, path: str | os.PathLike, *, engine: str = "auto", direct: bool = False,
+                 readonly: bool = False, max_indirect_segments: int = MAX_INDIRECT_SEGMENTS):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown I/O engine {engine!r} (choose from {', '.join(ENGINES)})")
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        self.max_indirect_segments = max_indirect_segments
+        self._cpath = ffi.new("char[]", _path(path))
+        cfg = ffi.new("struct xt_vbd_config *")
+        cfg.path = self._cpath
+        cfg.engine = ENGINES[engine]
+        cfg.direct = int(direct)
+        cfg.readonly = int(readonly)
+        cfg.max_indirect_segments = max_indirect_segments
+        out = ffi.new("xt_vbd **")
+        err = _errbuf()
+        _check(lib.xt_vbd_open(cfg, out, err), err)
+        self._v = out[0]
+        self._transport: Transport | None = None
+
+    @property
+    def sectors(self) -> int:
+        """Size in 512-byte sectors."""
+        return lib.xt_vbd_sectors(self._v)
+
+    @property
+    def engine(self) -> str:
+        return ffi.string(lib.xt_vbd_engine_name(self._v)).decode()
+
+    def connect(self, transport: Transport, params: RingParams) -> None:
+        """Maps the rings, binds the event channels and starts serving."""
+        err = _errbuf()
+        _check(lib.xt_vbd_connect(self._v, transport._t, params.to_c(), err), err)
+        self._transport = transport
+
+    def disconnect(self) -> None:
+        """Answers what is in flight, then stops serving and unmaps the rings."""
+        lib.xt_vbd_disconnect(self._v)
+        self._transport = None
+
+    def stats(self) -> dict[str, Any]:
+        s = ffi.new("struct xt_stats *")
+        lib.xt_vbd_stats(self._v, s)
+        out: dict[str, Any] = {"state": STATES.get(s.state, str(s.state))}
+        out.update({k: getattr(s, k) for k in _STAT_FIELDS})
+        return out
+
+    def close(self) -> None:
+        if self._v is not None:
+            lib.xt_vbd_close(self._v)
+            self._v = None
+
+    def __enter__(self) -> "Vbd":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Workload:
+    """A fio-like job for the sim blkfront."""
+
+    block_size: int = 4096
+    queue_depth: int = 32
+    read_pct: int = 0
+    sequential: bool = False
+    offset: int = 0
+    size: int = 0               # bytes; 0: to the end of the disk
+    seconds: float = 0.0
+    max_ios: int = 0
+    verify: bool = False
+    flush_every: int = 0
+    seed: int = 1
+
+
+class SimFront:
+    """The sim blkfront of a SimDomain: publishes rings, runs workloads."""
+
+    def __init__(self, simdir: str | os.PathLike, *, sectors: int, nr_queues: int = 1,
+                 ring_order: int = 0, max_indirect_segments: int = 0):
+        self._cdir = ffi.new("char[]", _path(simdir))
+        cfg = ffi.new("struct xt_front_config *")
+        cfg.simdir = self._cdir
+        cfg.nr_queues = nr_queues
+        cfg.ring_order = ring_order
+        cfg.max_indirect_segments = max_indirect_segments
+        cfg.sectors = sectors
+        out = ffi.new("xt_front **")
+        p = ffi.new("struct xt_ring_params *")
+        err = _errbuf()
+        _check(lib.xt_front_open(cfg, out, p, err), err)
+        self._f = out[0]
+        self.params = RingParams.from_c(p)
+
+    def run(self, workload: Workload | None = None, **kw) -> dict[str, Any]:
+        """Runs a workload to its end (releases the GIL meanwhile); returns its result."""
+        w = workload or Workload(**kw)
+        cw = ffi.new("struct xt_workload *")
+        for f in fields(Workload):
+            setattr(cw, f.name, getattr(w, f.name))
+        res = ffi.new("struct xt_front_result *")
+        err = _errbuf()
+        _check(lib.xt_front_run(self._f, cw, res, err), err)
+        out = {k: getattr(res, k) for k in (
+            "ios", "reads", "writes", "flushes", "bytes_read", "bytes_written", "errors",
+            "verify_failures", "first_bad_sector", "seconds", "lat_us_p50", "lat_us_p99",
+            "lat_us_max")}
+        out["workload"] = asdict(w)
+        return out
+
+    def stop(self) -> None:
+        lib.xt_front_stop(self._f)
+
+    def close(self) -> None:
+        if self._f is not None:
+            lib.xt_front_close(self._f)
+            self._f = None
+
+    def __enter__(self) -> "SimFront":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
