@@ -34,6 +34,7 @@ struct front_slot {
     uint64_t block;
     uint32_t nsect;
     uint64_t t0;
+    uint64_t issue_no;          /* order in which requests were issued */
     struct front_slot *next_free;
 };
 
@@ -54,6 +55,7 @@ struct front_queue {
     uint64_t rng;
     uint64_t next_seq_block;
     uint64_t writes_since_flush;
+    uint64_t issued_no;
     unsigned in_flight;
     uint64_t *lat;
     uint64_t lat_max;
@@ -296,6 +298,7 @@ static bool issue(struct front_queue *q)
     q->free_list = s->next_free;
     s->in_use = true;
     s->t0 = now_ns();
+    s->issue_no = ++q->issued_no;
 
     unsigned idx = (unsigned)(s - q->slots);
     blkif_request_t *req = RING_GET_REQUEST(&q->ring, q->ring.req_prod_pvt);
@@ -378,6 +381,11 @@ static void complete(struct front_queue *q, const blkif_response_t *rsp)
         q->res.errors++;
     } else if (s->op == BLKIF_OP_FLUSH_DISKCACHE) {
         q->res.flushes++;
+        /* A flush answers only after every write issued before it. */
+        for (unsigned i = 0; i < q->nr_slots; i++)
+            if (q->slots[i].in_use && q->slots[i].op == BLKIF_OP_WRITE &&
+                q->slots[i].issue_no < s->issue_no)
+                q->res.flush_order_violations++;
     } else if (s->op == BLKIF_OP_WRITE) {
         q->res.writes++;
         q->res.bytes_written += (uint64_t)s->nsect * XT_SECTOR_SIZE;
@@ -563,6 +571,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
         res->bytes_read += q->res.bytes_read;
         res->bytes_written += q->res.bytes_written;
         res->errors += q->res.errors;
+        res->flush_order_violations += q->res.flush_order_violations;
         if (q->res.verify_failures && !res->verify_failures)
             res->first_bad_sector = q->res.first_bad_sector;
         res->verify_failures += q->res.verify_failures;

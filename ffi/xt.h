@@ -142,6 +142,7 @@ struct xt_front_result {
     uint64_t errors;            /* responses other than BLKIF_RSP_OKAY */
     uint64_t verify_failures;   /* sectors whose content was wrong */
     uint64_t first_bad_sector;
+    uint64_t flush_order_violations; /* a flush answered before an earlier write */
     double seconds;
     double lat_us_p50, lat_us_p99, lat_us_max;
 };

@@ -268,7 +268,7 @@ class SimFront:
         _check(lib.xt_front_run(self._f, cw, res, err), err)
         out = {k: getattr(res, k) for k in (
             "ios", "reads", "writes", "flushes", "bytes_read", "bytes_written", "errors",
-            "verify_failures", "first_bad_sector", "seconds", "lat_us_p50", "lat_us_p99",
+            "verify_failures", "first_bad_sector", "flush_order_violations", "seconds", "lat_us_p50", "lat_us_p99",
             "lat_us_max")}
         out["workload"] = asdict(w)
         return out
