@@ -1,0 +1,78 @@
+"""Helpers shared by the format parsers (checksums, safe parsing, strings)."""
+
+from __future__ import annotations
+
+import uuid as _uuid
+import zlib
+
+import crc32c as _crc32c_mod
+
+M32 = 0xFFFFFFFF
+
+
+def safe_parse(struct, buf, offset: int = 0):
+    """Parse ``struct`` from ``buf[offset:]``; ``None`` on any failure.
+
+    Only fixed-size structures are parsed through here, so the work done is
+    bounded by the structure, never by values read from ``buf``.
+    """
+    try:
+        if offset < 0:
+            return None
+        size = struct.sizeof()
+        chunk = bytes(buf[offset:offset + size])
+        if len(chunk) < size:
+            return None
+        return struct.parse(chunk)
+    except Exception:  # construct raises a zoo of errors on garbage
+        return None
+
+
+def crc32c(data: bytes, value: int = 0) -> int:
+    """Standard CRC-32C (Castagnoli): init ~0, final xor ~0 (iSCSI, XFS)."""
+    return _crc32c_mod.crc32c(data, value)
+
+
+def crc32c_raw(seed: int, data: bytes) -> int:
+    """The Linux kernel's ``crc32c(seed, data)``: no pre/post inversion.
+
+    ext4 and jbd2 chain checksums with this form (``ext4_chksum``,
+    ``jbd2_chksum``).
+    """
+    return crc32c(data, (~seed) & M32) ^ M32
+
+
+def crc32(data: bytes) -> int:
+    """Standard (zlib / IEEE 802.3) CRC-32, as used by GPT."""
+    return zlib.crc32(data) & M32
+
+
+def crc32_raw(seed: int, data: bytes) -> int:
+    """CRC-32 (reflected 0xEDB88320) without pre/post inversion (LVM2's calc_crc)."""
+    return zlib.crc32(data, (~seed) & M32) ^ M32
+
+
+def uuid_be(b: bytes) -> str:
+    """16 raw bytes (big-endian / RFC 4122 order) as a UUID string."""
+    return str(_uuid.UUID(bytes=bytes(b)))
+
+
+def uuid_le(b: bytes) -> str:
+    """16 raw bytes in Microsoft mixed-endian order (GPT GUIDs)."""
+    return str(_uuid.UUID(bytes_le=bytes(b)))
+
+
+def cstr(b: bytes, encoding: str = "ascii") -> str:
+    """A NUL-terminated, fixed-size field as text (undecodable bytes replaced)."""
+    b = bytes(b).split(b"\0", 1)[0]
+    return b.decode(encoding, "replace")
+
+
+def flag_names(flags: int, table: dict[int, str]) -> frozenset[str]:
+    """Names of the set bits of ``flags``; unknown bits as ``bit_<n>``."""
+    out = set()
+    for bit in range(32 if flags < (1 << 32) else 64):
+        m = 1 << bit
+        if flags & m:
+            out.add(table.get(m, f"bit_{bit}"))
+    return frozenset(out)
