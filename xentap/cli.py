@@ -42,5 +42,57 @@ def bench() -> None:
     """Benchmarks that print ratios measured side by side in one run."""
 
 
+def _size(text: str) -> int:
+    """'512M', '1G', '4096' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 512M, 1G)") from None
+
+
+@bench.command("datapath")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True),
+              help="Where to put the image (default: the system temp dir).")
+@click.option("--size", default="1G", show_default=True, help="Image size.")
+@click.option("--seconds", default=5.0, show_default=True, help="Length of each run.")
+@click.option("--repeat", default=3, show_default=True, help="Alternating runs per side.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_datapath(directory, size, seconds, repeat, as_json) -> None:
+    """fio and the shim on the same file and jobs; prints shim/fio ratios."""
+    import json
+
+    from xentap import bench_datapath as bd
+
+    nbytes = _size(size)
+    if nbytes < 64 << 20:
+        raise XentapError("--size must be at least 64M")
+    if seconds <= 0 or repeat < 1:
+        raise XentapError("--seconds must be > 0 and --repeat at least 1")
+    progress = (lambda m: click.echo(f"bench: {m}", err=True))
+    result = bd.run(directory, nbytes, seconds, repeat, progress)
+    click.echo(json.dumps(result, indent=2) if as_json else bd.format_table(result))
+
+
+@main.command()
+@click.option("--dir", "workdir", default="out/demo", show_default=True,
+              help="Where the demo keeps its disk image.")
+@click.option("--size", default="256M", show_default=True, help="The guest disk's size.")
+@click.option("--seconds", default=10.0, show_default=True,
+              help="Length of the mixed workload.")
+def demo(workdir, size, seconds) -> None:
+    """A simulated guest's disk I/O through the shim, verified end to end."""
+    from xentap import demo as demo_mod
+
+    nbytes = _size(size)
+    if nbytes < 16 << 20 or nbytes % (1 << 20):
+        raise XentapError("--size must be a whole number of MiB, at least 16M")
+    if not demo_mod.run(workdir, nbytes, seconds, click.echo):
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

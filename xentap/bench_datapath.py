@@ -1,0 +1,194 @@
+"""`xentap bench datapath`: fio and the shim on the same file, side by side.
+
+For each workload, fio (io_uring, O_DIRECT) runs on the image file, then the
+sim blkfront drives the same job through the shim (sim transport, io_uring,
+O_DIRECT) on the same file; the pair is repeated and alternated, and the
+ratio shim/fio of the medians is reported.  The blkfront runs in a child
+process (a guest is another domain), so the shim's process holds only what
+dom0 would: its resident memory is measured there.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+from xentap import shim
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    label: str
+    rw: str            # fio's rw
+    bs: int
+    qd: int
+
+    @property
+    def read_pct(self) -> int:
+        return 100 if "read" in self.rw else 0
+
+    @property
+    def sequential(self) -> bool:
+        return not self.rw.startswith("rand")
+
+
+JOBS = (
+    Job("randwrite_4k_qd32", "4 KiB random write QD32", "randwrite", 4096, 32),
+    Job("randread_4k_qd32", "4 KiB random read QD32", "randread", 4096, 32),
+    Job("seqwrite_1m_qd8", "1 MiB sequential write QD8", "write", MiB, 8),
+)
+
+
+def _rss_anon_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
+def run_fio(path: str, job: Job, size: int, seconds: float) -> dict:
+    cmd = ["fio", "--name=bench", f"--filename={path}", "--ioengine=io_uring", "--direct=1",
+           f"--rw={job.rw}", f"--bs={job.bs}", f"--iodepth={job.qd}", f"--size={size}",
+           f"--runtime={seconds}", "--time_based", "--norandommap", "--randrepeat=0",
+           "--output-format=json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    j = json.loads(out[out.index("{"):])["jobs"][0]
+    side = j["read"] if job.read_pct else j["write"]
+    return {"iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6}
+
+
+def _guest(simdir: str, sectors: int, conn) -> None:
+    """The child: a sim domain and its blkfront, running the jobs it is sent."""
+    dom = shim.SimDomain(simdir, domid=1)
+    front = shim.SimFront(simdir, sectors=sectors, nr_queues=1, ring_order=1,
+                          max_indirect_segments=shim.MAX_INDIRECT_SEGMENTS)
+    conn.send(front.params)
+    while True:
+        w = conn.recv()
+        if w is None:
+            break
+        try:
+            conn.send(front.run(w))
+        except OSError as e:
+            conn.send(e)
+    front.close()
+    dom.close()
+
+
+class ShimSide:
+    """The shim serving `path` to a sim guest in a child process."""
+
+    def __init__(self, path: str, workdir: str):
+        self.simdir = os.path.join(workdir, "guest")
+        self.rss_before = _rss_anon_kib()
+        self.vbd = shim.Vbd(path, direct=True)
+        ctx = mp.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_guest, args=(self.simdir, self.vbd.sectors, child), daemon=True)
+        self.proc.start()
+        params = self.conn.recv()
+        self.transport = shim.Transport.sim(self.simdir)
+        self.vbd.connect(self.transport, params)
+
+    def run(self, job: Job, size: int, seconds: float) -> dict:
+        w = shim.Workload(block_size=job.bs, queue_depth=job.qd, read_pct=job.read_pct,
+                          sequential=job.sequential, size=size, seconds=seconds)
+        self.conn.send(w)
+        r = self.conn.recv()
+        if isinstance(r, Exception):
+            raise r
+        if r["errors"]:
+            raise RuntimeError(f"{r['errors']} I/O errors through the shim")
+        nbytes = r["bytes_read"] + r["bytes_written"]
+        return {"iops": r["ios"] / r["seconds"], "mb_s": nbytes / r["seconds"] / 1e6,
+                "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"]}
+
+    def rss_mib(self) -> tuple[float, float]:
+        """(resident anonymous memory the VBD added, of which request buffers), MiB."""
+        st = self.vbd.stats()
+        grown = (_rss_anon_kib() - self.rss_before) / 1024
+        return grown, st["buffer_bytes"] / MiB
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(10)
+        self.vbd.close()
+        self.transport.close()
+
+
+def prepare_image(path: str, size: int) -> None:
+    """A fully written (not sparse) image, so that neither side pays for allocation."""
+    chunk = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run(directory: str | None, size: int, seconds: float, repeat: int, progress) -> dict:
+    if not shutil.which("fio"):
+        raise RuntimeError("fio is not installed (apt-get install fio)")
+    workdir = tempfile.mkdtemp(prefix="xentap-bench-", dir=directory)
+    try:
+        path = os.path.join(workdir, "disk.img")
+        progress(f"preparing a {size // MiB} MiB image in {workdir}")
+        prepare_image(path, size)
+        side = ShimSide(path, workdir)
+        results: dict = {}
+        try:
+            for job in JOBS:
+                fio_runs, shim_runs = [], []
+                for i in range(repeat):
+                    progress(f"{job.label}: fio run {i + 1}/{repeat}")
+                    fio_runs.append(run_fio(path, job, size, seconds))
+                    progress(f"{job.label}: shim run {i + 1}/{repeat}")
+                    shim_runs.append(side.run(job, size, seconds))
+                f_iops = statistics.median(r["iops"] for r in fio_runs)
+                s_iops = statistics.median(r["iops"] for r in shim_runs)
+                results[job.name] = {
+                    "label": job.label,
+                    "fio_iops": round(f_iops),
+                    "shim_iops": round(s_iops),
+                    "fio_mb_s": round(statistics.median(r["mb_s"] for r in fio_runs), 1),
+                    "shim_mb_s": round(statistics.median(r["mb_s"] for r in shim_runs), 1),
+                    "shim_lat_us_p99": statistics.median(r["lat_us_p99"] for r in shim_runs),
+                    "ratio": round(s_iops / f_iops, 3) if f_iops else 0.0,
+                }
+            grown, buffers = side.rss_mib()
+        finally:
+            side.close()
+        results["rss_mib_per_vbd"] = round(max(grown - buffers, 0.0), 2)
+        results["request_buffers_mib"] = round(buffers, 2)
+        results["engine"] = "io_uring, O_DIRECT"
+        results["seconds_per_run"] = seconds
+        results["repeat"] = repeat
+        results["image_mib"] = size // MiB
+        return results
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def format_table(r: dict) -> str:
+    lines = [f"{'workload':<30} {'fio':>16} {'shim':>16} {'shim/fio':>9}"]
+    for job in JOBS:
+        x = r[job.name]
+        unit = "MB/s" if job.bs >= MiB else "IOPS"
+        f = x["fio_mb_s"] if unit == "MB/s" else x["fio_iops"]
+        s = x["shim_mb_s"] if unit == "MB/s" else x["shim_iops"]
+        lines.append(f"{job.label:<30} {f:>11,.0f} {unit:<4} {s:>11,.0f} {unit:<4} {x['ratio']:>9.3f}")
+    lines.append(f"shim resident memory per VBD: {r['rss_mib_per_vbd']:.2f} MiB "
+                 f"(beyond {r['request_buffers_mib']:.2f} MiB of request buffers)")
+    lines.append(f"({r['engine']}; {r['image_mib']} MiB image; median of {r['repeat']} "
+                 f"alternating runs of {r['seconds_per_run']} s each)")
+    return "\n".join(lines)
