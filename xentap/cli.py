@@ -33,11 +33,28 @@ class Group(click.Group):
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xentap")
-def main() -> None:
+def cli() -> None:
     """xentap: hypervisor-level data services for Xen."""
 
 
-@main.group(cls=Group)
+def main(argv: list[str] | None = None) -> None:
+    """The `xentap` entry point: every error, usage errors too, is one line."""
+    try:
+        rv = cli.main(args=argv, prog_name="xentap", standalone_mode=False)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        click.echo(f"xentap: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("xentap: aborted", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@cli.group(cls=Group)
 def bench() -> None:
     """Benchmarks that print ratios measured side by side in one run."""
 
@@ -77,7 +94,7 @@ def bench_datapath(directory, size, seconds, repeat, as_json) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else bd.format_table(result))
 
 
-@main.command()
+@cli.command()
 @click.option("--dir", "workdir", default="out/demo", show_default=True,
               help="Where the demo keeps its disk image.")
 @click.option("--size", default="256M", show_default=True, help="The guest disk's size.")
