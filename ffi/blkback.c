@@ -9,6 +9,8 @@
  * The dataplane knows nothing of xenstore or of which transport it runs on.
  */
 #include <errno.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -56,12 +58,9 @@ static struct xt_req *take(struct xt_queue *q)
 
 static void respond(struct xt_queue *q, struct xt_req *req, int16_t status)
 {
-    blkif_response_t rsp;
-    memset(&rsp, 0, sizeof(rsp));   /* no stale bytes in the padding (XSA-216) */
-    rsp.id = req->id;
-    rsp.operation = req->operation;
-    rsp.status = status;
-    memcpy(RING_GET_RESPONSE(&q->ring, q->ring.rsp_prod_pvt), &rsp, sizeof(rsp));
+    RING_IDX i = q->ring.rsp_prod_pvt & (RING_SIZE(&q->ring) - 1);
+    uint8_t *slot = (uint8_t *)q->ring.sring->ring + (size_t)i * q->entry_size;
+    xt_abi_put_response(q->vbd->protocol, slot, req->id, req->operation, status);
     q->ring.rsp_prod_pvt++;
     req->next_free = q->free_list;
     q->free_list = req;
@@ -78,6 +77,19 @@ static void push_responses(struct xt_queue *q)
 
 /* ---- parse ---- */
 
+/* A range of 512-byte sectors must lie on the disk and, with 4 KiB logical
+ * sectors, on whole logical sectors. */
+static int16_t check_range(struct xt_queue *q, struct xt_req *req, uint64_t sector, uint64_t nsect)
+{
+    const xt_vbd *v = q->vbd;
+    if (sector > v->sectors || nsect > v->sectors - sector)
+        return reject(q, BLKIF_RSP_ERROR, "access beyond the end of the disk", req->id);
+    uint32_t per = v->sector_size / XT_SECTOR_SIZE;
+    if (sector % per || nsect % per)
+        return reject(q, BLKIF_RSP_ERROR, "not aligned to the logical sector size", req->id);
+    return BLKIF_RSP_OKAY;
+}
+
 static int16_t parse_segments(struct xt_queue *q, struct xt_req *req,
                               const struct blkif_request_segment *segs, unsigned n)
 {
@@ -93,29 +105,27 @@ static int16_t parse_segments(struct xt_queue *q, struct xt_req *req,
         req->segs[i].last_sect = s.last_sect;
         nsect += (uint64_t)(s.last_sect - s.first_sect + 1);
     }
-    if (req->sector > q->vbd->sectors || nsect > q->vbd->sectors - req->sector)
-        return reject(q, BLKIF_RSP_ERROR, "access beyond the end of the disk", req->id);
+    int16_t st = check_range(q, req, req->sector, nsect);
+    if (st != BLKIF_RSP_OKAY)
+        return st;
     req->nr_segs = (uint16_t)n;
     req->len = nsect * XT_SECTOR_SIZE;
     return BLKIF_RSP_OKAY;
 }
 
 /* Fetches the segment list of an indirect request from its indirect pages. */
-static int16_t fetch_indirect(struct xt_queue *q, struct xt_req *req,
-                              const blkif_request_indirect_t *ind)
+static int16_t fetch_indirect(struct xt_queue *q, struct xt_req *req, const struct xt_ring_req *r)
 {
-    unsigned n = ind->nr_segments;
+    unsigned n = r->nr_segments;
     if (n == 0 || n > q->vbd->max_indirect)
         return reject(q, BLKIF_RSP_ERROR, "indirect segment count out of range", req->id);
     unsigned pages = (unsigned)((n + XT_SEGS_PER_INDIRECT_PAGE - 1) / XT_SEGS_PER_INDIRECT_PAGE);
-    if (pages > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
-        return reject(q, BLKIF_RSP_ERROR, "too many indirect pages", req->id);
     for (unsigned p = 0; p < pages; p++) {
         unsigned first = p * (unsigned)XT_SEGS_PER_INDIRECT_PAGE;
         unsigned cnt = n - first < XT_SEGS_PER_INDIRECT_PAGE ? n - first
                                                              : (unsigned)XT_SEGS_PER_INDIRECT_PAGE;
         q->copies[p] = (struct xt_copy){
-            .gref = ind->indirect_grefs[p],
+            .gref = r->indirect_grefs[p],
             .offset = 0,
             .len = (uint16_t)(cnt * sizeof(struct blkif_request_segment)),
             .local = &q->ind_segs[first],
@@ -129,42 +139,52 @@ static int16_t fetch_indirect(struct xt_queue *q, struct xt_req *req,
     return parse_segments(q, req, q->ind_segs, n);
 }
 
-union ring_request {
-    blkif_request_t rw;
-    blkif_request_indirect_t indirect;
-    blkif_request_discard_t discard;
-};
-
-static int16_t parse(struct xt_queue *q, struct xt_req *req, const union ring_request *r)
+static int16_t parse(struct xt_queue *q, struct xt_req *req, const struct xt_ring_req *r)
 {
-    req->id = r->rw.id;
-    req->operation = r->rw.operation;
+    const xt_vbd *v = q->vbd;
+    req->id = r->id;
+    req->operation = r->operation;
+    req->io_op = r->operation;
+    req->sector = r->sector;
     req->nr_segs = 0;
     req->len = 0;
     req->stage = 0;
-    switch (r->rw.operation) {
+    switch (r->operation) {
     case BLKIF_OP_READ:
     case BLKIF_OP_WRITE:
     case BLKIF_OP_FLUSH_DISKCACHE:
-        req->io_op = r->rw.operation;
-        req->sector = r->rw.sector_number;
-        if (r->rw.nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST)
+    case BLKIF_OP_WRITE_BARRIER:
+        if (r->nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST)
             return reject(q, BLKIF_RSP_ERROR, "too many segments", req->id);
-        if (r->rw.nr_segments == 0 && req->io_op != BLKIF_OP_FLUSH_DISKCACHE)
+        if (r->nr_segments == 0 && (r->operation == BLKIF_OP_READ || r->operation == BLKIF_OP_WRITE))
             return reject(q, BLKIF_RSP_ERROR, "no segments", req->id);
-        if (req->io_op != BLKIF_OP_READ && q->vbd->readonly && r->rw.nr_segments)
+        if (r->operation != BLKIF_OP_READ && v->readonly && r->nr_segments)
             return reject(q, BLKIF_RSP_ERROR, "write to a read-only disk", req->id);
-        return parse_segments(q, req, r->rw.seg, r->rw.nr_segments);
+        if (r->nr_segments == 0)
+            return BLKIF_RSP_OKAY;      /* a flush or barrier alone: its sector is unused */
+        return parse_segments(q, req, r->seg, r->nr_segments);
     case BLKIF_OP_INDIRECT:
-        if (q->vbd->max_indirect == 0)
+        if (v->max_indirect == 0)
             return reject(q, BLKIF_RSP_EOPNOTSUPP, "indirect requests not negotiated", req->id);
-        if (r->indirect.indirect_op != BLKIF_OP_READ && r->indirect.indirect_op != BLKIF_OP_WRITE)
+        if (r->indirect_op != BLKIF_OP_READ && r->indirect_op != BLKIF_OP_WRITE)
             return reject(q, BLKIF_RSP_ERROR, "indirect operation not read or write", req->id);
-        req->io_op = r->indirect.indirect_op;
-        req->sector = r->indirect.sector_number;
-        if (req->io_op == BLKIF_OP_WRITE && q->vbd->readonly)
+        req->io_op = r->indirect_op;
+        if (req->io_op == BLKIF_OP_WRITE && v->readonly)
             return reject(q, BLKIF_RSP_ERROR, "write to a read-only disk", req->id);
-        return fetch_indirect(q, req, &r->indirect);
+        return fetch_indirect(q, req, r);
+    case BLKIF_OP_DISCARD:
+        if (v->discard_granularity == 0)
+            return reject(q, BLKIF_RSP_EOPNOTSUPP, "discard not supported on this disk", req->id);
+        if (v->readonly)
+            return reject(q, BLKIF_RSP_ERROR, "discard on a read-only disk", req->id);
+        req->len = 0;
+        {
+            int16_t st = check_range(q, req, r->sector, r->nr_sectors);
+            if (st != BLKIF_RSP_OKAY)
+                return st;
+        }
+        req->discard_sectors = r->nr_sectors;
+        return BLKIF_RSP_OKAY;
     default:
         return reject(q, BLKIF_RSP_EOPNOTSUPP, "unknown operation", req->id);
     }
@@ -217,33 +237,65 @@ static void submit(struct xt_queue *q, struct xt_req *req, enum xt_io_op op)
     req->io.op = op;
     req->io.offset = req->sector * XT_SECTOR_SIZE;
     req->io.buf = req->buf;
-    req->io.len = op == XT_IO_FSYNC ? 0 : req->len;
+    req->io.len = op == XT_IO_FSYNC ? 0 : op == XT_IO_PUNCH ? req->discard_sectors * XT_SECTOR_SIZE
+                                                             : req->len;
     q->engine.ops->submit(&q->engine, &req->io);
 }
 
-/* Writes (and the data of a flush) are copied in and submitted. */
+/* Writes (and the data of a flush or barrier) are copied in and submitted. */
 static void start_write(struct xt_queue *q, struct xt_req *req)
 {
     if (copy_data(q, req, XT_COPY_FROM_GUEST) < 0) {
         respond(q, req, BLKIF_RSP_ERROR);
+        if (req->io_op == BLKIF_OP_WRITE_BARRIER)
+            q->barrier_running = false;
         return;
     }
     q->writes_in_flight++;
     submit(q, req, XT_IO_WRITE);
 }
 
-/* A flush runs once every write taken before it has completed. */
-static void start_flush(struct xt_queue *q, struct xt_req *req)
+/* A flush or barrier runs once every write taken before it has completed:
+ * its data first (stage 0), then fdatasync (stage 1).  A barrier also holds
+ * back every later request until it completes. */
+static void start_ordered(struct xt_queue *q, struct xt_req *req)
 {
+    if (req->io_op == BLKIF_OP_WRITE_BARRIER)
+        q->barrier_running = true;
     if (req->nr_segs) {
-        start_write(q, req);    /* stage 0: its data, then stage 1: fdatasync */
+        start_write(q, req);
         return;
     }
     req->stage = 1;
     submit(q, req, XT_IO_FSYNC);
 }
 
-static void start(struct xt_queue *q, struct xt_req *req, const union ring_request *r)
+/* Discard: a hole punched in a file, BLKDISCARD on a block device. */
+static void start_discard(struct xt_queue *q, struct xt_req *req)
+{
+    if (req->discard_sectors == 0) {
+        count(&q->c.reqs_discard, 1);
+        respond(q, req, BLKIF_RSP_OKAY);
+        return;
+    }
+    if (!q->vbd->is_blockdev) {
+        submit(q, req, XT_IO_PUNCH);
+        return;
+    }
+    /* No io_uring opcode for a block discard on the kernels we target. */
+    uint64_t range[2] = { req->sector * XT_SECTOR_SIZE, req->discard_sectors * XT_SECTOR_SIZE };
+    if (ioctl(q->vbd->fd, BLKDISCARD, range) < 0) {
+        count(&q->c.err_io, 1);
+        xt_log("domain %u queue %u: discard at sector %llu: %s", q->vbd->domid, q->idx,
+               (unsigned long long)req->sector, strerror(errno));
+        respond(q, req, BLKIF_RSP_ERROR);
+        return;
+    }
+    count(&q->c.reqs_discard, 1);
+    respond(q, req, BLKIF_RSP_OKAY);
+}
+
+static void start(struct xt_queue *q, struct xt_req *req, const struct xt_ring_req *r)
 {
     int16_t st = parse(q, req, r);
     if (st != BLKIF_RSP_OKAY) {
@@ -264,10 +316,37 @@ static void start(struct xt_queue *q, struct xt_req *req, const union ring_reque
         start_write(q, req);
         break;
     case BLKIF_OP_FLUSH_DISKCACHE:
+    case BLKIF_OP_WRITE_BARRIER:
         if (q->writes_in_flight)
-            q->waiting_flush = req;     /* consumption pauses until writes drain */
+            q->blocker = req;       /* consumption pauses until writes drain */
         else
-            start_flush(q, req);
+            start_ordered(q, req);
+        break;
+    case BLKIF_OP_DISCARD:
+        start_discard(q, req);
+        break;
+    }
+}
+
+static void count_done(struct xt_queue *q, struct xt_req *req)
+{
+    switch (req->io_op) {
+    case BLKIF_OP_READ:
+        count(&q->c.reqs_read, 1);
+        count(&q->c.bytes_read, req->len);
+        break;
+    case BLKIF_OP_WRITE:
+        count(&q->c.reqs_write, 1);
+        count(&q->c.bytes_written, req->len);
+        break;
+    case BLKIF_OP_FLUSH_DISKCACHE:
+        count(&q->c.reqs_flush, 1);
+        break;
+    case BLKIF_OP_WRITE_BARRIER:
+        count(&q->c.reqs_barrier, 1);
+        break;
+    case BLKIF_OP_DISCARD:
+        count(&q->c.reqs_discard, 1);
         break;
     }
 }
@@ -276,6 +355,7 @@ static void complete(struct xt_queue *q, struct xt_req *req)
 {
     int res = req->io.res;
     bool was_write = req->io.op == XT_IO_WRITE;
+    bool ordered = req->io_op == BLKIF_OP_FLUSH_DISKCACHE || req->io_op == BLKIF_OP_WRITE_BARRIER;
     if (was_write)
         q->writes_in_flight--;
     if (res < 0) {
@@ -283,31 +363,24 @@ static void complete(struct xt_queue *q, struct xt_req *req)
         xt_log("domain %u queue %u: I/O error at sector %llu: %s", q->vbd->domid, q->idx,
                (unsigned long long)req->sector, strerror(-res));
         respond(q, req, BLKIF_RSP_ERROR);
-    } else if (req->io_op == BLKIF_OP_READ) {
-        if (copy_data(q, req, XT_COPY_TO_GUEST) < 0) {
-            respond(q, req, BLKIF_RSP_ERROR);
-        } else {
-            count(&q->c.reqs_read, 1);
-            count(&q->c.bytes_read, req->len);
-            respond(q, req, BLKIF_RSP_OKAY);
-        }
-    } else if (req->io_op == BLKIF_OP_FLUSH_DISKCACHE && req->stage == 0) {
+        if (req->io_op == BLKIF_OP_WRITE_BARRIER)
+            q->barrier_running = false;
+    } else if (ordered && req->stage == 0) {
         count(&q->c.bytes_written, req->len);
         req->stage = 1;
         submit(q, req, XT_IO_FSYNC);
+    } else if (req->io_op == BLKIF_OP_READ && copy_data(q, req, XT_COPY_TO_GUEST) < 0) {
+        respond(q, req, BLKIF_RSP_ERROR);
     } else {
-        if (req->io_op == BLKIF_OP_WRITE) {
-            count(&q->c.reqs_write, 1);
-            count(&q->c.bytes_written, req->len);
-        } else {
-            count(&q->c.reqs_flush, 1);
-        }
+        count_done(q, req);
         respond(q, req, BLKIF_RSP_OKAY);
+        if (req->io_op == BLKIF_OP_WRITE_BARRIER)
+            q->barrier_running = false;
     }
-    if (was_write && q->writes_in_flight == 0 && q->waiting_flush) {
-        struct xt_req *f = q->waiting_flush;
-        q->waiting_flush = NULL;
-        start_flush(q, f);
+    if (q->writes_in_flight == 0 && q->blocker) {
+        struct xt_req *b = q->blocker;
+        q->blocker = NULL;
+        start_ordered(q, b);
     }
 }
 
@@ -320,6 +393,11 @@ static void stop_ring(struct xt_queue *q, const char *why)
     xt_log("domain %u queue %u: %s; this ring is no longer served", q->vbd->domid, q->idx, why);
 }
 
+static bool paused(const struct xt_queue *q)
+{
+    return q->ring_dead || q->stopping || q->blocker || q->barrier_running;
+}
+
 /* Takes every request the guest has produced, while there are slots. */
 static void consume(struct xt_queue *q)
 {
@@ -330,53 +408,58 @@ static void consume(struct xt_queue *q)
         stop_ring(q, "the guest's request producer index runs past the ring");
         return;
     }
-    while (rc != rp && !q->waiting_flush) {
+    while (rc != rp && !paused(q)) {
         if (RING_REQUEST_CONS_OVERFLOW(&q->ring, rc))
             break;
         struct xt_req *req = take(q);
         if (!req)
             break;
-        union ring_request r;
-        memcpy(&r, RING_GET_REQUEST(&q->ring, rc), sizeof(r));     /* the one fetch */
-        atomic_signal_fence(memory_order_seq_cst);  /* no re-reads of the ring */
+        struct xt_ring_req r;
+        RING_IDX i = rc & (RING_SIZE(&q->ring) - 1);
+        xt_abi_get_request(q->vbd->protocol,
+                           (uint8_t *)q->ring.sring->ring + (size_t)i * q->entry_size, &r);
         q->ring.req_cons = ++rc;
         start(q, req, &r);
     }
 }
 
-void *xt_queue_main(void *arg)
+bool xt_queue_step(struct xt_queue *q, bool may_block)
 {
-    struct xt_queue *q = arg;
     struct xt_io *done[REAP_BATCH];
     xt_transport *t = q->vbd->t;
 
-    for (;;) {
-        bool serving = !q->ring_dead && !q->stopping;
-        if (serving && !q->waiting_flush)
-            consume(q);
-        push_responses(q);
+    if (!paused(q))
+        consume(q);
+    push_responses(q);
 
-        uint64_t in_flight = atomic_load_explicit(&q->c.in_flight, memory_order_relaxed);
-        if (q->stopping && in_flight == 0)
-            break;
-        int more = 0;
-        if (serving && !q->waiting_flush)
-            RING_FINAL_CHECK_FOR_REQUESTS(&q->ring, more);
+    uint64_t in_flight = atomic_load_explicit(&q->c.in_flight, memory_order_relaxed);
+    if (q->stopping && in_flight == 0)
+        return false;
+    int more = 0;
+    if (!paused(q))
+        RING_FINAL_CHECK_FOR_REQUESTS(&q->ring, more);
 
-        unsigned woken = 0;
-        int n = q->engine.ops->wait(&q->engine, done, REAP_BATCH, &woken, !more);
-        for (int i = 0; i < n; i++) {
-            struct xt_req *req = (struct xt_req *)((uint8_t *)done[i] - offsetof(struct xt_req, io));
-            complete(q, req);
-        }
-        if (woken & WAKE_EVTCHN)
-            t->ops->ack(t, &q->ev);
-        if (woken & WAKE_STOP) {
-            uint64_t v;
-            ssize_t r = read(q->stop_fd, &v, sizeof(v));
-            (void)r;
-            q->stopping = true;
-        }
+    unsigned woken = 0;
+    int n = q->engine.ops->wait(&q->engine, done, REAP_BATCH, &woken, may_block && !more);
+    for (int i = 0; i < n; i++) {
+        struct xt_req *req = (struct xt_req *)((uint8_t *)done[i] - offsetof(struct xt_req, io));
+        complete(q, req);
     }
+    if (woken & WAKE_EVTCHN)
+        t->ops->ack(t, &q->ev);
+    if (woken & WAKE_STOP) {
+        uint64_t v;
+        ssize_t r = read(q->stop_fd, &v, sizeof(v));
+        (void)r;
+        q->stopping = true;
+    }
+    return true;
+}
+
+void *xt_queue_main(void *arg)
+{
+    struct xt_queue *q = arg;
+    while (xt_queue_step(q, true))
+        ;
     return NULL;
 }

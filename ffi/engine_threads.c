@@ -30,30 +30,6 @@ struct threads_priv {
     pthread_t workers[THREADS_WORKERS];
 };
 
-static void do_io(int fd, struct xt_io *io)
-{
-    io->res = 0;
-    if (io->op == XT_IO_FSYNC) {
-        if (fdatasync(fd) < 0)
-            io->res = -errno;
-        return;
-    }
-    while (io->done < io->len) {
-        uint8_t *buf = (uint8_t *)io->buf + io->done;
-        size_t len = io->len - io->done;
-        off_t off = (off_t)(io->offset + io->done);
-        ssize_t r = io->op == XT_IO_READ ? pread(fd, buf, len, off)
-                                         : pwrite(fd, buf, len, off);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            io->res = r < 0 ? -errno : -EIO;
-            return;
-        }
-        io->done += (size_t)r;
-    }
-}
-
 static void *worker(void *arg)
 {
     struct threads_priv *p = arg;
@@ -68,7 +44,7 @@ static void *worker(void *arg)
         if (!p->todo_head)
             p->todo_tail = NULL;
         pthread_mutex_unlock(&p->lock);
-        do_io(p->fd, io);
+        xt_io_do(p->fd, io);
         pthread_mutex_lock(&p->lock);
         io->next = p->done_list;
         p->done_list = io;

@@ -7,6 +7,8 @@
  * completions at once.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,6 +61,10 @@ static void prep_io(struct uring_priv *p, struct xt_io *io)
         break;
     case XT_IO_FSYNC:
         io_uring_prep_fsync(sqe, p->fd, IORING_FSYNC_DATASYNC);
+        break;
+    case XT_IO_PUNCH:
+        io_uring_prep_fallocate(sqe, p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                io->offset, io->len);
         break;
     }
     io_uring_sqe_set_data(sqe, io);
@@ -137,7 +143,8 @@ static int uring_wait(struct xt_engine *e, struct xt_io **done, unsigned max,
         int res = cqe->res;
         if (res < 0) {
             io->res = res;
-        } else if (io->op != XT_IO_FSYNC && (size_t)res < io->len - io->done) {
+        } else if ((io->op == XT_IO_READ || io->op == XT_IO_WRITE) &&
+                   (size_t)res < io->len - io->done) {
             if (res == 0) {
                 io->res = -EIO;     /* past the end of the image */
             } else {

@@ -43,6 +43,7 @@ struct front_queue {
     unsigned idx;
     blkif_front_ring_t ring;
     uint32_t ring_frame;
+    unsigned entry_size;
     uint32_t port;
     int rx_fd, tx_fd;
     unsigned nr_slots;
@@ -55,8 +56,10 @@ struct front_queue {
     uint64_t rng;
     uint64_t next_seq_block;
     uint64_t writes_since_flush;
+    uint64_t writes_since_barrier;
     uint64_t issued_no;
     unsigned in_flight;
+    unsigned barriers_in_flight;
     uint64_t *lat;
     uint64_t lat_max;
     struct xt_front_result res;
@@ -115,6 +118,15 @@ static bool check_sector(const uint64_t *w, uint64_t sector, uint32_t version)
     return true;
 }
 
+/* ---- the ring, by ABI ---- */
+
+static volatile void *req_slot(struct front_queue *q, RING_IDX i)
+{
+    return (uint8_t *)q->ring.sring->ring + (size_t)(i & (RING_SIZE(&q->ring) - 1)) * q->entry_size;
+}
+
+#define ZEROED UINT32_MAX   /* oracle: the sector was discarded, reads as zeroes */
+
 /* ---- setup ---- */
 
 static int queue_open(struct xt_front *f, struct front_queue *q, struct xt_ring_params *p, char *err)
@@ -130,6 +142,8 @@ static int queue_open(struct xt_front *f, struct front_queue *q, struct xt_ring_
     blkif_sring_t *sring = xt_simdom_frame(f->dom, q->ring_frame);
     SHARED_RING_INIT(sring);
     FRONT_RING_INIT(&q->ring, sring, XT_PAGE_SIZE * pages);
+    q->ring.nr_ents = xt_abi_ring_slots(f->cfg.protocol, pages);
+    q->entry_size = xt_abi_entry_size(f->cfg.protocol);
     int rc = xt_simdom_alloc_port(f->dom, &q->port, &q->rx_fd, &q->tx_fd, err);
     if (rc < 0)
         return rc;
@@ -152,6 +166,8 @@ int xt_front_open(const struct xt_front_config *cfg, xt_front **out,
         return xt_fail(err, EINVAL, "sim blkfront: %u queues out of range", cfg->nr_queues);
     if (cfg->ring_order > XT_MAX_RING_ORDER)
         return xt_fail(err, EINVAL, "sim blkfront: ring order %u out of range", cfg->ring_order);
+    if (cfg->protocol != XT_PROTO_NATIVE && cfg->protocol != XT_PROTO_X86_32)
+        return xt_fail(err, EINVAL, "sim blkfront: unknown protocol %u", cfg->protocol);
     if (cfg->max_indirect_segments > XT_MAX_INDIRECT_SEGMENTS)
         return xt_fail(err, EINVAL, "sim blkfront: %u indirect segments out of range",
                        cfg->max_indirect_segments);
@@ -169,7 +185,7 @@ int xt_front_open(const struct xt_front_config *cfg, xt_front **out,
     }
     memset(p, 0, sizeof(*p));
     p->domid = f->dom->hdr_copy.domid;
-    p->protocol = XT_PROTO_NATIVE;
+    p->protocol = cfg->protocol;
     p->nr_queues = cfg->nr_queues;
     p->ring_order = cfg->ring_order;
     f->queues = calloc(cfg->nr_queues, sizeof(*f->queues));
@@ -279,6 +295,11 @@ static void fill_segments(struct front_queue *q, struct front_slot *s,
     }
 }
 
+static bool due(uint64_t every, uint64_t since)
+{
+    return every && since >= every;
+}
+
 /* Builds one request in the ring's next slot; false when nothing to issue. */
 static bool issue(struct front_queue *q)
 {
@@ -287,9 +308,18 @@ static bool issue(struct front_queue *q)
     struct front_slot *s = q->free_list;
     if (!s)
         return false;
-    bool flush = w->flush_every && q->writes_since_flush >= w->flush_every;
+    uint8_t op;
+    if (due(w->flush_every, q->writes_since_flush))
+        op = BLKIF_OP_FLUSH_DISKCACHE;
+    else if (due(w->barrier_every, q->writes_since_barrier))
+        op = BLKIF_OP_WRITE_BARRIER;
+    else if (w->discard_pct && splitmix(&q->rng) % 100 < w->discard_pct)
+        op = BLKIF_OP_DISCARD;
+    else
+        op = (splitmix(&q->rng) % 100) < w->read_pct ? BLKIF_OP_READ : BLKIF_OP_WRITE;
+    bool ordered = op == BLKIF_OP_FLUSH_DISKCACHE || op == BLKIF_OP_WRITE_BARRIER;
     uint64_t block = 0;
-    if (!flush && !pick_block(q, &block))
+    if (!ordered && !pick_block(q, &block))
         return false;
     if (slot_prepare(q, s) < 0) {
         q->rc = xt_fail(q->err, ENOSPC, "sim domain has no room for request pages");
@@ -299,16 +329,21 @@ static bool issue(struct front_queue *q)
     s->in_use = true;
     s->t0 = now_ns();
     s->issue_no = ++q->issued_no;
+    s->op = op;
 
-    unsigned idx = (unsigned)(s - q->slots);
-    blkif_request_t *req = RING_GET_REQUEST(&q->ring, q->ring.req_prod_pvt);
-    if (flush) {
-        s->op = BLKIF_OP_FLUSH_DISKCACHE;
+    struct xt_ring_req r;
+    memset(&r, 0, sizeof(r));
+    r.operation = op;
+    r.id = (uint64_t)(s - q->slots);
+    if (ordered) {
         s->nsect = 0;
-        memset(req, 0, sizeof(*req));
-        req->operation = BLKIF_OP_FLUSH_DISKCACHE;
-        req->id = idx;
-        q->writes_since_flush = 0;
+        if (op == BLKIF_OP_FLUSH_DISKCACHE)
+            q->writes_since_flush = 0;
+        else
+            q->writes_since_barrier = 0;
+        if (op == BLKIF_OP_WRITE_BARRIER)
+            q->barriers_in_flight++;
+        xt_abi_put_request(f->cfg.protocol, req_slot(q, q->ring.req_prod_pvt), &r);
         q->ring.req_prod_pvt++;
         q->in_flight++;
         return true;
@@ -318,10 +353,21 @@ static bool issue(struct front_queue *q)
     uint64_t gblock = block * f->cfg.nr_queues + q->idx;
     s->sector = f->region_sector + gblock * f->block_sectors;
     s->nsect = f->block_sectors;
-    s->op = (splitmix(&q->rng) % 100) < w->read_pct ? BLKIF_OP_READ : BLKIF_OP_WRITE;
+    r.sector = s->sector;
 
-    if (s->op == BLKIF_OP_WRITE) {
+    if (op == BLKIF_OP_DISCARD) {
+        r.nr_sectors = s->nsect;
+        if (w->verify)
+            for (uint32_t i = 0; i < s->nsect; i++)
+                f->oracle[s->sector + i] = ZEROED;
+        xt_abi_put_request(f->cfg.protocol, req_slot(q, q->ring.req_prod_pvt), &r);
+        q->ring.req_prod_pvt++;
+        q->in_flight++;
+        return true;
+    }
+    if (op == BLKIF_OP_WRITE) {
         q->writes_since_flush++;
+        q->writes_since_barrier++;
         if (w->verify) {
             uint32_t v = (uint32_t)atomic_fetch_add(&f->version, 1) + 1;
             for (uint32_t i = 0; i < s->nsect; i++) {
@@ -334,26 +380,19 @@ static bool issue(struct front_queue *q)
     }
     unsigned nsegs = (s->nsect + XT_SECTORS_PER_PAGE - 1) / XT_SECTORS_PER_PAGE;
     if (nsegs <= BLKIF_MAX_SEGMENTS_PER_REQUEST) {
-        memset(req, 0, sizeof(*req));
-        req->operation = s->op;
-        req->nr_segments = (uint8_t)nsegs;
-        req->id = idx;
-        req->sector_number = s->sector;
-        fill_segments(q, s, req->seg);
+        r.nr_segments = (uint16_t)nsegs;
+        fill_segments(q, s, r.seg);
     } else {
-        blkif_request_indirect_t *ind = (blkif_request_indirect_t *)req;
-        memset(req, 0, sizeof(*req));
-        ind->operation = BLKIF_OP_INDIRECT;
-        ind->indirect_op = s->op;
-        ind->nr_segments = (uint16_t)nsegs;
-        ind->id = idx;
-        ind->sector_number = s->sector;
+        r.operation = BLKIF_OP_INDIRECT;
+        r.indirect_op = op;
+        r.nr_segments = (uint16_t)nsegs;
         unsigned pages = (unsigned)((nsegs + XT_SEGS_PER_INDIRECT_PAGE - 1) / XT_SEGS_PER_INDIRECT_PAGE);
         struct blkif_request_segment *segs = xt_simdom_frame(f->dom, s->ind_frame);
         fill_segments(q, s, segs);      /* the indirect frames are consecutive */
         for (unsigned i = 0; i < pages; i++)
-            ind->indirect_grefs[i] = s->ind_frame + i;
+            r.indirect_grefs[i] = s->ind_frame + i;
     }
+    xt_abi_put_request(f->cfg.protocol, req_slot(q, q->ring.req_prod_pvt), &r);
     q->ring.req_prod_pvt++;
     q->in_flight++;
     return true;
@@ -367,26 +406,44 @@ static void record_latency(struct front_queue *q, uint64_t ns)
         q->lat_max = ns;
 }
 
-static void complete(struct front_queue *q, const blkif_response_t *rsp)
+static bool all_zero(const uint64_t *w)
+{
+    for (unsigned i = 0; i < XT_SECTOR_SIZE / 8; i++)
+        if (w[i])
+            return false;
+    return true;
+}
+
+static void complete(struct front_queue *q, uint64_t id, int16_t status)
 {
     struct xt_front *f = q->f;
-    if (rsp->id >= q->nr_slots || !q->slots[rsp->id].in_use) {
+    if (id >= q->nr_slots || !q->slots[id].in_use) {
         q->res.errors++;
         return;
     }
-    struct front_slot *s = &q->slots[rsp->id];
+    struct front_slot *s = &q->slots[id];
     record_latency(q, now_ns() - s->t0);
     q->res.ios++;
-    if (rsp->status != BLKIF_RSP_OKAY) {
+    if (status != BLKIF_RSP_OKAY) {
         q->res.errors++;
-    } else if (s->op == BLKIF_OP_FLUSH_DISKCACHE) {
-        q->res.flushes++;
-        /* A flush answers only after every write issued before it. */
+    } else if (s->op == BLKIF_OP_DISCARD) {
+        q->res.discards++;
+    } else if (s->op == BLKIF_OP_FLUSH_DISKCACHE || s->op == BLKIF_OP_WRITE_BARRIER) {
+        if (s->op == BLKIF_OP_FLUSH_DISKCACHE)
+            q->res.flushes++;
+        else
+            q->res.barriers++;
+        /* A flush or barrier answers only after every write issued before it. */
         for (unsigned i = 0; i < q->nr_slots; i++)
             if (q->slots[i].in_use && q->slots[i].op == BLKIF_OP_WRITE &&
                 q->slots[i].issue_no < s->issue_no)
                 q->res.flush_order_violations++;
     } else if (s->op == BLKIF_OP_WRITE) {
+        /* A write issued after a barrier completes only after it. */
+        for (unsigned i = 0; q->barriers_in_flight && i < q->nr_slots; i++)
+            if (q->slots[i].in_use && q->slots[i].op == BLKIF_OP_WRITE_BARRIER &&
+                q->slots[i].issue_no < s->issue_no)
+                q->res.flush_order_violations++;
         q->res.writes++;
         q->res.bytes_written += (uint64_t)s->nsect * XT_SECTOR_SIZE;
     } else {
@@ -400,7 +457,7 @@ static void complete(struct front_queue *q, const blkif_response_t *rsp)
                 const uint64_t *sec = (const uint64_t *)((uint8_t *)xt_simdom_frame(
                                           f->dom, s->data_frame + i / XT_SECTORS_PER_PAGE) +
                                       (i % XT_SECTORS_PER_PAGE) * XT_SECTOR_SIZE);
-                if (!check_sector(sec, s->sector + i, v)) {
+                if (v == ZEROED ? !all_zero(sec) : !check_sector(sec, s->sector + i, v)) {
                     if (q->res.verify_failures == 0)
                         q->res.first_bad_sector = s->sector + i;
                     q->res.verify_failures++;
@@ -408,7 +465,9 @@ static void complete(struct front_queue *q, const blkif_response_t *rsp)
             }
         }
     }
-    if (s->op != BLKIF_OP_FLUSH_DISKCACHE)
+    if (s->op == BLKIF_OP_WRITE_BARRIER)
+        q->barriers_in_flight--;
+    else if (s->op != BLKIF_OP_FLUSH_DISKCACHE)
         q->busy[s->block] = 0;
     s->in_use = false;
     s->next_free = q->free_list;
@@ -422,10 +481,12 @@ static unsigned reap(struct front_queue *q)
     RING_IDX rp = q->ring.sring->rsp_prod;
     xen_rmb();
     while (q->ring.rsp_cons != rp) {
-        blkif_response_t rsp;
-        memcpy(&rsp, RING_GET_RESPONSE(&q->ring, q->ring.rsp_cons), sizeof(rsp));
+        uint64_t id;
+        uint8_t op;
+        int16_t status;
+        xt_abi_get_response(q->f->cfg.protocol, req_slot(q, q->ring.rsp_cons), &id, &op, &status);
         q->ring.rsp_cons++;
-        complete(q, &rsp);
+        complete(q, id, status);
         n++;
     }
     return n;
@@ -536,6 +597,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
         q->rng = w->seed * 0x100000001b3ull + i + 1;
         q->next_seq_block = 0;
         q->writes_since_flush = 0;
+        q->writes_since_barrier = 0;
         q->rc = 0;
         q->lat_max = 0;
         free(q->busy);
@@ -568,6 +630,8 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
         res->reads += q->res.reads;
         res->writes += q->res.writes;
         res->flushes += q->res.flushes;
+        res->barriers += q->res.barriers;
+        res->discards += q->res.discards;
         res->bytes_read += q->res.bytes_read;
         res->bytes_written += q->res.bytes_written;
         res->errors += q->res.errors;

@@ -11,9 +11,47 @@
 #include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <stdio.h>
+#include <linux/falloc.h>
 #include <unistd.h>
 
 #include "xt_internal.h"
+
+/* Reads a number from sysfs; 0 when absent. */
+static uint64_t sysfs_u64(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    unsigned long long v = 0;
+    if (f) {
+        if (fscanf(f, "%llu", &v) != 1)
+            v = 0;
+        fclose(f);
+    }
+    return v;
+}
+
+/* Discard where it really works: hole punching on the image's filesystem,
+ * or a block device whose queue takes discards. */
+static void probe_discard(xt_vbd *v, const struct stat *st)
+{
+    if (v->is_blockdev) {
+        char path[128];
+        snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/discard_granularity",
+                 major(st->st_rdev), minor(st->st_rdev));
+        uint64_t g = sysfs_u64(path);
+        snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/discard_alignment",
+                 major(st->st_rdev), minor(st->st_rdev));
+        v->discard_alignment = (uint32_t)sysfs_u64(path);
+        v->discard_granularity = g <= UINT32_MAX ? (uint32_t)g : 0;
+        return;
+    }
+    /* Punching past the end is a no-op where hole punching is supported. */
+    off_t end = (off_t)(v->sectors * XT_SECTOR_SIZE);
+    if (fallocate(v->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, end, XT_PAGE_SIZE) == 0)
+        v->discard_granularity = st->st_blksize >= v->sector_size ? (uint32_t)st->st_blksize
+                                                                   : v->sector_size;
+}
 
 int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
 {
@@ -34,6 +72,9 @@ int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
         break;
     case XT_ENGINE_THREADS:
         engine = &xt_engine_threads;
+        break;
+    case XT_ENGINE_SYNC:
+        engine = &xt_engine_sync;
         break;
     default:
         return xt_fail(err, EINVAL, "unknown I/O engine %d", cfg->engine);
@@ -61,7 +102,7 @@ int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
         rc = xt_fail(err, EINVAL, "image %s is neither a file nor a block device", cfg->path);
         goto fail;
     }
-    if (bytes < XT_SECTOR_SIZE) {
+    if (bytes == 0) {
         rc = xt_fail(err, EINVAL, "image %s is empty", cfg->path);
         goto fail;
     }
@@ -73,6 +114,37 @@ int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
         goto fail;
     }
 
+    uint32_t lss = XT_SECTOR_SIZE, pss = 0;
+    if (S_ISBLK(st.st_mode)) {
+        int l = 0;
+        unsigned int ph = 0;
+        if (ioctl(fd, BLKSSZGET, &l) == 0 && l > 0)
+            lss = (uint32_t)l;
+        if (ioctl(fd, BLKPBSZGET, &ph) == 0)
+            pss = ph;
+    } else {
+        pss = (uint32_t)st.st_blksize;
+    }
+    if (cfg->sector_size) {
+        if (cfg->sector_size != 512 && cfg->sector_size != 4096) {
+            rc = xt_fail(err, EINVAL, "sector size %u: must be 512 or 4096", cfg->sector_size);
+            goto fail;
+        }
+        if (cfg->sector_size < lss) {
+            rc = xt_fail(err, EINVAL, "sector size %u is below the device's %u", cfg->sector_size, lss);
+            goto fail;
+        }
+        lss = cfg->sector_size;
+    }
+    if (cfg->physical_sector_size)
+        pss = cfg->physical_sector_size;
+    if (pss < lss || pss % lss || (pss & (pss - 1)) || pss > 1u << 20)
+        pss = lss;
+    if (bytes < lss) {
+        rc = xt_fail(err, EINVAL, "image %s is smaller than one %u-byte sector", cfg->path, lss);
+        goto fail;
+    }
+
     xt_vbd *v = calloc(1, sizeof(*v));
     if (!v || !(v->path = strdup(cfg->path))) {
         free(v);
@@ -80,12 +152,16 @@ int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
         goto fail;
     }
     v->fd = fd;
-    v->sectors = bytes / XT_SECTOR_SIZE;
+    v->sector_size = lss;
+    v->physical_sector_size = pss;
+    v->sectors = bytes / lss * (lss / XT_SECTOR_SIZE);     /* whole logical sectors */
     v->readonly = cfg->readonly != 0;
     v->direct = cfg->direct != 0;
     v->is_blockdev = S_ISBLK(st.st_mode);
     v->max_indirect = cfg->max_indirect_segments;
     v->engine_ops = engine;
+    if (!v->readonly)
+        probe_discard(v, &st);
     atomic_store(&v->state, XT_STATE_OPEN);
     pthread_mutex_init(&v->lock, NULL);
     *out = v;
@@ -98,6 +174,25 @@ fail:
 uint64_t xt_vbd_sectors(const xt_vbd *v)
 {
     return v->sectors;
+}
+
+void xt_vbd_info(const xt_vbd *v, struct xt_vbd_info *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->sectors = v->sectors;
+    out->sector_size = v->sector_size;
+    out->physical_sector_size = v->physical_sector_size;
+    out->readonly = v->readonly;
+    out->is_blockdev = v->is_blockdev;
+    out->feature_flush = 1;
+    out->feature_barrier = 1;
+    out->feature_discard = v->discard_granularity != 0;
+    out->discard_granularity = v->discard_granularity;
+    out->discard_alignment = v->discard_alignment;
+    out->discard_secure = 0;    /* BLKSECDISCARD is not offered */
+    out->max_indirect_segments = v->max_indirect;
+    out->max_ring_order = XT_MAX_RING_ORDER;
+    out->max_queues = XT_MAX_QUEUES;
 }
 
 const char *xt_vbd_engine_name(const xt_vbd *v)
@@ -154,6 +249,9 @@ static int queue_setup(xt_vbd *v, struct xt_queue *q, const struct xt_ring_param
      * before we (re)connected are served, none twice after a clean stop. */
     RING_IDX start = sring->rsp_prod;
     BACK_RING_ATTACH(&q->ring, sring, start, XT_PAGE_SIZE * q->nr_ring_pages);
+    /* Slot size by ABI; the ring holds a power of two of them after the header. */
+    q->entry_size = xt_abi_entry_size(p->protocol);
+    q->ring.nr_ents = xt_abi_ring_slots(p->protocol, q->nr_ring_pages);
     q->nr_reqs = RING_SIZE(&q->ring);
 
     int rc = v->t->ops->bind(v->t, p->domid, p->evtchn[q->idx], &q->ev, err);
@@ -197,7 +295,7 @@ int xt_vbd_connect(xt_vbd *v, xt_transport *t, const struct xt_ring_params *p, c
         return xt_fail(err, EINVAL, "number of queues %u out of range 1..%d", p->nr_queues, XT_MAX_QUEUES);
     if (p->ring_order > XT_MAX_RING_ORDER)
         return xt_fail(err, EINVAL, "ring page order %u over the maximum %d", p->ring_order, XT_MAX_RING_ORDER);
-    if (p->protocol != XT_PROTO_NATIVE)
+    if (p->protocol != XT_PROTO_NATIVE && p->protocol != XT_PROTO_X86_32)
         return xt_fail(err, EPROTONOSUPPORT, "ring protocol %u not supported", p->protocol);
 
     pthread_mutex_lock(&v->lock);
@@ -279,6 +377,8 @@ void xt_vbd_stats(const xt_vbd *cv, struct xt_stats *out)
     out->reqs_read = sum.reqs_read;
     out->reqs_write = sum.reqs_write;
     out->reqs_flush = sum.reqs_flush;
+    out->reqs_barrier = sum.reqs_barrier;
+    out->reqs_discard = sum.reqs_discard;
     out->reqs_indirect = sum.reqs_indirect;
     out->bytes_read = sum.bytes_read;
     out->bytes_written = sum.bytes_written;

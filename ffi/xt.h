@@ -28,10 +28,10 @@ enum {
 };
 
 /* I/O engines. */
-enum { XT_ENGINE_AUTO = 0, XT_ENGINE_URING = 1, XT_ENGINE_THREADS = 2 };
+enum { XT_ENGINE_AUTO = 0, XT_ENGINE_URING = 1, XT_ENGINE_THREADS = 2, XT_ENGINE_SYNC = 3 };
 
-/* Ring ABIs (the frontend's `protocol` key). */
-enum { XT_PROTO_NATIVE = 0 };
+/* Ring ABIs (the frontend's `protocol` key: "x86_64-abi" is native here). */
+enum { XT_PROTO_NATIVE = 0, XT_PROTO_X86_32 = 1 };
 
 /* VBD states, as xt_stats.state. */
 enum { XT_STATE_OPEN = 1, XT_STATE_CONNECTED = 2, XT_STATE_FAILED = 3 };
@@ -69,6 +69,26 @@ struct xt_vbd_config {
     int direct;                 /* open with O_DIRECT */
     int readonly;               /* refuse writes */
     uint32_t max_indirect_segments; /* 0: no indirect; max XT_MAX_INDIRECT_SEGMENTS */
+    uint32_t sector_size;       /* logical: 512 or 4096; 0: the device's (files: 512) */
+    uint32_t physical_sector_size;  /* 0: the device's (files: their block size) */
+};
+
+/* What a VBD can do: the source of every feature key the backend writes. */
+struct xt_vbd_info {
+    uint64_t sectors;           /* size in 512-byte units (blkif's, always) */
+    uint32_t sector_size;       /* logical, bytes */
+    uint32_t physical_sector_size;
+    uint32_t readonly;
+    uint32_t is_blockdev;
+    uint32_t feature_flush;
+    uint32_t feature_barrier;
+    uint32_t feature_discard;
+    uint32_t discard_granularity;   /* bytes */
+    uint32_t discard_alignment;     /* bytes */
+    uint32_t discard_secure;
+    uint32_t max_indirect_segments;
+    uint32_t max_ring_order;
+    uint32_t max_queues;
 };
 
 /* What the frontend published: ring pages and event channel per queue. */
@@ -85,7 +105,7 @@ struct xt_stats {
     uint32_t state;             /* XT_STATE_* */
     uint32_t nr_queues;
     uint64_t sectors;           /* disk size in 512-byte sectors */
-    uint64_t reqs_read, reqs_write, reqs_flush, reqs_indirect;
+    uint64_t reqs_read, reqs_write, reqs_flush, reqs_barrier, reqs_discard, reqs_indirect;
     uint64_t bytes_read, bytes_written;
     uint64_t err_bad_request;   /* malformed by the guest: BLKIF_RSP_ERROR */
     uint64_t err_unsupported;   /* unknown operation: BLKIF_RSP_EOPNOTSUPP */
@@ -98,6 +118,7 @@ struct xt_stats {
 
 int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err);
 uint64_t xt_vbd_sectors(const xt_vbd *v);
+void xt_vbd_info(const xt_vbd *v, struct xt_vbd_info *out);
 const char *xt_vbd_engine_name(const xt_vbd *v);
 int xt_vbd_connect(xt_vbd *v, xt_transport *t, const struct xt_ring_params *p,
                    char *err);
@@ -121,6 +142,7 @@ struct xt_front_config {
     uint32_t ring_order;
     uint32_t max_indirect_segments; /* what the backend advertised; 0: none */
     uint64_t sectors;           /* disk size the backend advertised */
+    uint32_t protocol;          /* XT_PROTO_* */
 };
 
 struct xt_workload {
@@ -133,16 +155,18 @@ struct xt_workload {
     uint64_t max_ios;           /* stop after this many (0: no limit) */
     uint32_t verify;            /* write patterns, check them on reads */
     uint32_t flush_every;       /* a FLUSH after every N writes (0: never) */
+    uint32_t barrier_every;     /* a WRITE_BARRIER after every N writes (0: never) */
+    uint32_t discard_pct;       /* share of DISCARDs of a whole block (0..100) */
     uint64_t seed;
 };
 
 struct xt_front_result {
-    uint64_t ios, reads, writes, flushes;
+    uint64_t ios, reads, writes, flushes, barriers, discards;
     uint64_t bytes_read, bytes_written;
     uint64_t errors;            /* responses other than BLKIF_RSP_OKAY */
     uint64_t verify_failures;   /* sectors whose content was wrong */
     uint64_t first_bad_sector;
-    uint64_t flush_order_violations; /* a flush answered before an earlier write */
+    uint64_t flush_order_violations; /* a flush or barrier answered before an earlier write, or a write before an earlier barrier */
     double seconds;
     double lat_us_p50, lat_us_p99, lat_us_max;
 };

@@ -111,9 +111,35 @@ int xt_simdom_path(char *out, size_t len, const char *dir, const char *leaf);
 int xt_simdom_evtchn_path(char *out, size_t len, const char *dir,
                           uint32_t port, char side);
 
+/* ---- ring ABIs (abi.c) ---- */
+
+/* A request as read from the ring, whatever the ABI. */
+struct xt_ring_req {
+    uint8_t operation;
+    uint8_t indirect_op;        /* BLKIF_OP_INDIRECT */
+    uint8_t flag;               /* BLKIF_OP_DISCARD */
+    uint16_t nr_segments;
+    uint64_t id;
+    uint64_t sector;
+    uint64_t nr_sectors;        /* BLKIF_OP_DISCARD */
+    uint32_t indirect_grefs[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
+    struct blkif_request_segment seg[BLKIF_MAX_SEGMENTS_PER_REQUEST];
+};
+
+unsigned xt_abi_entry_size(uint32_t protocol);
+void xt_abi_get_request(uint32_t protocol, const volatile void *slot, struct xt_ring_req *r);
+void xt_abi_put_response(uint32_t protocol, volatile void *slot, uint64_t id,
+                         uint8_t operation, int16_t status);
+/* The frontend's side of the same layouts (sim blkfront). */
+void xt_abi_put_request(uint32_t protocol, volatile void *slot, const struct xt_ring_req *r);
+void xt_abi_get_response(uint32_t protocol, const volatile void *slot, uint64_t *id,
+                         uint8_t *operation, int16_t *status);
+/* Ring slots in `pages` pages for this ABI (a power of two). */
+unsigned xt_abi_ring_slots(uint32_t protocol, unsigned pages);
+
 /* ---- I/O engines ---- */
 
-enum xt_io_op { XT_IO_READ, XT_IO_WRITE, XT_IO_FSYNC };
+enum xt_io_op { XT_IO_READ, XT_IO_WRITE, XT_IO_FSYNC, XT_IO_PUNCH };
 
 struct xt_io {
     enum xt_io_op op;
@@ -148,6 +174,10 @@ struct xt_engine {
 
 extern const struct xt_engine_ops xt_engine_uring;
 extern const struct xt_engine_ops xt_engine_threads;
+/* Does each I/O at submit time: deterministic, for the fuzzer. */
+extern const struct xt_engine_ops xt_engine_sync;
+/* Runs one I/O to its end with plain syscalls (the thread and sync engines). */
+void xt_io_do(int fd, struct xt_io *io);
 /* 1 if this kernel lets us set up an io_uring. */
 bool xt_uring_available(void);
 
@@ -164,9 +194,10 @@ struct xt_req {
     uint64_t id;                /* the guest's, echoed */
     uint8_t operation;          /* as in the ring (INDIRECT stays INDIRECT) */
     uint8_t io_op;              /* effective BLKIF_OP_READ/WRITE/FLUSH */
-    uint8_t stage;              /* flush with data: 0 write, 1 fsync */
+    uint8_t stage;              /* flush or barrier with data: 0 write, 1 fsync */
     uint16_t nr_segs;
     uint64_t sector;
+    uint64_t discard_sectors;
     struct xt_seg *segs;        /* XT_MAX_INDIRECT_SEGMENTS entries */
     uint8_t *buf;               /* bounce buffer, page aligned */
     size_t buf_cap, len;
@@ -175,7 +206,7 @@ struct xt_req {
 };
 
 struct xt_counters {
-    atomic_uint_fast64_t reqs_read, reqs_write, reqs_flush, reqs_indirect;
+    atomic_uint_fast64_t reqs_read, reqs_write, reqs_flush, reqs_barrier, reqs_discard, reqs_indirect;
     atomic_uint_fast64_t bytes_read, bytes_written;
     atomic_uint_fast64_t err_bad_request, err_unsupported, err_grant, err_io;
     atomic_uint_fast64_t in_flight, buffer_bytes, ring_stopped;
@@ -197,8 +228,10 @@ struct xt_queue {
     struct xt_seg *seg_store;
     struct xt_req *free_list;
     unsigned nr_reqs;
+    unsigned entry_size;        /* of a ring slot, by ABI */
     unsigned writes_in_flight;
-    struct xt_req *waiting_flush;   /* a flush waiting for writes to drain */
+    struct xt_req *blocker;     /* a flush or barrier waiting for writes to drain */
+    bool barrier_running;       /* a barrier holds back later requests */
     bool ring_dead;             /* protocol violation: no more service */
     bool stopping;
     unsigned errors_logged;
@@ -215,6 +248,9 @@ struct xt_vbd {
     bool direct;
     bool is_blockdev;
     uint32_t max_indirect;
+    uint32_t sector_size, physical_sector_size;
+    uint32_t discard_granularity;   /* 0: no discard */
+    uint32_t discard_alignment;
     int engine_kind;
     const struct xt_engine_ops *engine_ops;
     xt_transport *t;
@@ -228,5 +264,8 @@ struct xt_vbd {
 };
 
 void *xt_queue_main(void *arg);
+/* One turn of a queue's loop: take requests, wait (if may_block), complete.
+ * Returns false once the queue has stopped and answered everything. */
+bool xt_queue_step(struct xt_queue *q, bool may_block);
 
 #endif

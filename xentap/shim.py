@@ -22,7 +22,9 @@ MAX_INDIRECT_SEGMENTS = lib.XT_MAX_INDIRECT_SEGMENTS
 SECTOR_SIZE = lib.XT_SECTOR_SIZE
 
 ENGINES = {"auto": lib.XT_ENGINE_AUTO, "io_uring": lib.XT_ENGINE_URING,
-           "threads": lib.XT_ENGINE_THREADS}
+           "threads": lib.XT_ENGINE_THREADS, "sync": lib.XT_ENGINE_SYNC}
+# The frontend's `protocol` xenstore value -> ring ABI.
+PROTOCOLS = {"x86_64-abi": lib.XT_PROTO_NATIVE, "x86_32-abi": lib.XT_PROTO_X86_32}
 STATES = {lib.XT_STATE_OPEN: "open", lib.XT_STATE_CONNECTED: "connected",
           lib.XT_STATE_FAILED: "failed"}
 
@@ -154,7 +156,7 @@ class RingParams:
 
 
 _STAT_FIELDS = ("nr_queues", "sectors", "reqs_read", "reqs_write", "reqs_flush",
-                "reqs_indirect", "bytes_read", "bytes_written", "err_bad_request",
+                "reqs_barrier", "reqs_discard", "reqs_indirect", "bytes_read", "bytes_written", "err_bad_request",
                 "err_unsupported", "err_grant", "err_io", "in_flight", "buffer_bytes",
                 "ring_stopped")
 
@@ -163,7 +165,8 @@ class Vbd:
     """A virtual block device served from an image file or block device."""
 
     def __init__(self, path: str | os.PathLike, *, engine: str = "auto", direct: bool = False,
-                 readonly: bool = False, max_indirect_segments: int = MAX_INDIRECT_SEGMENTS):
+                 readonly: bool = False, max_indirect_segments: int = MAX_INDIRECT_SEGMENTS,
+                 sector_size: int = 0, physical_sector_size: int = 0):
         if engine not in ENGINES:
             raise ValueError(f"unknown I/O engine {engine!r} (choose from {', '.join(ENGINES)})")
         self.path = os.fspath(path)
@@ -176,6 +179,8 @@ class Vbd:
         cfg.direct = int(direct)
         cfg.readonly = int(readonly)
         cfg.max_indirect_segments = max_indirect_segments
+        cfg.sector_size = sector_size
+        cfg.physical_sector_size = physical_sector_size
         out = ffi.new("xt_vbd **")
         err = _errbuf()
         _check(lib.xt_vbd_open(cfg, out, err), err)
@@ -190,6 +195,16 @@ class Vbd:
     @property
     def engine(self) -> str:
         return ffi.string(lib.xt_vbd_engine_name(self._v)).decode()
+
+    def info(self) -> dict[str, int]:
+        """What this VBD can do: the source of every feature key the backend advertises."""
+        i = ffi.new("struct xt_vbd_info *")
+        lib.xt_vbd_info(self._v, i)
+        return {k: getattr(i, k) for k in (
+            "sectors", "sector_size", "physical_sector_size", "readonly", "is_blockdev",
+            "feature_flush", "feature_barrier", "feature_discard", "discard_granularity",
+            "discard_alignment", "discard_secure", "max_indirect_segments", "max_ring_order",
+            "max_queues")}
 
     def connect(self, transport: Transport, params: RingParams) -> None:
         """Maps the rings, binds the event channels and starts serving."""
@@ -235,6 +250,8 @@ class Workload:
     max_ios: int = 0
     verify: bool = False
     flush_every: int = 0
+    barrier_every: int = 0
+    discard_pct: int = 0
     seed: int = 1
 
 
@@ -242,7 +259,8 @@ class SimFront:
     """The sim blkfront of a SimDomain: publishes rings, runs workloads."""
 
     def __init__(self, simdir: str | os.PathLike, *, sectors: int, nr_queues: int = 1,
-                 ring_order: int = 0, max_indirect_segments: int = 0):
+                 ring_order: int = 0, max_indirect_segments: int = 0,
+                 protocol: str = "x86_64-abi"):
         self._cdir = ffi.new("char[]", _path(simdir))
         cfg = ffi.new("struct xt_front_config *")
         cfg.simdir = self._cdir
@@ -250,6 +268,9 @@ class SimFront:
         cfg.ring_order = ring_order
         cfg.max_indirect_segments = max_indirect_segments
         cfg.sectors = sectors
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown ring protocol {protocol!r}")
+        cfg.protocol = PROTOCOLS[protocol]
         out = ffi.new("xt_front **")
         p = ffi.new("struct xt_ring_params *")
         err = _errbuf()
@@ -267,7 +288,7 @@ class SimFront:
         err = _errbuf()
         _check(lib.xt_front_run(self._f, cw, res, err), err)
         out = {k: getattr(res, k) for k in (
-            "ios", "reads", "writes", "flushes", "bytes_read", "bytes_written", "errors",
+            "ios", "reads", "writes", "flushes", "barriers", "discards", "bytes_read", "bytes_written", "errors",
             "verify_failures", "first_bad_sector", "flush_order_violations", "seconds", "lat_us_p50", "lat_us_p99",
             "lat_us_max")}
         out["workload"] = asdict(w)
