@@ -270,6 +270,8 @@ static void start_ordered(struct xt_queue *q, struct xt_req *req)
     submit(q, req, XT_IO_FSYNC);
 }
 
+static void tap(struct xt_queue *q, struct xt_req *req, uint32_t flags);
+
 /* Discard: a hole punched in a file, BLKDISCARD on a block device. */
 static void start_discard(struct xt_queue *q, struct xt_req *req)
 {
@@ -291,6 +293,7 @@ static void start_discard(struct xt_queue *q, struct xt_req *req)
         respond(q, req, BLKIF_RSP_ERROR);
         return;
     }
+    tap(q, req, 0);
     count(&q->c.reqs_discard, 1);
     respond(q, req, BLKIF_RSP_OKAY);
 }
@@ -351,6 +354,37 @@ static void count_done(struct xt_queue *q, struct xt_req *req)
     }
 }
 
+/* The tap: what the guest just wrote, or a crash-consistent point, goes to
+ * the mirror ring.  Called once the image has it, before the guest hears. */
+static void tap(struct xt_queue *q, struct xt_req *req, uint32_t flags)
+{
+    struct xt_mirror *m = q->vbd->mirror;
+    if (!m)
+        return;
+    switch (req->io_op) {
+    case BLKIF_OP_WRITE:
+        xt_mirror_write(m, req->sector, req->buf, (uint32_t)req->len, flags);
+        break;
+    case BLKIF_OP_DISCARD:
+        for (uint64_t done = 0; done < req->discard_sectors;) {
+            uint64_t n = req->discard_sectors - done;
+            if (n > (1u << 21))     /* 1 GiB a record: lengths are 32-bit */
+                n = 1u << 21;
+            xt_mirror_write(m, req->sector + done, NULL, (uint32_t)(n * XT_SECTOR_SIZE),
+                            XT_MREC_DISCARD);
+            done += n;
+        }
+        break;
+    case BLKIF_OP_FLUSH_DISKCACHE:
+    case BLKIF_OP_WRITE_BARRIER:
+        if (req->stage == 0)    /* the data of a flush or barrier: a forced-unit-access write */
+            xt_mirror_write(m, req->sector, req->buf, (uint32_t)req->len, XT_MREC_FUA);
+        else
+            xt_mirror_marker(m, XT_MREC_FLUSH, 0, NULL, 0);
+        break;
+    }
+}
+
 static void complete(struct xt_queue *q, struct xt_req *req)
 {
     int res = req->io.res;
@@ -367,11 +401,13 @@ static void complete(struct xt_queue *q, struct xt_req *req)
             q->barrier_running = false;
     } else if (ordered && req->stage == 0) {
         count(&q->c.bytes_written, req->len);
+        tap(q, req, 0);
         req->stage = 1;
         submit(q, req, XT_IO_FSYNC);
     } else if (req->io_op == BLKIF_OP_READ && copy_data(q, req, XT_COPY_TO_GUEST) < 0) {
         respond(q, req, BLKIF_RSP_ERROR);
     } else {
+        tap(q, req, 0);
         count_done(q, req);
         respond(q, req, BLKIF_RSP_OKAY);
         if (req->io_op == BLKIF_OP_WRITE_BARRIER)

@@ -355,6 +355,7 @@ void xt_vbd_close(xt_vbd *v)
         return;
     xt_vbd_disconnect(v);
     close(v->fd);
+    xt_mirror_destroy(v->mirror);
     pthread_mutex_destroy(&v->lock);
     free(v->path);
     free(v);
@@ -389,4 +390,63 @@ void xt_vbd_stats(const xt_vbd *cv, struct xt_stats *out)
     out->in_flight = sum.in_flight;
     out->buffer_bytes = sum.buffer_bytes;
     out->ring_stopped = sum.ring_stopped;
+}
+
+/* ---- the tap ---- */
+
+int xt_vbd_mirror_enable(xt_vbd *v, uint64_t ring_bytes, uint32_t chunk_bytes, char *err)
+{
+    pthread_mutex_lock(&v->lock);
+    int rc = 0;
+    if (atomic_load(&v->state) == XT_STATE_CONNECTED)
+        rc = xt_fail(err, EBUSY, "mirroring can only be turned on while the VBD is not connected");
+    else if (v->mirror)
+        rc = xt_fail(err, EEXIST, "mirroring is already on");
+    else if (v->readonly)
+        rc = xt_fail(err, EINVAL, "a read-only VBD has no writes to mirror");
+    else
+        rc = xt_mirror_create(&v->mirror, ring_bytes, chunk_bytes, v->sectors, err);
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
+
+int xt_vbd_mirror_peek(xt_vbd *v, uint64_t skip, uint64_t max_bytes, uint32_t max_records,
+                       struct xt_mirror_batch *out)
+{
+    if (!v->mirror)
+        return -ENODEV;
+    return xt_mirror_peek(v->mirror, skip, max_bytes, max_records, out);
+}
+
+void xt_vbd_mirror_release(xt_vbd *v, uint64_t nbytes)
+{
+    if (v->mirror)
+        xt_mirror_release(v->mirror, nbytes);
+}
+
+int xt_vbd_mirror_resync_step(xt_vbd *v)
+{
+    if (!v->mirror)
+        return -ENODEV;
+    return xt_mirror_resync_step(v->mirror);
+}
+
+int xt_vbd_mirror_checkpoint(xt_vbd *v, const char *label, char *err)
+{
+    if (!v->mirror)
+        return xt_fail(err, ENODEV, "mirroring is off");
+    size_t len = strlen(label);
+    if (len > 255)
+        return xt_fail(err, EINVAL, "checkpoint label longer than 255 bytes");
+    xt_mirror_marker(v->mirror, XT_MREC_CHECKPOINT, 0, label, (uint32_t)len);
+    return 0;
+}
+
+int xt_vbd_mirror_stats(xt_vbd *v, struct xt_mirror_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!v->mirror)
+        return -ENODEV;
+    xt_mirror_get_stats(v->mirror, out);
+    return 0;
 }

@@ -127,6 +127,67 @@ void xt_vbd_disconnect(xt_vbd *v);
 void xt_vbd_close(xt_vbd *v);
 void xt_vbd_stats(const xt_vbd *v, struct xt_stats *out);
 
+/* ------------------------------------------------------------------ */
+/* The tap: the VBD's mirror ring (see mirror.c).  A record is laid out as a
+ * record of the wire protocol's WRITES batch: this header, then the data
+ * (none for DISCARD/ZEROES).  Markers carry their kind in flags' top byte
+ * and a small payload of `length` bytes (padded to 8 in the ring). */
+
+struct xt_mirror_rec {
+    uint64_t seq;
+    uint64_t timestamp_ns;      /* completion, CLOCK_REALTIME */
+    uint64_t sector;            /* 512-byte units */
+    uint32_t length;            /* bytes of the write; payload bytes of a marker */
+    uint32_t flags;             /* XT_MREC_*, or XT_MK_* << XT_MREC_KIND_SHIFT */
+};
+
+/* Record flags: the same bits as the wire protocol's WriteFlags. */
+enum { XT_MREC_FUA = 1, XT_MREC_DISCARD = 2, XT_MREC_ZEROES = 4, XT_MREC_KIND_SHIFT = 24 };
+/* What xt_vbd_mirror_peek found: a run of write records, or one marker. */
+enum { XT_MK_WRITES = 1, XT_MK_FLUSH = 2, XT_MK_GAP = 3, XT_MK_RESYNC = 4,
+       XT_MK_RESYNC_END = 5, XT_MK_CHECKPOINT = 6 };
+/* GAP reasons (payload: dirty chunks u64, reason u64). */
+enum { XT_GAP_RING_OVERFLOW = 1 };
+
+struct xt_mirror_batch {
+    uint32_t kind;              /* XT_MK_*; 0: the ring is empty */
+    uint32_t count;             /* records in the run (1 for a marker) */
+    uint64_t first_seq;
+    const uint8_t *data;        /* the records as they lie in the ring */
+    uint64_t nbytes;            /* bytes at data (headers and data) */
+    uint64_t data_bytes;        /* write data in the run */
+    uint64_t sector;            /* a marker's sector (RESYNC: the chunk's start) */
+    uint64_t timestamp_ns;      /* a marker's */
+    uint32_t length;            /* a marker's payload bytes (after its header) */
+};
+
+struct xt_mirror_stats {
+    uint64_t ring_bytes, used_bytes, chunk_bytes;
+    uint64_t next_seq;
+    uint64_t records, markers, bytes;
+    uint64_t overflows;         /* writes that did not fit: in the dirty bitmap */
+    uint64_t overflow_bytes;
+    uint64_t markers_dropped;
+    uint64_t dirty_chunks;
+    uint64_t gaps, resyncs;
+    uint32_t gap_pending, resyncing;
+};
+
+/* Mirroring starts with the next write; only while not connected. */
+int xt_vbd_mirror_enable(xt_vbd *v, uint64_t ring_bytes, uint32_t chunk_bytes, char *err);
+/* Looks at what lies `skip` bytes past the oldest unreleased record (what
+ * was sent but not yet acknowledged stays in the ring until released).
+ * Returns 1 and fills out, 0 when there is nothing more; -ENODEV if off. */
+int xt_vbd_mirror_peek(xt_vbd *v, uint64_t skip, uint64_t max_bytes, uint32_t max_records,
+                       struct xt_mirror_batch *out);
+void xt_vbd_mirror_release(xt_vbd *v, uint64_t nbytes);
+/* After a GAP: appends the next RESYNC marker (or RESYNC_END); returns 1 if
+ * it appended one, 0 when nothing is dirty, -ENOSPC when the ring is full. */
+int xt_vbd_mirror_resync_step(xt_vbd *v);
+/* A user checkpoint tag, in write order. */
+int xt_vbd_mirror_checkpoint(xt_vbd *v, const char *label, char *err);
+int xt_vbd_mirror_stats(xt_vbd *v, struct xt_mirror_stats *out);
+
 /* Where the shim writes its log lines (default 2, stderr). */
 void xt_set_log_fd(int fd);
 

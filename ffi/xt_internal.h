@@ -261,7 +261,31 @@ struct xt_vbd {
     atomic_uint state;
     pthread_mutex_t lock;       /* connect/disconnect */
     struct xt_counters closed;  /* counters of queues already torn down */
+    struct xt_mirror *mirror;   /* NULL: mirroring off; set only while not connected */
 };
+
+/* ---- the tap (mirror.c) ---- */
+
+#define XT_MREC_MARKER_MASK 0xff000000u
+#define XT_MREC_FLUSH ((uint32_t)XT_MK_FLUSH << XT_MREC_KIND_SHIFT)
+#define XT_MREC_GAP ((uint32_t)XT_MK_GAP << XT_MREC_KIND_SHIFT)
+#define XT_MREC_RESYNC ((uint32_t)XT_MK_RESYNC << XT_MREC_KIND_SHIFT)
+#define XT_MREC_RESYNC_END ((uint32_t)XT_MK_RESYNC_END << XT_MREC_KIND_SHIFT)
+#define XT_MREC_CHECKPOINT ((uint32_t)XT_MK_CHECKPOINT << XT_MREC_KIND_SHIFT)
+
+struct xt_mirror;
+int xt_mirror_create(struct xt_mirror **out, uint64_t ring_bytes, uint32_t chunk_bytes,
+                     uint64_t disk_sectors, char *err);
+void xt_mirror_destroy(struct xt_mirror *m);
+void xt_mirror_write(struct xt_mirror *m, uint64_t sector, const void *data, uint32_t len,
+                     uint32_t flags);
+void xt_mirror_marker(struct xt_mirror *m, uint32_t kind, uint64_t sector, const void *payload,
+                      uint32_t len);
+int xt_mirror_peek(struct xt_mirror *m, uint64_t skip, uint64_t max_bytes, uint32_t max_records,
+                   struct xt_mirror_batch *out);
+void xt_mirror_release(struct xt_mirror *m, uint64_t nbytes);
+int xt_mirror_resync_step(struct xt_mirror *m);
+void xt_mirror_get_stats(struct xt_mirror *m, struct xt_mirror_stats *out);
 
 void *xt_queue_main(void *arg);
 /* One turn of a queue's loop: take requests, wait (if may_block), complete.

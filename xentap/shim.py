@@ -29,6 +29,39 @@ STATES = {lib.XT_STATE_OPEN: "open", lib.XT_STATE_CONNECTED: "connected",
           lib.XT_STATE_FAILED: "failed"}
 
 
+DEFAULT_MIRROR_RING = 64 << 20     # bytes per VBD
+DEFAULT_DIRTY_CHUNK = 64 << 10     # bytes per dirty-bitmap bit
+
+# Mirror ring record kinds (xt_mirror_batch.kind) and record flags.
+MK_WRITES, MK_FLUSH, MK_GAP = lib.XT_MK_WRITES, lib.XT_MK_FLUSH, lib.XT_MK_GAP
+MK_RESYNC, MK_RESYNC_END, MK_CHECKPOINT = lib.XT_MK_RESYNC, lib.XT_MK_RESYNC_END, lib.XT_MK_CHECKPOINT
+MREC_HEADER = ffi.sizeof("struct xt_mirror_rec")
+MREC_KIND_SHIFT = lib.XT_MREC_KIND_SHIFT
+
+_MIRROR_FIELDS = ("ring_bytes", "used_bytes", "chunk_bytes", "next_seq", "records", "markers",
+                  "bytes", "overflows", "overflow_bytes", "markers_dropped", "dirty_chunks",
+                  "gaps", "resyncs", "gap_pending", "resyncing")
+
+
+@dataclass
+class MirrorBatch:
+    """A run of write records (kind MK_WRITES) or one marker, as in the ring."""
+
+    kind: int
+    count: int
+    first_seq: int
+    data: Any           # buffer over the ring: records in wire layout
+    nbytes: int
+    data_bytes: int
+    sector: int
+    timestamp_ns: int
+    length: int
+
+    def payload(self) -> bytes:
+        """A marker's payload (after its 32-byte header)."""
+        return bytes(self.data[MREC_HEADER:MREC_HEADER + self.length])
+
+
 class VbdBusyError(OSError):
     """The image is already served by another VBD, or the VBD is connected."""
 
@@ -186,6 +219,7 @@ class Vbd:
         _check(lib.xt_vbd_open(cfg, out, err), err)
         self._v = out[0]
         self._transport: Transport | None = None
+        self._batch = ffi.new("struct xt_mirror_batch *")
 
     @property
     def sectors(self) -> int:
@@ -223,6 +257,50 @@ class Vbd:
         out: dict[str, Any] = {"state": STATES.get(s.state, str(s.state))}
         out.update({k: getattr(s, k) for k in _STAT_FIELDS})
         return out
+
+    # ---- the tap ----
+
+    def mirror_enable(self, ring_bytes: int = DEFAULT_MIRROR_RING,
+                      chunk_bytes: int = DEFAULT_DIRTY_CHUNK) -> None:
+        """Turns the mirror ring on (only while not connected)."""
+        err = _errbuf()
+        _check(lib.xt_vbd_mirror_enable(self._v, ring_bytes, chunk_bytes, err), err)
+
+    def mirror_peek(self, skip: int = 0, max_bytes: int = 4 << 20,
+                    max_records: int = 4096) -> "MirrorBatch | None":
+        """What lies `skip` bytes past the oldest unreleased record, or None.
+
+        The batch's `data` is a view of the ring itself: valid until those
+        bytes are released."""
+        b = self._batch
+        rc = lib.xt_vbd_mirror_peek(self._v, skip, max_bytes, max_records, b)
+        if rc == 0:
+            return None
+        if rc < 0:
+            raise OSError(-rc, "mirroring is off")
+        return MirrorBatch(kind=b.kind, count=b.count, first_seq=b.first_seq,
+                           data=ffi.buffer(b.data, b.nbytes), nbytes=b.nbytes,
+                           data_bytes=b.data_bytes, sector=b.sector,
+                           timestamp_ns=b.timestamp_ns, length=b.length)
+
+    def mirror_release(self, nbytes: int) -> None:
+        """Frees the oldest `nbytes` of the ring (they are safe elsewhere)."""
+        lib.xt_vbd_mirror_release(self._v, nbytes)
+
+    def mirror_resync_step(self) -> int:
+        """After a GAP: 1 if a RESYNC (or RESYNC_END) marker was appended,
+        0 when nothing is dirty, -ENOSPC while the ring is full."""
+        return lib.xt_vbd_mirror_resync_step(self._v)
+
+    def mirror_checkpoint(self, label: str) -> None:
+        err = _errbuf()
+        _check(lib.xt_vbd_mirror_checkpoint(self._v, label.encode(), err), err)
+
+    def mirror_stats(self) -> dict[str, int] | None:
+        st = ffi.new("struct xt_mirror_stats *")
+        if lib.xt_vbd_mirror_stats(self._v, st) < 0:
+            return None
+        return {k: getattr(st, k) for k in _MIRROR_FIELDS}
 
     def close(self) -> None:
         if self._v is not None:
