@@ -56,15 +56,29 @@ static struct xt_req *take(struct xt_queue *q)
     return req;
 }
 
+/*
+ * Answers are published in the order requests were taken, so that the
+ * response producer index always marks where the unanswered requests
+ * begin: a restarted daemon attaches there and serves exactly those again
+ * (their ring slots still hold the requests, since an answer is written into
+ * a slot only when it is published).
+ */
 static void respond(struct xt_queue *q, struct xt_req *req, int16_t status)
 {
-    RING_IDX i = q->ring.rsp_prod_pvt & (RING_SIZE(&q->ring) - 1);
-    uint8_t *slot = (uint8_t *)q->ring.sring->ring + (size_t)i * q->entry_size;
-    xt_abi_put_response(q->vbd->protocol, slot, req->id, req->operation, status);
-    q->ring.rsp_prod_pvt++;
+    RING_IDX mask = RING_SIZE(&q->ring) - 1;
+    q->rsp[req->ring_idx & mask] = (struct xt_rsp){
+        .id = req->id, .status = status, .operation = req->operation, .ready = true,
+    };
     req->next_free = q->free_list;
     q->free_list = req;
     atomic_fetch_sub_explicit(&q->c.in_flight, 1, memory_order_relaxed);
+    while (q->ring.rsp_prod_pvt != q->ring.req_cons && q->rsp[q->ring.rsp_prod_pvt & mask].ready) {
+        struct xt_rsp *r = &q->rsp[q->ring.rsp_prod_pvt & mask];
+        uint8_t *slot = (uint8_t *)q->ring.sring->ring + (size_t)(q->ring.rsp_prod_pvt & mask) * q->entry_size;
+        xt_abi_put_response(q->vbd->protocol, slot, r->id, r->operation, r->status);
+        r->ready = false;
+        q->ring.rsp_prod_pvt++;
+    }
 }
 
 static void push_responses(struct xt_queue *q)
@@ -452,6 +466,7 @@ static void consume(struct xt_queue *q)
             break;
         struct xt_ring_req r;
         RING_IDX i = rc & (RING_SIZE(&q->ring) - 1);
+        req->ring_idx = rc;
         xt_abi_get_request(q->vbd->protocol,
                            (uint8_t *)q->ring.sring->ring + (size_t)i * q->entry_size, &r);
         q->ring.req_cons = ++rc;

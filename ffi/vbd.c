@@ -230,6 +230,7 @@ static void queue_teardown(xt_vbd *v, struct xt_queue *q)
     for (unsigned i = 0; q->reqs && i < q->nr_reqs; i++)
         free(q->reqs[i].buf);
     free(q->reqs);
+    free(q->rsp);
     free(q->seg_store);
     atomic_store(&q->c.in_flight, 0);
     atomic_store(&q->c.buffer_bytes, 0);
@@ -263,10 +264,11 @@ static int queue_setup(xt_vbd *v, struct xt_queue *q, const struct xt_ring_param
         return xt_fail(err, errno, "eventfd: %s", strerror(errno));
 
     q->reqs = calloc(q->nr_reqs, sizeof(*q->reqs));
+    q->rsp = calloc(q->nr_reqs, sizeof(*q->rsp));
     unsigned max_segs = v->max_indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST
                             ? v->max_indirect : BLKIF_MAX_SEGMENTS_PER_REQUEST;
     q->seg_store = calloc((size_t)q->nr_reqs * max_segs, sizeof(struct xt_seg));
-    if (!q->reqs || !q->seg_store)
+    if (!q->reqs || !q->seg_store || !q->rsp)
         return xt_fail(err, ENOMEM, "out of memory for %u request slots", q->nr_reqs);
     for (unsigned i = q->nr_reqs; i-- > 0;) {
         struct xt_req *r = &q->reqs[i];

@@ -192,6 +192,7 @@ struct xt_seg {
 struct xt_req {
     struct xt_queue *q;
     uint64_t id;                /* the guest's, echoed */
+    RING_IDX ring_idx;          /* where the request was taken from */
     uint8_t operation;          /* as in the ring (INDIRECT stays INDIRECT) */
     uint8_t io_op;              /* effective BLKIF_OP_READ/WRITE/FLUSH */
     uint8_t stage;              /* flush or barrier with data: 0 write, 1 fsync */
@@ -212,6 +213,14 @@ struct xt_counters {
     atomic_uint_fast64_t in_flight, buffer_bytes, ring_stopped;
 };
 
+/* An answer held until every request taken before it is answered too. */
+struct xt_rsp {
+    uint64_t id;
+    int16_t status;
+    uint8_t operation;
+    bool ready;
+};
+
 struct xt_queue {
     struct xt_vbd *vbd;
     unsigned idx;
@@ -229,6 +238,7 @@ struct xt_queue {
     struct xt_req *free_list;
     unsigned nr_reqs;
     unsigned entry_size;        /* of a ring slot, by ABI */
+    struct xt_rsp *rsp;         /* answers waiting to be published in ring order */
     unsigned writes_in_flight;
     struct xt_req *blocker;     /* a flush or barrier waiting for writes to drain */
     bool barrier_running;       /* a barrier holds back later requests */

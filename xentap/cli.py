@@ -111,5 +111,14 @@ def demo(workdir, size, seconds) -> None:
         sys.exit(1)
 
 
+def _register() -> None:
+    """Commands that live in their own modules."""
+    from xentap.cli_vbd import COMMANDS as VBD_COMMANDS
+    for c in VBD_COMMANDS:
+        cli.add_command(c)
+
+
+_register()
+
 if __name__ == "__main__":
     main()

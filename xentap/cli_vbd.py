@@ -1,0 +1,335 @@
+"""The VBD commands of the `xentap` CLI: daemon, attach, detach, list, status.
+
+Each is a plain click command holding no global state; ``xentap.cli``
+registers them on its group.  ``python -m xentap.cli_vbd`` runs them on a
+group of their own (tests, or before they are registered).  Errors are one
+line on stderr and exit status 1.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+from typing import Any
+
+import click
+
+from xentap import shim
+from xentap import xs_keys as K
+from xentap.xenbus import Xs, sim_transports, xen_transports
+from xentap.xs_keys import XenbusState
+
+#: How long `detach` waits for the backend to reach Closed (libxl waits 10 s).
+DETACH_TIMEOUT = 10.0
+
+
+class VbdCliError(click.ClickException):
+    """A user-facing error: ``xentap: <message>`` on stderr, exit status 1."""
+
+    def show(self, file=None) -> None:  # noqa: D401 - click API
+        click.echo(f"xentap: {self.format_message()}", err=True)
+
+
+def _one_line_errors(fn):
+    """Turns the errors a command expects into one line on stderr."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except OSError as e:   # XenstoreError included
+            raise VbdCliError(e.strerror or str(e)) from None
+        except ValueError as e:
+            raise VbdCliError(str(e)) from None
+    return wrapper
+
+
+_xs_option = click.option("--xenstore-socket", metavar="PATH", default=None,
+                          help="xenstored's Unix socket (default: $XENSTORED_PATH or "
+                               "/var/run/xenstored/socket).")
+
+
+def _domid(xs: Xs, domain: str) -> int:
+    """A domain id from a number or a domain name; refuses unknown domains."""
+    if domain.isdigit():
+        domid = int(domain)
+    else:
+        domid = None
+        for d in xs.ls("/local/domain") or []:
+            if d.isdigit() and xs.read(f"{K.domain_path(int(d))}/name") == domain:
+                domid = int(d)
+                break
+        if domid is None:
+            raise VbdCliError(f"unknown domain {domain!r}")
+    if domid == K.BACKEND_DOMID or domid > 0x7FEF:
+        raise VbdCliError(f"domain {domid} cannot have xentap disks")
+    if not xs.exists(K.domain_path(domid)) or not xs.introduced(domid):
+        raise VbdCliError(f"unknown domain {domain}")
+    return domid
+
+
+# --- daemon ---------------------------------------------------------------------------
+
+@click.command("daemon")
+@click.option("--transport", type=click.Choice(["xen", "sim"]), default="xen", show_default=True,
+              help="How guests' rings are reached: real Xen, or sim domains.")
+@click.option("--sim-dir", type=click.Path(file_okay=False), default=None,
+              help="With --transport sim: domain N's sim directory is SIM_DIR/N.")
+@click.option("--engine", type=click.Choice(list(shim.ENGINES)), default="auto",
+              show_default=True, help="The shim's I/O engine.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every step.")
+@_xs_option
+@_one_line_errors
+def daemon(transport: str, sim_dir: str | None, engine: str, verbose: bool,
+           xenstore_socket: str | None) -> None:
+    """Serve every xentap VBD in xenstore until SIGTERM."""
+    from xentap.daemon import Daemon
+
+    if transport == "sim":
+        if not sim_dir:
+            raise VbdCliError("--transport sim needs --sim-dir")
+        if not os.path.isdir(sim_dir):
+            raise VbdCliError(f"sim directory {sim_dir} does not exist")
+        factory = sim_transports(os.path.abspath(sim_dir))
+    else:
+        shim.Transport.xen().close()            # fail now, in one line, without Xen
+        factory = xen_transports()
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
+                        format="xentap: %(message)s")
+    d = Daemon(factory, transport_name=transport, xenstore_socket=xenstore_socket,
+               engine=engine)
+    signal.signal(signal.SIGTERM, lambda *_: d.stop())
+    signal.signal(signal.SIGINT, lambda *_: d.stop())
+    d.run()
+
+
+# --- attach / detach -------------------------------------------------------------------
+
+@click.command("attach")
+@click.argument("domain")
+@click.argument("target")
+@click.argument("vdev")
+@click.option("--mode", type=click.Choice(["r", "w"]), default="w", show_default=True,
+              help="Read-only or read-write.")
+@_xs_option
+@_one_line_errors
+def attach(domain: str, target: str, vdev: str, mode: str, xenstore_socket: str | None) -> None:
+    """Give DOMAIN the image TARGET as virtual disk VDEV (xvda, xvdb... or a number)."""
+    devid = K.vdev_to_devid(vdev)
+    path = os.path.abspath(target)
+    if not path.isascii() or any(c < " " for c in path):
+        raise VbdCliError(f"target path {target!r} must be printable ASCII")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise VbdCliError(f"target {target} does not exist") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise VbdCliError(f"target {target} is neither a file nor a block device")
+    if not os.access(path, os.R_OK | (os.W_OK if mode == "w" else 0)):
+        raise VbdCliError(f"target {target} is not {'writable' if mode == 'w' else 'readable'}")
+    with Xs.open(xenstore_socket) as xs:
+        domid = _domid(xs, domain)
+        name = vdev if not vdev.isdigit() else K.devid_to_vdev(devid)
+        be, fe = K.backend_path(domid, devid), K.frontend_path(domid, devid)
+        vbd_dir = os.path.dirname(fe)
+
+        def tx(t: Xs) -> None:
+            if t.exists(be) or t.exists(fe):
+                raise VbdCliError(f"{name} of domain {domid} is in use")
+            for d in t.ls(K.BACKEND_ROOT) or []:
+                for v in t.ls(f"{K.BACKEND_ROOT}/{d}") or []:
+                    if t.read(f"{K.BACKEND_ROOT}/{d}/{v}/{K.BE_PARAMS}") == path:
+                        raise VbdCliError(f"target {target} is already attached to domain {d} "
+                                          f"as {K.devid_to_vdev(int(v))}")
+            t.mkdir(be)
+            t.set_perms(be, K.backend_perms(domid))
+            for key, value in ((K.BE_FRONTEND, fe), (K.BE_FRONTEND_ID, domid),
+                               (K.BE_ONLINE, 1), (K.STATE, int(XenbusState.INITIALISING)),
+                               (K.BE_PARAMS, path), (K.BE_MODE, mode), (K.BE_DEV, name),
+                               (K.BE_TYPE, K.BACKEND_TYPE), (K.BE_DEVICE_TYPE, "disk")):
+                t.write(f"{be}/{key}", value)
+            if not t.exists(vbd_dir):
+                t.mkdir(vbd_dir)
+                t.set_perms(vbd_dir, K.frontend_perms(domid))
+            t.mkdir(fe)
+            t.set_perms(fe, K.frontend_perms(domid))
+            for key, value in ((K.FE_BACKEND, be), (K.FE_BACKEND_ID, K.BACKEND_DOMID),
+                               (K.STATE, int(XenbusState.INITIALISING)),
+                               (K.FE_VIRTUAL_DEVICE, devid), (K.FE_DEVICE_TYPE, "disk")):
+                t.write(f"{fe}/{key}", value)
+
+        xs.transaction(tx)
+    click.echo(f"attached {path} to domain {domid} as {name} ({'read-only' if mode == 'r' else 'read-write'})")
+
+
+def detach_vbd(xs: Xs, domid: int, devid: int, timeout: float = DETACH_TIMEOUT,
+               force: bool = False) -> bool:
+    """Asks the backend to close (online=0, state=Closing), waits up to
+    ``timeout`` for Closed, then removes both nodes.  Returns whether it
+    closed; when it did not, the nodes are removed only with ``force``."""
+    be, fe = K.backend_path(domid, devid), K.frontend_path(domid, devid)
+
+    def ask(t: Xs) -> None:
+        t.write(f"{be}/{K.BE_ONLINE}", 0)
+        if XenbusState.parse(t.read(f"{be}/{K.STATE}")) != XenbusState.CLOSED:
+            t.write(f"{be}/{K.STATE}", int(XenbusState.CLOSING))
+
+    xs.transaction(ask)
+    deadline = time.monotonic() + timeout
+    closed = False
+    while True:
+        state = XenbusState.parse(xs.read(f"{be}/{K.STATE}"))
+        if state == XenbusState.CLOSED or not xs.exists(be):
+            closed = True
+            break
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if not closed and not force:
+        return False
+
+    def remove(t: Xs) -> None:
+        t.rm(be)
+        t.rm(fe)
+        parent = os.path.dirname(be)
+        if t.ls(parent) == []:
+            t.rm(parent)
+
+    xs.transaction(remove)
+    return closed
+
+
+@click.command("detach")
+@click.argument("domain")
+@click.argument("vdev")
+@click.option("--timeout", type=float, default=DETACH_TIMEOUT, show_default=True,
+              help="Seconds to wait for the backend to close.")
+@click.option("--force", is_flag=True, help="Remove the nodes even if it did not close.")
+@_xs_option
+@_one_line_errors
+def detach(domain: str, vdev: str, timeout: float, force: bool,
+           xenstore_socket: str | None) -> None:
+    """Take virtual disk VDEV away from DOMAIN."""
+    devid = K.vdev_to_devid(vdev)
+    with Xs.open(xenstore_socket) as xs:
+        if domain.isdigit():        # a dead domain's disks can still be detached
+            domid = int(domain)
+        else:
+            domid = _domid(xs, domain)
+        if not xs.exists(K.backend_path(domid, devid)):
+            raise VbdCliError(f"domain {domid} has no xentap disk {vdev}")
+        closed = detach_vbd(xs, domid, devid, timeout, force)
+        if not closed and not force:
+            raise VbdCliError(f"{vdev} of domain {domid} did not close within {timeout:g} s "
+                              f"(still in use by the guest?); --force removes it anyway")
+    click.echo(f"detached {vdev} from domain {domid}"
+               + ("" if closed else " (forced: the guest had not let go)"))
+
+
+# --- list / status ------------------------------------------------------------------
+
+def read_vbds(xs: Xs) -> list[dict[str, Any]]:
+    """Every xentap VBD with its backend keys and the daemon's last status."""
+    out = []
+    for d in sorted((x for x in xs.ls(K.BACKEND_ROOT) or [] if x.isdigit()), key=int):
+        for v in sorted((x for x in xs.ls(f"{K.BACKEND_ROOT}/{d}") or [] if x.isdigit()),
+                        key=int):
+            domid, devid = int(d), int(v)
+            be = K.backend_path(domid, devid)
+            st = K.status_path(domid, devid)
+            r = lambda p: xs.read(p)  # noqa: E731
+
+            def num(key: str) -> int:
+                raw = r(f"{st}/{key}")
+                return int(raw) if raw and raw.isdigit() else 0
+
+            out.append({
+                "domain": domid,
+                "vdev": r(f"{be}/{K.BE_DEV}") or K.devid_to_vdev(devid),
+                "devid": devid,
+                "target": r(f"{be}/{K.BE_PARAMS}") or "",
+                "mode": r(f"{be}/{K.BE_MODE}") or "",
+                "state": XenbusState.parse(r(f"{be}/{K.STATE}")).label,
+                "frontend_state": XenbusState.parse(
+                    r(f"{K.frontend_path(domid, devid)}/{K.STATE}")).label,
+                "error": r(f"{be}/{K.BE_ERROR}") or "",
+                "requests": num(K.ST_REQUESTS),
+                "bytes": num(K.ST_BYTES),
+                "errors": num(K.ST_ERRORS),
+                "in_flight": num(K.ST_IN_FLIGHT),
+                "reads": num(K.ST_READS),
+                "writes": num(K.ST_WRITES),
+                "flushes": num(K.ST_FLUSHES),
+                "updated": num(K.ST_UPDATED),
+            })
+    return out
+
+
+def _table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
+    cells = [[h for h, _ in cols]] + [[str(r[k]) for _, k in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@_xs_option
+@_one_line_errors
+def list_vbds(as_json: bool, xenstore_socket: str | None) -> None:
+    """List xentap virtual disks."""
+    with Xs.open(xenstore_socket) as xs:
+        rows = read_vbds(xs)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(_table(rows, [("Domain", "domain"), ("Vdev", "vdev"), ("Mode", "mode"),
+                             ("State", "state"), ("Target", "target")]))
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@_xs_option
+@_one_line_errors
+def status(as_json: bool, xenstore_socket: str | None) -> None:
+    """Per-VBD state and counters, as the daemon last published them."""
+    with Xs.open(xenstore_socket) as xs:
+        rows = read_vbds(xs)
+        dpath = K.DAEMON_PATH
+        daemon_info = {"state": xs.read(f"{dpath}/{K.DAEMON_STATE}") or "absent",
+                       "pid": xs.read(f"{dpath}/{K.DAEMON_PID}") or "",
+                       "transport": xs.read(f"{dpath}/{K.DAEMON_TRANSPORT}") or "",
+                       "heartbeat": xs.read(f"{dpath}/{K.DAEMON_HEARTBEAT}") or ""}
+    if as_json:
+        click.echo(json.dumps({"daemon": daemon_info, "vbds": rows}, indent=2))
+        return
+    click.echo(f"daemon: {daemon_info['state']}"
+               + (f" (pid {daemon_info['pid']}, {daemon_info['transport']})"
+                  if daemon_info["pid"] else ""))
+    click.echo(_table(rows, [("Domain", "domain"), ("Vdev", "vdev"), ("Target", "target"),
+                             ("State", "state"), ("Requests", "requests"), ("Bytes", "bytes"),
+                             ("Errors", "errors")]))
+    for r in rows:
+        if r["error"]:
+            click.echo(f"domain {r['domain']} {r['vdev']}: {r['error']}")
+
+
+#: What xentap.cli registers: ``for c in COMMANDS: main.add_command(c)``.
+COMMANDS = (daemon, attach, detach, list_vbds, status)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """xentap's VBD commands (also registered on `xentap`)."""
+
+
+for _c in COMMANDS:
+    cli.add_command(_c)
+
+if __name__ == "__main__":
+    cli()
