@@ -27,6 +27,8 @@ test: build
 	$(PYTEST) -q -m "not slow and not xen" tests
 	$(PYTEST) -q -m "slow" tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 	$(MAKE) --no-print-directory xen-test
+	$(MAKE) --no-print-directory asan-test
+	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=60
 
 test-fast: build
 	$(PYTEST) -q -m "not slow and not xen" tests
@@ -34,6 +36,21 @@ test-fast: build
 # The Xen-in-QEMU end-to-end suite (tests/xen/).
 xen-test: build
 	@if [ -x tests/xen/run.sh ]; then tests/xen/run.sh; else echo "xen-test: no suite yet"; fi
+
+# The hostile-guest half of the shim's checks: the shim test suites under
+# ASan+UBSan (tools/asan.sh), and libFuzzer on the request path
+# (tools/fuzz.sh; ends with "fuzz: R requests, E executions, C crashes in S s").
+.PHONY: asan-test fuzz fuzz-build
+FUZZ_SECONDS ?= 60
+
+asan-test: build
+	@tools/asan.sh test
+
+fuzz-build: setup
+	@tools/fuzz.sh build
+
+fuzz: setup
+	@tools/fuzz.sh run $(FUZZ_SECONDS)
 
 bench: build
 	.venv/bin/xentap bench datapath

@@ -11,7 +11,7 @@
  * both ABIs, read-only, 4 KiB sectors, with and without indirect segments)
  * and their memfd images are made once per process.
  *
- * Input: [config][start index u32] then commands, each a byte (low 3 bits):
+ * Input: [config][start index u32] then commands, each a byte (modulo 10):
  *   0 SLOT   u8 slot, entry bytes       a ring slot, raw (the entry size of the ABI)
  *   1 PUSH   entry bytes               the slot at the guest's req_prod, then req_prod++
  *   2 GRANT  u8 gref, 8 bytes          a raw grant_entry_v1 (flags, domid, frame)
@@ -20,14 +20,20 @@
  *   5 STEP   u8 n                      up to n+1 turns of the consumer
  *   6 EVENT  u32, u32                  rsp_prod and req_event, raw (guest scribbles)
  *   7 RUN                              turns until no progress
- * The end of the input is a RUN.  Short reads pad with zeroes.
+ *   8 DRAIN                            the mirror drainer empties the tap's ring (and resyncs)
+ *   9 CHECKPOINT u8 n, n bytes         a user checkpoint tag into the tap's ring
+ * The end of the input is a RUN and a DRAIN.  Short reads pad with zeroes.
+ * Configurations with mirroring on run the tap on every write (a 1 MiB
+ * mirror ring, so that it overflows into its dirty bitmap).
  *
  * Invariants checked beyond the sanitizers: a RUN ends within a bounded
- * number of turns (no spin), every request taken is answered by then (none
- * leaked), and the backend never writes more responses than it took.
+ * number of turns (no spin); once idle, every request taken has been
+ * answered and published (no slot leaked, response index == consumer
+ * index); the mirror drainer gets readable batches and its resync ends.
  *
- * Set XT_FUZZ_STATS=path to get "requests R executions E" appended to path
- * at exit (R: responses the shim wrote, i.e. ring requests it processed);
+ * Set XT_FUZZ_STATS=path to get "requests R executions E" written to path
+ * (kept current during the run; R: responses the shim published, i.e. ring
+ * requests it processed);
  * XT_FUZZ_LOG=1 keeps the shim's log lines on stderr.
  */
 #include <errno.h>
@@ -49,18 +55,19 @@
 #define FZ_NR_FRAMES (FZ_RING_FRAMES + FZ_NR_DATA)
 #define FZ_IMAGE_BYTES (1u << 20)
 #define FZ_MAX_TURNS 4096
+#define FZ_MIRROR_BYTES (1u << 20)
 
 struct fz_config {
-    uint32_t protocol, ring_order, readonly, indirect, sector_size;
+    uint32_t protocol, ring_order, readonly, indirect, sector_size, mirror;
 };
 
 static const struct fz_config configs[FZ_NR_CONFIGS] = {
-    { XT_PROTO_NATIVE, 0, 0, 256, 512 },
-    { XT_PROTO_X86_32, 0, 0, 256, 512 },
-    { XT_PROTO_NATIVE, 1, 1, 32, 512 },         /* read-only */
-    { XT_PROTO_X86_32, 1, 0, 0, 4096 },         /* no indirect, 4 KiB sectors */
-    { XT_PROTO_NATIVE, 0, 0, 17, 4096 },        /* odd indirect limit */
-    { XT_PROTO_X86_32, 0, 1, 256, 4096 },       /* read-only, 4 KiB */
+    { XT_PROTO_NATIVE, 0, 0, 256, 512, 1 },
+    { XT_PROTO_X86_32, 0, 0, 256, 512, 1 },
+    { XT_PROTO_NATIVE, 1, 1, 32, 512, 0 },      /* read-only */
+    { XT_PROTO_X86_32, 1, 0, 0, 4096, 1 },      /* no indirect, 4 KiB sectors */
+    { XT_PROTO_NATIVE, 0, 0, 17, 4096, 0 },     /* odd indirect limit, no tap */
+    { XT_PROTO_X86_32, 0, 1, 256, 4096, 0 },    /* read-only, 4 KiB */
 };
 
 struct fz_vbd {
@@ -122,8 +129,9 @@ static void queue_setup(struct fz_vbd *f, unsigned cfg_idx, uint32_t port)
     unsigned max_segs = v->max_indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST
                             ? v->max_indirect : BLKIF_MAX_SEGMENTS_PER_REQUEST;
     q->reqs = calloc(q->nr_reqs, sizeof(*q->reqs));
+    q->rsp = calloc(q->nr_reqs, sizeof(*q->rsp));
     q->seg_store = calloc((size_t)q->nr_reqs * max_segs, sizeof(struct xt_seg));
-    if (q->stop_fd < 0 || !q->reqs || !q->seg_store)
+    if (q->stop_fd < 0 || !q->reqs || !q->rsp || !q->seg_store)
         die("queue setup", NULL);
     for (unsigned i = 0; i < q->nr_reqs; i++) {
         q->reqs[i].q = q;
@@ -202,6 +210,9 @@ static void fz_init(void)
         };
         if (xt_vbd_open(&vc, &f->vbd, err) < 0)
             die("vbd", err);
+        /* The smallest mirror ring: a few large writes overflow it. */
+        if (c->mirror && xt_vbd_mirror_enable(f->vbd, FZ_MIRROR_BYTES, 64 * 1024, err) < 0)
+            die("mirror", err);
         uint32_t port;
         int tx;
         if (xt_simdom_alloc_port(fz.dom, &port, &f->front_rx, &tx, err) < 0)
@@ -292,6 +303,37 @@ static void turn(struct xt_queue *q, unsigned max_turns, bool to_quiescence)
     }
 }
 
+/* The mirror drainer: takes everything out of the tap's ring (touching what
+ * it hands out) and runs the resync after a GAP until nothing is dirty. */
+static void drain_mirror(xt_vbd *v)
+{
+    if (!v->mirror)
+        return;
+    uint64_t disk_chunks = v->sectors * XT_SECTOR_SIZE / (64 * 1024) + 1;
+    for (uint64_t round = 0; round < 2 * disk_chunks + 4; round++) {
+        struct xt_mirror_batch b;
+        unsigned batches = 0;
+        while (xt_vbd_mirror_peek(v, 0, FZ_MIRROR_BYTES, 1024, &b) == 1) {
+            if (b.nbytes == 0 || b.nbytes > FZ_MIRROR_BYTES || ++batches > 100000) {
+                fprintf(stderr, "fuzz_ring: mirror batch of %llu bytes\n",
+                        (unsigned long long)b.nbytes);
+                abort();
+            }
+            /* Every page of the batch and its last byte must be readable. */
+            volatile uint8_t sum = 0;
+            for (uint64_t i = 0; i < b.nbytes; i += 1024)
+                sum ^= b.data[i];
+            sum ^= b.data[b.nbytes - 1];
+            (void)sum;
+            xt_vbd_mirror_release(v, b.nbytes);
+        }
+        if (xt_vbd_mirror_resync_step(v) <= 0)
+            return;
+    }
+    fprintf(stderr, "fuzz_ring: the mirror's resync does not end\n");
+    abort();
+}
+
 static void reset(struct fz_vbd *f, unsigned cfg_idx, RING_IDX start)
 {
     struct xt_queue *q = f->q;
@@ -310,6 +352,7 @@ static void reset(struct fz_vbd *f, unsigned cfg_idx, RING_IDX start)
     BACK_RING_ATTACH(&q->ring, (blkif_sring_t *)q->ring_addr, start, XT_PAGE_SIZE * q->nr_ring_pages);
     q->ring.nr_ents = xt_abi_ring_slots(q->vbd->protocol, q->nr_ring_pages);
 
+    memset(q->rsp, 0, q->nr_reqs * sizeof(*q->rsp));
     q->free_list = NULL;
     for (unsigned i = q->nr_reqs; i-- > 0;) {
         q->reqs[i].next_free = q->free_list;
@@ -346,7 +389,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     while (c.left) {
         uint8_t cmd = u8(&c);
-        switch (cmd & 7) {
+        switch (cmd % 10) {
         case 0: {           /* SLOT */
             unsigned slot = u8(&c) & (nr_slots - 1);
             take_bytes(&c, slots + (size_t)slot * esize, esize);
@@ -384,9 +427,24 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 7:             /* RUN */
             turn(q, FZ_MAX_TURNS, true);
             break;
+        case 8:             /* DRAIN */
+            drain_mirror(f->vbd);
+            break;
+        case 9: {           /* CHECKPOINT */
+            char label[300], err[XT_ERRLEN];
+            unsigned n = u8(&c);
+            take_bytes(&c, label, n);
+            label[n] = 0;
+            if (f->vbd->mirror && xt_vbd_mirror_checkpoint(f->vbd, label, err) < 0) {
+                fprintf(stderr, "fuzz_ring: checkpoint: %s\n", err);
+                abort();
+            }
+            break;
+        }
         }
     }
     turn(q, FZ_MAX_TURNS, true);
     check_leaks(q);
+    drain_mirror(f->vbd);
     return 0;
 }

@@ -13,7 +13,27 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from xentap._shim_c import ffi, lib
+
+def _load_shim():
+    """The compiled shim: xentap._shim_c, or the module file that
+    XENTAP_SHIM_MODULE names (a sanitizer build; see tools/asan.sh)."""
+    path = os.environ.get("XENTAP_SHIM_MODULE")
+    if not path:
+        from xentap import _shim_c
+        return _shim_c
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location("xentap._shim_c", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"XENTAP_SHIM_MODULE={path} is not a loadable extension module")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["xentap._shim_c"] = mod
+    return mod
+
+
+_shim = _load_shim()
+ffi, lib = _shim.ffi, _shim.lib
 
 MAX_QUEUES = lib.XT_MAX_QUEUES
 MAX_RING_ORDER = lib.XT_MAX_RING_ORDER
@@ -60,6 +80,11 @@ class MirrorBatch:
     def payload(self) -> bytes:
         """A marker's payload (after its 32-byte header)."""
         return bytes(self.data[MREC_HEADER:MREC_HEADER + self.length])
+
+
+def set_log_fd(fd: int) -> None:
+    """Sends the shim's log lines (one write(2) each) to `fd`; 2, stderr, by default."""
+    lib.xt_set_log_fd(fd)
 
 
 class VbdBusyError(OSError):
