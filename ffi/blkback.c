@@ -63,11 +63,17 @@ static struct xt_req *take(struct xt_queue *q)
  * (their ring slots still hold the requests, since an answer is written into
  * a slot only when it is published).
  */
+/*
+ * The response carries the effective operation: for an indirect request
+ * whose indirect_op was accepted, that is the indirect_op (READ/WRITE), as
+ * Linux blkback answers; Linux blkfront disables the disk on any other
+ * ("response has wrong operation (6 instead of 0)", seen on real Xen).
+ */
 static void respond(struct xt_queue *q, struct xt_req *req, int16_t status)
 {
     RING_IDX mask = RING_SIZE(&q->ring) - 1;
     q->rsp[req->ring_idx & mask] = (struct xt_rsp){
-        .id = req->id, .status = status, .operation = req->operation, .ready = true,
+        .id = req->id, .status = status, .operation = req->io_op, .ready = true,
     };
     req->next_free = q->free_list;
     q->free_list = req;

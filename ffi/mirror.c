@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -32,6 +33,7 @@ struct xt_mirror {
     uint64_t size;
     uint32_t chunk_bytes;
     int fd;
+    int wake_fd;                /* eventfd: the drainer has something to do */
     pthread_mutex_t lock;       /* producers, and the consumer's marker requests */
     atomic_uint_fast64_t head;  /* bytes ever written (producer) */
     atomic_uint_fast64_t tail;  /* bytes ever released (consumer) */
@@ -83,6 +85,7 @@ int xt_mirror_create(struct xt_mirror **out, uint64_t ring_bytes, uint32_t chunk
     m->disk_sectors = disk_sectors;
     m->next_seq = 1;
     m->fd = -1;
+    m->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     pthread_mutex_init(&m->lock, NULL);
     uint64_t disk_bytes = disk_sectors * XT_SECTOR_SIZE;
     m->nr_chunks = (disk_bytes + chunk_bytes - 1) / chunk_bytes;
@@ -90,6 +93,10 @@ int xt_mirror_create(struct xt_mirror **out, uint64_t ring_bytes, uint32_t chunk
     int rc;
     if (!m->dirty) {
         rc = xt_fail(err, ENOMEM, "out of memory for the dirty bitmap");
+        goto fail;
+    }
+    if (m->wake_fd < 0) {
+        rc = xt_fail(err, errno, "mirror ring: eventfd: %s", strerror(errno));
         goto fail;
     }
     m->fd = memfd_create("xentap-mirror", MFD_CLOEXEC);
@@ -126,6 +133,8 @@ void xt_mirror_destroy(struct xt_mirror *m)
         munmap(m->data, 2 * m->size);
     if (m->fd >= 0)
         close(m->fd);
+    if (m->wake_fd >= 0)
+        close(m->wake_fd);
     free(m->dirty);
     pthread_mutex_destroy(&m->lock);
     free(m);
@@ -160,6 +169,14 @@ static void put(struct xt_mirror *m, uint32_t flags, uint64_t sector, uint32_t l
     if (sz > REC_HDR + payload_len)
         memset(p + REC_HDR + payload_len, 0, sz - REC_HDR - payload_len);
     atomic_store_explicit(&m->head, head + sz, memory_order_release);
+    /* Wake the drainer when the ring stops being empty, and when it passes
+     * a quarter full: one syscall per wakeup, not per record. */
+    uint64_t used = head + sz - atomic_load_explicit(&m->tail, memory_order_acquire);
+    if (used == sz || (used >= m->size / 4 && used - sz < m->size / 4)) {
+        uint64_t one = 1;
+        ssize_t w = write(m->wake_fd, &one, sizeof(one));
+        (void)w;
+    }
     if (flags & XT_MREC_MARKER_MASK)
         m->st.markers++;
     else
@@ -325,6 +342,11 @@ int xt_mirror_resync_step(struct xt_mirror *m)
 out:
     pthread_mutex_unlock(&m->lock);
     return rc;
+}
+
+int xt_mirror_wake_fd(struct xt_mirror *m)
+{
+    return m->wake_fd;
 }
 
 void xt_mirror_get_stats(struct xt_mirror *m, struct xt_mirror_stats *out)

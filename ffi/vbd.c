@@ -452,3 +452,8 @@ int xt_vbd_mirror_stats(xt_vbd *v, struct xt_mirror_stats *out)
     xt_mirror_get_stats(v->mirror, out);
     return 0;
 }
+
+int xt_vbd_mirror_wake_fd(xt_vbd *v)
+{
+    return v->mirror ? xt_mirror_wake_fd(v->mirror) : -ENODEV;
+}

@@ -187,6 +187,9 @@ int xt_vbd_mirror_resync_step(xt_vbd *v);
 /* A user checkpoint tag, in write order. */
 int xt_vbd_mirror_checkpoint(xt_vbd *v, const char *label, char *err);
 int xt_vbd_mirror_stats(xt_vbd *v, struct xt_mirror_stats *out);
+/* An eventfd that becomes readable when the ring stops being empty or
+ * passes a quarter full (the drainer polls it; read it to clear). */
+int xt_vbd_mirror_wake_fd(xt_vbd *v);
 
 /* Where the shim writes its log lines (default 2, stderr). */
 void xt_set_log_fd(int fd);

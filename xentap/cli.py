@@ -94,6 +94,32 @@ def bench_datapath(directory, size, seconds, repeat, as_json) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else bd.format_table(result))
 
 
+@bench.command("mirror")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True),
+              help="Where to put the images (default: the system temp dir).")
+@click.option("--size", default="1G", show_default=True, help="Image size.")
+@click.option("--seconds", default=5.0, show_default=True, help="Length of each run.")
+@click.option("--repeat", default=3, show_default=True, help="Alternating runs per side.")
+@click.option("--ring", default="64M", show_default=True, help="Mirror ring size.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_mirror(directory, size, seconds, repeat, ring, as_json) -> None:
+    """The shim with mirroring off and on; prints on/off ratios and the lag."""
+    import json
+
+    from xentap import bench_mirror as bm
+
+    nbytes, ring_bytes = _size(size), _size(ring)
+    if nbytes < 64 << 20:
+        raise XentapError("--size must be at least 64M")
+    if seconds <= 0 or repeat < 1:
+        raise XentapError("--seconds must be > 0 and --repeat at least 1")
+    if ring_bytes < 1 << 20 or ring_bytes & (ring_bytes - 1):
+        raise XentapError("--ring must be a power of two, at least 1M")
+    progress = (lambda m: click.echo(f"bench: {m}", err=True))
+    result = bm.run(directory, nbytes, seconds, repeat, ring_bytes, progress)
+    click.echo(json.dumps(result, indent=2) if as_json else bm.format_table(result))
+
+
 @cli.command()
 @click.option("--dir", "workdir", default="out/demo", show_default=True,
               help="Where the demo keeps its disk image.")
@@ -113,9 +139,12 @@ def demo(workdir, size, seconds) -> None:
 
 def _register() -> None:
     """Commands that live in their own modules."""
+    from xentap import cli_appliance
     from xentap.cli_vbd import COMMANDS as VBD_COMMANDS
     for c in VBD_COMMANDS:
         cli.add_command(c)
+    cli.add_command(cli_appliance.appliance)
+    cli.add_command(cli_appliance.keys)
 
 
 _register()

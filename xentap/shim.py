@@ -321,6 +321,13 @@ class Vbd:
         err = _errbuf()
         _check(lib.xt_vbd_mirror_checkpoint(self._v, label.encode(), err), err)
 
+    def mirror_wake_fd(self) -> int:
+        """Readable when the drainer has work (see xt.h); read 8 bytes to clear."""
+        fd = lib.xt_vbd_mirror_wake_fd(self._v)
+        if fd < 0:
+            raise OSError(-fd, "mirroring is off")
+        return fd
+
     def mirror_stats(self) -> dict[str, int] | None:
         st = ffi.new("struct xt_mirror_stats *")
         if lib.xt_vbd_mirror_stats(self._v, st) < 0:

@@ -177,6 +177,7 @@ class WriteFlags(enum.IntFlag):
 
 
 NO_DATA_FLAGS = WriteFlags.DISCARD | WriteFlags.ZEROES
+_NO_DATA = int(NO_DATA_FLAGS)
 RESYNC_FLAGS = WriteFlags.ZEROES  #: the only flag a RESYNC may carry
 
 
@@ -184,6 +185,12 @@ class Features(enum.IntFlag):
     DISCARD = 1  #: records may carry WriteFlags.DISCARD
     ZEROES = 2  #: records / RESYNC may carry WriteFlags.ZEROES
     FUA = 4  #: records may carry WriteFlags.FUA
+
+
+_WRITE_ALLOWED = int(WriteFlags.FUA | NO_DATA_FLAGS)
+_FLAG_FEATURES = ((int(WriteFlags.DISCARD), int(Features.DISCARD), "DISCARD"),
+                  (int(WriteFlags.ZEROES), int(Features.ZEROES), "ZEROES"),
+                  (int(WriteFlags.FUA), int(Features.FUA), "FUA"))
 
 
 class GapReason(enum.IntEnum):
@@ -797,6 +804,13 @@ def encode_writes_raw(stream_id: int, epoch: int, first_seq: int, count: int,
     the payload is copied once, into the frame.  The receiver checks every
     record as it checks any WRITES frame.
     """
+    return b"".join(writes_raw_parts(stream_id, epoch, first_seq, count, records))
+
+
+def writes_raw_parts(stream_id: int, epoch: int, first_seq: int, count: int,
+                     records: Buffer) -> list:
+    """The same frame as `encode_writes_raw`, as a list of buffers whose
+    concatenation is the frame (for writev: no copy of the records here)."""
     if count == 0 or count > MAX_RECORDS_PER_BATCH:
         raise MalformedFrame(f"WRITES: {count} records, 1 to {MAX_RECORDS_PER_BATCH} allowed")
     head = _WHEAD.pack(first_seq, count)
@@ -808,7 +822,7 @@ def encode_writes_raw(stream_id: int, epoch: int, first_seq: int, count: int,
     h = ChecksumFn(prefix)
     h.update(head)
     h.update(records)
-    return b"".join([prefix, _U64.pack(h.intdigest()), head, records])
+    return [prefix + _U64.pack(h.intdigest()) + head, records]
 
 
 def restamp(frame: Buffer, epoch: int) -> bytes:
@@ -1038,22 +1052,22 @@ class StreamChecker:
 
     def _check_data(self, what: str, seq: int, length: int, flags: int, data) -> None:
         n = _nbytes(data)
-        want = 0 if flags & NO_DATA_FLAGS else length
+        want = 0 if flags & _NO_DATA else length
         if n != want:
             self._fail(LengthMismatch, f"{what}: length {length} (flags {flags:#x}) "
                        f"but {n} data bytes", seq)
 
     def _check_flags(self, what: str, seq: int, flags: int, allowed: int) -> None:
-        feats = self.hello.features
+        if not flags:
+            return      # the common case; plain ints below: IntFlag arithmetic is slow
+        feats = int(self.hello.features)
         if flags & ~allowed:
             self._fail(RecordError, f"{what}: flags {flags:#x} not allowed here", seq)
-        if (flags & NO_DATA_FLAGS) == NO_DATA_FLAGS:
+        if (flags & _NO_DATA) == _NO_DATA:
             self._fail(RecordError, f"{what}: DISCARD and ZEROES together", seq)
-        for flag, feat in ((WriteFlags.DISCARD, Features.DISCARD),
-                           (WriteFlags.ZEROES, Features.ZEROES),
-                           (WriteFlags.FUA, Features.FUA)):
+        for flag, feat, name in _FLAG_FEATURES:
             if flags & flag and not feats & feat:
-                self._fail(RecordError, f"{what}: {flag.name} without the HELLO feature", seq)
+                self._fail(RecordError, f"{what}: {name} without the HELLO feature", seq)
 
     def _seq_msg(self, msg: Message, first: int, last: int) -> Message | None:
         name = msg.TYPE.name
@@ -1073,7 +1087,7 @@ class StreamChecker:
                     self._fail(SequenceDisorder, f"WRITES record {i} of batch "
                                f"{first}..{last} has seq {r.seq}", r.seq, first + i)
                 what = f"WRITES record seq {r.seq}"
-                self._check_flags(what, r.seq, r.flags, int(WriteFlags.FUA | NO_DATA_FLAGS))
+                self._check_flags(what, r.seq, r.flags, _WRITE_ALLOWED)
                 self._check_data(what, r.seq, r.length, r.flags, r.data)
                 self._check_region(what, r.seq, r.sector, r.length)
         elif isinstance(msg, Resync):

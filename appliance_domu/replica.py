@@ -1,0 +1,433 @@
+"""A replica image per VBD, fed by the mirror stream (appliance side).
+
+Layout, one directory per VBD under the appliance's data directory::
+
+    <data_dir>/<vbd_uuid>/replica.img    sparse image, the size HELLO announced
+    <data_dir>/<vbd_uuid>/state.json     what is durable (see ReplicaState)
+
+Durability protocol (what an ACK may claim):
+
+1. accepted messages are applied to the image with pwrite / fallocate
+   (:meth:`Replica.apply`); this changes only the in-memory *pending* state;
+2. :meth:`Replica.sync` fdatasyncs the image, *then* writes the pending state
+   atomically (temp file, fsync, rename, fsync of the directory).
+
+So ``state.json``'s ``high_water`` never names a seq whose data is not on
+stable storage, and "durable" = data synced and state recorded.  After a
+crash the image may also hold some writes beyond ``high_water``; dom0 re-sends
+from at most ``high_water + 1`` (it was never ACKed beyond that) and the
+writes are re-applied in order, which converges to the same content.
+
+The state also carries what :class:`xentap.wire.StreamChecker` needs back
+after a restart: ``high_water``, ``epoch`` (the highest session epoch ever
+accepted, recorded durably *before* the HELLO is answered, so a stale
+session can never be accepted again) and ``in_resync`` (a GAP still open).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from xentap import wire
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+IMAGE_NAME = "replica.img"
+STATE_NAME = "state.json"
+_MAX_STATE_BYTES = 64 * 1024
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_DISCARD = int(wire.WriteFlags.DISCARD)  # plain ints: IntFlag arithmetic is slow
+_ZEROES = int(wire.WriteFlags.ZEROES)
+_ZERO_CHUNK = 1 << 20
+_ZERO_BUF = bytes(_ZERO_CHUNK)
+
+
+def _load_fallocate():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):  # pragma: no cover - not glibc / not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with flags (os.posix_fallocate has none); OSError on failure."""
+    if _fallocate is None:  # pragma: no cover
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
+    if _fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class ReplicaError(OSError):
+    """A replica directory or state file is unusable (one-line message)."""
+
+
+@dataclass
+class ReplicaState:
+    """Contents of ``state.json``.  Seqs are the stream's (see xentap.wire)."""
+
+    vbd_uuid: str
+    size_bytes: int
+    logical_sector_size: int
+    physical_sector_size: int
+    high_water: int = 0  #: highest seq whose effect is durable in the image
+    epoch: int = 0  #: highest session epoch accepted (recorded before answering HELLO)
+    in_resync: bool = False  #: a GAP is open: the image is not write-ordered until RESYNC_END
+    stream_id: int = 0  #: dom0's stream id of the latest session
+    host_id: str = ""
+    domid: int = 0
+    devid: int = 0
+    vdev: str = ""
+    last_flush_seq: int = 0  #: latest FLUSH marker (a crash-consistent point) ...
+    last_flush_ns: int = 0  #: ... its dom0 timestamp
+    last_flush_durable_ns: int = 0  #: wall clock when it became durable here
+    last_gap_seq: int = 0
+    last_gap_reason: int = 0
+    last_checkpoint_seq: int = 0
+    last_checkpoint_label: str = ""
+    format: int = STATE_FORMAT
+    updated_ns: int = 0
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, path: Path, data: bytes) -> ReplicaState:
+        try:
+            d = json.loads(data)
+            if not isinstance(d, dict):
+                raise ValueError("not an object")
+            if d.get("format") != STATE_FORMAT:
+                raise ValueError(f"unknown format {d.get('format')!r}")
+            names = {f.name: f.type for f in fields(cls)}
+            kw = {k: v for k, v in d.items() if k in names}
+            st = cls(**kw)
+            for k in ("size_bytes", "logical_sector_size", "physical_sector_size",
+                      "high_water", "epoch", "stream_id", "last_flush_seq"):
+                v = getattr(st, k)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise ValueError(f"{k} is {v!r}")
+            if not isinstance(st.in_resync, bool):
+                raise ValueError(f"in_resync is {st.in_resync!r}")
+            uuid.UUID(st.vbd_uuid)
+        except (ValueError, TypeError) as e:
+            raise ReplicaError(errno.EINVAL, f"corrupt replica state {path}: {e}") from None
+        return st
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_state_atomically(path: Path, data: bytes) -> None:
+    """temp file + fsync + rename + fsync of the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        mv = memoryview(data)
+        while mv:
+            mv = mv[os.write(fd, mv):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Replica:
+    """One VBD's replica image and its durable state.
+
+    ``state`` is what is on disk (durable); ``pending`` what has been applied
+    to the image since (not yet synced).  Use :meth:`open` / :meth:`create`.
+    """
+
+    def __init__(self, directory: Path, state: ReplicaState, fd: int):
+        self.dir = directory
+        self.image_path = directory / IMAGE_NAME
+        self.state_path = directory / STATE_NAME
+        self.state = state
+        self.pending = replace(state)
+        self.fd = fd
+        self.dirty_bytes = 0  # bytes applied since the last sync
+        self.dirty_since: float | None = None  # monotonic time of the first unsynced apply
+        self.syncs = 0
+        self.syncing = False  # between begin_sync() and end_sync()
+        self._punch_ok = True
+        self._zero_range_ok = True
+
+    # -- naming
+    @staticmethod
+    def directory(data_dir: str | os.PathLike, vbd_uuid: uuid.UUID | str) -> Path:
+        return Path(data_dir) / str(uuid.UUID(str(vbd_uuid)))
+
+    @property
+    def vbd_uuid(self) -> uuid.UUID:
+        return uuid.UUID(self.state.vbd_uuid)
+
+    def __repr__(self) -> str:
+        return (f"<Replica {self.state.vbd_uuid} durable {self.state.high_water} "
+                f"applied {self.pending.high_water} epoch {self.pending.epoch}>")
+
+    # -- open / create
+    @classmethod
+    def load_state(cls, data_dir, vbd_uuid) -> ReplicaState | None:
+        """The durable state of a VBD's replica, or None if it has none."""
+        path = cls.directory(data_dir, vbd_uuid) / STATE_NAME
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_MAX_STATE_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        if len(data) > _MAX_STATE_BYTES:
+            raise ReplicaError(errno.EINVAL, f"corrupt replica state {path}: too large")
+        st = ReplicaState.from_json(path, data)
+        if st.vbd_uuid != str(uuid.UUID(str(vbd_uuid))):
+            raise ReplicaError(errno.EINVAL, f"replica state {path} belongs to VBD {st.vbd_uuid}")
+        return st
+
+    @classmethod
+    def open(cls, data_dir, vbd_uuid) -> Replica | None:
+        """Open an existing replica; None if there is none.  Writes nothing."""
+        st = cls.load_state(data_dir, vbd_uuid)
+        if st is None:
+            return None
+        d = cls.directory(data_dir, vbd_uuid)
+        try:
+            fd = os.open(d / IMAGE_NAME, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ReplicaError(errno.ENOENT, f"replica {d} has a state but no image") from None
+        return cls(d, st, fd)
+
+    @classmethod
+    def create(cls, data_dir, hello: wire.Hello) -> Replica:
+        """Create the replica for a (validated) HELLO: a sparse image and its state."""
+        data_dir = Path(data_dir)
+        d = cls.directory(data_dir, hello.vbd_uuid)
+        d.mkdir(parents=True, exist_ok=True)
+        if (d / STATE_NAME).exists():
+            raise ReplicaError(errno.EEXIST, f"replica {d} exists")
+        fd = os.open(d / IMAGE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, hello.size_bytes)
+            os.fsync(fd)
+            st = ReplicaState(vbd_uuid=str(hello.vbd_uuid), size_bytes=hello.size_bytes,
+                              logical_sector_size=hello.logical_sector_size,
+                              physical_sector_size=hello.physical_sector_size)
+            rep = cls(d, st, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        rep.begin_session(hello)  # writes state.json (the replica exists from here)
+        _fsync_dir(data_dir)
+        return rep
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- sessions
+    def checker(self, stream_id: int, *, enforce_credit: bool = False) -> wire.StreamChecker:
+        """A StreamChecker continuing from what this replica has applied."""
+        p = self.pending
+        return wire.StreamChecker(stream_id, high_water=p.high_water, epoch=p.epoch,
+                                  vbd_uuid=self.vbd_uuid, in_resync=p.in_resync,
+                                  enforce_credit=enforce_credit)
+
+    @staticmethod
+    def fresh_checker(stream_id: int, *, enforce_credit: bool = False) -> wire.StreamChecker:
+        """The checker for a VBD with no replica yet."""
+        return wire.StreamChecker(stream_id, enforce_credit=enforce_credit)
+
+    def begin_session(self, hello: wire.Hello) -> None:
+        """Record an accepted HELLO (epoch, identity, size) durably, before it is answered."""
+        p = self.pending
+        if hello.size_bytes != p.size_bytes:
+            log.info("replica %s: disk size %d -> %d bytes", p.vbd_uuid, p.size_bytes,
+                     hello.size_bytes)
+            os.ftruncate(self.fd, hello.size_bytes)
+            self._dirty(0)
+        p.size_bytes = hello.size_bytes
+        p.logical_sector_size = hello.logical_sector_size
+        p.physical_sector_size = hello.physical_sector_size
+        p.epoch = max(p.epoch, hello.epoch)
+        p.stream_id = hello.stream_id
+        p.host_id = str(hello.host_id)
+        p.domid, p.devid, p.vdev = hello.domid, hello.devid, hello.vdev
+        self.sync(force=True)
+
+    # -- applying
+    def _dirty(self, n: int) -> None:
+        self.dirty_bytes += n
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
+
+    @property
+    def dirty(self) -> bool:
+        return self.dirty_since is not None
+
+    def _pwrite(self, data, offset: int) -> None:
+        mv = data if isinstance(data, memoryview) else memoryview(data)
+        fd = self.fd
+        while mv.nbytes:
+            n = os.pwrite(fd, mv, offset)
+            mv, offset = mv[n:], offset + n
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        while length:
+            n = min(length, _ZERO_CHUNK)
+            self._pwrite(memoryview(_ZERO_BUF)[:n], offset)
+            offset, length = offset + n, length - n
+
+    def punch(self, offset: int, length: int) -> None:
+        """Deallocate a range (reads back as zeroes); zeroes written if unsupported."""
+        if self._punch_ok:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._punch_ok = False
+        self._write_zeroes(offset, length)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make a range read as zeroes (ZERO_RANGE, else punch hole, else write zeroes)."""
+        if self._zero_range_ok:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._zero_range_ok = False
+        self.punch(offset, length)
+
+    def apply(self, msg: wire.Message) -> int:
+        """Apply one message accepted by the StreamChecker; returns data bytes written.
+
+        Only seq-consuming messages change the replica; their effect is
+        pending until :meth:`sync`.
+        """
+        rng = wire.seq_range(msg)
+        if rng is None:
+            return 0
+        p = self.pending
+        nbytes = 0
+        if isinstance(msg, wire.Writes):
+            DISCARD, ZEROES = _DISCARD, _ZEROES
+            for r in msg.records:
+                off = r.sector * wire.SECTOR_SIZE
+                if r.flags & DISCARD:
+                    self.punch(off, r.length)
+                elif r.flags & ZEROES:
+                    self.zero(off, r.length)
+                else:
+                    self._pwrite(r.data, off)
+                    nbytes += r.length
+        elif isinstance(msg, wire.Resync):
+            off = msg.sector * wire.SECTOR_SIZE
+            if msg.flags & _ZEROES:
+                self.zero(off, msg.length)
+            else:
+                self._pwrite(msg.data, off)
+                nbytes += msg.length
+        elif isinstance(msg, wire.Flush):
+            p.last_flush_seq, p.last_flush_ns = msg.seq, msg.timestamp_ns
+        elif isinstance(msg, wire.Gap):
+            p.in_resync = True
+            p.last_gap_seq, p.last_gap_reason = msg.seq, int(msg.reason)
+        elif isinstance(msg, wire.ResyncEnd):
+            p.in_resync = False
+        elif isinstance(msg, wire.Checkpoint):
+            p.last_checkpoint_seq, p.last_checkpoint_label = msg.seq, msg.label
+        p.high_water = rng[1]
+        self._dirty(nbytes)
+        return nbytes
+
+    # -- durability
+    def sync(self, *, force: bool = False) -> int:
+        """Make everything applied durable: fdatasync the image, then record the state.
+
+        Returns the durable high water.  A no-op when nothing is pending.
+        Must not run while a :meth:`begin_sync` is unfinished.
+        """
+        if not force and not self.dirty:
+            return self.state.high_water
+        snap = self.begin_sync()
+        try:
+            self.write_durable(snap)
+        except BaseException:
+            self.end_sync(None)
+            raise
+        self.end_sync(snap)
+        return snap.high_water
+
+    # The same in three steps, so that the I/O can run in another thread while
+    # the caller keeps applying: begin_sync() (caller's thread) snapshots the
+    # pending state -- every write it covers has returned from pwrite --,
+    # write_durable() (any thread) fdatasyncs and then writes that snapshot,
+    # end_sync() (caller's thread) makes it the durable state.  At most one
+    # begin..end at a time per replica, so state files are written in order.
+
+    def begin_sync(self) -> ReplicaState:
+        if self.syncing:
+            raise RuntimeError(f"{self!r}: a sync is already under way")
+        self.syncing = True
+        snap = replace(self.pending, updated_ns=time.time_ns())
+        if snap.last_flush_seq != self.state.last_flush_seq:
+            snap.last_flush_durable_ns = snap.updated_ns
+        self.dirty_bytes = 0
+        self.dirty_since = None
+        return snap
+
+    def write_durable(self, snap: ReplicaState) -> None:
+        os.fdatasync(self.fd)
+        write_state_atomically(self.state_path, snap.to_json())
+
+    def end_sync(self, snap: ReplicaState | None) -> None:
+        """Finish a sync; ``None`` if write_durable failed (nothing becomes durable)."""
+        self.syncing = False
+        if snap is None:
+            return
+        self.state = snap
+        self.pending.last_flush_durable_ns = snap.last_flush_durable_ns
+        self.pending.updated_ns = snap.updated_ns
+        self.syncs += 1
+
+    @property
+    def durable_seq(self) -> int:
+        return self.state.high_water
+
+    @property
+    def applied_seq(self) -> int:
+        return self.pending.high_water
+
+    # -- reading (tests, restore)
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)

@@ -1,0 +1,439 @@
+"""The mirror drainer (dom0): one VBD's mirror ring to the appliance.
+
+It takes runs of records from the shim's mirror ring and sends them as wire
+frames over a ZeroMQ DEALER socket (CurveZMQ unless told --insecure), within
+the credit the appliance grants.  What is sent stays in the ring until the
+appliance acknowledges it as durable.  While the appliance is slow or away
+the drainer moves the stream, oldest first, into the spill log on a dom0
+disk, and sends from there, in order, once the appliance is back.  Only when
+the spill log is full too does it stop taking from the ring, whose overflow
+goes to the dirty bitmap; the shim then puts a GAP in the stream and the
+drainer asks for RESYNC markers, re-reading each dirty chunk from the disk
+when it reaches one.
+
+Memory: the ring is fixed; the drainer holds at most one batch besides a
+bounded sample of lag figures.  Nothing grows with the write rate or with
+the appliance's absence.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import zmq
+
+from xentap import shim, wire
+from xentap.spill import SpillLog
+
+log = logging.getLogger("xentap.drainer")
+
+BATCH_BYTES = 1 << 20           # a WRITES frame carries about this much
+HEARTBEAT_EVERY = 1.0           # seconds
+DEAD_AFTER = 3.0                # no word from the appliance: reconnect
+HELLO_EVERY = 1.0
+SPILL_AT = 0.25                 # ring fill above which a slow appliance means spill
+LAG_SAMPLES = 65536
+
+
+@dataclass(frozen=True)
+class VbdIdentity:
+    """What a HELLO says about the VBD."""
+
+    vbd_uuid: uuid.UUID
+    domid: int
+    devid: int
+    vdev: str
+    size_bytes: int
+    logical_sector_size: int = 512
+    physical_sector_size: int = 512
+    host_id: uuid.UUID = uuid.UUID(int=uuid.getnode())
+
+    @property
+    def stream_id(self) -> int:
+        return self.vbd_uuid.int & ((1 << 64) - 1)
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _oldest_ts(frame: bytes) -> int:
+    """The completion time of a WRITES frame's first record (now for others)."""
+    if frame[6] == wire.MsgType.WRITES:
+        off = wire.HEADER_SIZE + 12 + 8     # header, (first_seq, count), record seq
+        return int.from_bytes(frame[off:off + 8], "little")
+    return _now_ns()
+
+
+class Drainer:
+    """Drains one VBD's mirror ring; `start()` runs it in a thread."""
+
+    def __init__(self, vbd: shim.Vbd, ident: VbdIdentity, endpoint: str, *, image_path: str,
+                 spill_dir: str, spill_limit: int, socket_setup=None,
+                 context: zmq.Context | None = None, batch_bytes: int = BATCH_BYTES):
+        """`socket_setup(sock)` configures CurveZMQ on the DEALER (xentap.keys);
+        None means plain TCP/IPC, which callers allow only with --insecure."""
+        self.vbd = vbd
+        self.ident = ident
+        self.endpoint = endpoint
+        self.socket_setup = socket_setup
+        self.ctx = context or zmq.Context.instance()
+        self.batch_bytes = batch_bytes
+        self.spill = SpillLog(spill_dir, spill_limit)
+        self.image_fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+        self.ring_size = vbd.mirror_stats()["ring_bytes"]
+        self.wake_fd = vbd.mirror_wake_fd()
+        # the stream
+        self.epoch = int(time.time())   # strictly greater at every (re)start
+        self.acked_seq = self.spill.first_seq - 1 if self.spill else 0
+        self.sent_seq = self.acked_seq
+        self.credit = wire.CreditWindow()
+        self.in_session = False
+        self.ring_sent: collections.deque[tuple[int, int, int]] = collections.deque()  # last_seq, nbytes, count
+        self.ring_sent_bytes = 0
+        self.pending_ts: collections.deque[tuple[int, int]] = collections.deque()      # last_seq, oldest ts
+        self.spill_cursor = None
+        self.spill_full = False
+        # figures
+        self.lags_ms: collections.deque[float] = collections.deque(maxlen=LAG_SAMPLES)
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.sessions = 0
+        self.rejected = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: zmq.Socket | None = None
+        self._last_heard = self._last_hello = self._last_beat = 0.0
+        self.error: BaseException | None = None
+
+    # ---- life ----
+
+    def start(self) -> "Drainer":
+        self._thread = threading.Thread(target=self._run, name=f"drainer-{self.ident.vdev}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self.spill.close()
+        os.close(self.image_fd)
+
+    def wait_acked(self, timeout: float) -> bool:
+        """Waits until everything written so far is acknowledged by the appliance."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.vbd.mirror_stats()
+            if st["used_bytes"] == 0 and not self.spill and st["dirty_chunks"] == 0 \
+                    and not st["gap_pending"] and not st["resyncing"] \
+                    and self.acked_seq >= st["next_seq"] - 1:
+                return True
+            if self.error:
+                raise self.error
+            time.sleep(0.02)
+        return False
+
+    def reset_figures(self) -> None:
+        """Starts a new lag sample (for benchmarks: one per run)."""
+        self.lags_ms.clear()
+
+    def stats(self) -> dict:
+        st = self.vbd.mirror_stats() or {}
+        lags = sorted(self.lags_ms)
+
+        def pct(p: float) -> float:
+            return round(lags[min(len(lags) - 1, int(len(lags) * p))], 3) if lags else 0.0
+        return {
+            "state": "connected" if self.in_session else "disconnected",
+            "acked_seq": self.acked_seq, "sent_seq": self.sent_seq,
+            "next_seq": st.get("next_seq", 0), "ring_used_bytes": st.get("used_bytes", 0),
+            "spill_bytes": self.spill.size, "overflows": st.get("overflows", 0),
+            "gaps": st.get("gaps", 0), "resyncs": st.get("resyncs", 0),
+            "dirty_chunks": st.get("dirty_chunks", 0), "frames_sent": self.frames_sent,
+            "bytes_sent": self.bytes_sent, "sessions": self.sessions,
+            "lag_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": round(lags[-1], 3) if lags else 0.0},
+        }
+
+    # ---- the loop ----
+
+    def _run(self) -> None:
+        try:
+            self._connect()
+            while not self._stop.is_set():
+                busy = self._step()
+                self._poll(0 if busy else 0.1)
+        except BaseException as e:      # surfaced to the owner through .error
+            self.error = e
+        finally:
+            if self._sock is not None:
+                self._sock.close(linger=0)
+
+    def _connect(self) -> None:
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._sock.close(linger=0)
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 64)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)     # queue nothing for a peer not (yet) connected
+        s.setsockopt(zmq.RECONNECT_IVL, 100)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.socket_setup:
+            self.socket_setup(s)
+        # Connection events: a new connection means a new session (the
+        # appliance may have restarted); a lost one means stop sending.
+        self._monitor = s.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        s.connect(self.endpoint)
+        self._sock = s
+        self.in_session = False
+        self._last_heard = time.monotonic()
+        self._last_hello = 0.0
+
+    def _send(self, frame: bytes) -> bool:
+        try:
+            self._sock.send(frame, zmq.NOBLOCK, copy=len(frame) < 65536)
+            return True
+        except zmq.Again:
+            return False
+
+    def _poll(self, timeout: float) -> None:
+        """Waits for the appliance or the ring (the shim's wake fd), at most `timeout`."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self.wake_fd, zmq.POLLIN)
+        ready = dict(poller.poll(int(timeout * 1000)))
+        if self._monitor in ready:
+            self._on_connection_events()
+        if self.wake_fd in ready:
+            try:
+                os.read(self.wake_fd, 8)
+            except BlockingIOError:
+                pass
+        if self._sock in ready:
+            while True:
+                try:
+                    frame = self._sock.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_frame(frame.buffer)
+        now = time.monotonic()
+        if self.in_session and now - self._last_heard > DEAD_AFTER:
+            self._connect()     # the appliance went away: a new session later
+        elif not self.in_session and now - self._last_hello > HELLO_EVERY:
+            self._hello()
+        if self.in_session and now - self._last_beat > HEARTBEAT_EVERY:
+            self._last_beat = now
+            self._send(wire.encode(wire.Heartbeat(stream_id=self.ident.stream_id, epoch=self.epoch,
+                                                  timestamp_ns=_now_ns(), last_seq=self.sent_seq)))
+
+    def _on_connection_events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        while True:
+            try:
+                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED):
+                self.in_session = False         # a HELLO opens the next one
+                self._last_hello = 0.0
+                self._last_heard = time.monotonic()
+
+    def _hello(self) -> None:
+        self.epoch += 1
+        self._last_hello = time.monotonic()
+        i = self.ident
+        self._send(wire.encode(wire.Hello(
+            stream_id=i.stream_id, epoch=self.epoch, host_id=i.host_id, vbd_uuid=i.vbd_uuid,
+            domid=i.domid, devid=i.devid, vdev=i.vdev, size_bytes=i.size_bytes,
+            logical_sector_size=i.logical_sector_size, physical_sector_size=i.physical_sector_size,
+            next_seq=self.acked_seq + 1,
+            features=int(wire.Features.DISCARD | wire.Features.FUA))))
+
+    def _on_frame(self, buf) -> None:
+        try:
+            msg = wire.decode(buf)
+        except wire.WireError:
+            self.rejected += 1
+            return
+        if msg.stream_id != self.ident.stream_id or msg.epoch != self.epoch:
+            return                  # an answer to an older session
+        self._last_heard = time.monotonic()
+        if isinstance(msg, wire.Ack):
+            if not self.in_session:
+                self._start_session(msg)
+            self._on_ack(msg)
+
+    def _start_session(self, ack: wire.Ack) -> None:
+        """The appliance answered HELLO: resend everything it does not hold."""
+        self.in_session = True
+        self.sessions += 1
+        self.credit = wire.CreditWindow()
+        self.acked_seq = max(self.acked_seq, ack.acked_seq)
+        self.sent_seq = self.acked_seq
+        self.ring_sent_bytes = 0
+        self.ring_sent.clear()
+        self.spill_cursor = None
+
+    def _on_ack(self, ack: wire.Ack) -> None:
+        self.credit.on_ack(ack)
+        if ack.acked_seq <= self.acked_seq:
+            return
+        self.acked_seq = ack.acked_seq
+        now = _now_ns()
+        while self.pending_ts and self.pending_ts[0][0] <= self.acked_seq:
+            self.lags_ms.append((now - self.pending_ts.popleft()[1]) / 1e6)
+        while self.ring_sent and self.ring_sent[0][0] <= self.acked_seq:
+            _, nbytes, _ = self.ring_sent.popleft()
+            self.vbd.mirror_release(nbytes)
+            self.ring_sent_bytes -= nbytes
+        if self.spill and self.spill.segments[0].last_seq <= self.acked_seq:
+            self.spill.trim(self.acked_seq)
+            self.spill_full = False
+
+    # ---- moving the stream ----
+
+    def _step(self) -> bool:
+        """Moves what can be moved now; True if it did anything."""
+        busy = self._resync()
+        if self.in_session:
+            busy |= self._send_spilled()
+            if not self._spill_unsent():
+                busy |= self._send_from_ring()
+        st_used = self.vbd.mirror_stats()["used_bytes"]
+        if (not self.in_session and st_used) or st_used > SPILL_AT * self.ring_size:
+            busy |= self._spill_from_ring()
+        return busy
+
+    def _resync(self) -> bool:
+        """After a loss, asks the shim for GAP and RESYNC markers while it has room."""
+        st = self.vbd.mirror_stats()
+        if not (st["gap_pending"] or st["dirty_chunks"] or st["resyncing"]):
+            return False
+        did = False
+        for _ in range(64):
+            if self.vbd.mirror_resync_step() != 1:
+                break
+            did = True
+        return did
+
+    def _frame(self, b: shim.MirrorBatch, parts: bool = False) -> tuple:
+        """(frame, last_seq, payload bytes, oldest timestamp) for a ring batch;
+        with `parts`, a WRITES frame comes as a list of buffers (for writev)."""
+        sid, ep = self.ident.stream_id, self.epoch
+        last = b.first_seq + b.count - 1
+        if b.kind == shim.MK_WRITES:
+            ts = int.from_bytes(b.data[8:16], "little")
+            make = wire.writes_raw_parts if parts else wire.encode_writes_raw
+            return make(sid, ep, b.first_seq, b.count, b.data), last, b.data_bytes, ts
+        ts = b.timestamp_ns
+        if b.kind == shim.MK_FLUSH:
+            msg = wire.Flush(stream_id=sid, epoch=ep, seq=b.first_seq, timestamp_ns=ts)
+        elif b.kind == shim.MK_GAP:
+            dirty = int.from_bytes(b.payload()[:8], "little")
+            reason = wire.GapReason.SPILL_OVERFLOW if self.spill_full else wire.GapReason.RING_OVERFLOW
+            msg = wire.Gap(stream_id=sid, epoch=ep, seq=b.first_seq, timestamp_ns=ts,
+                           reason=reason, dirty_regions=dirty)
+        elif b.kind == shim.MK_RESYNC:
+            length = int.from_bytes(b.payload()[:8], "little")
+            data = os.pread(self.image_fd, length, b.sector * wire.SECTOR_SIZE)
+            msg = wire.Resync(stream_id=sid, epoch=ep, seq=b.first_seq, sector=b.sector,
+                              length=len(data), flags=0, data=data)
+            return wire.encode(msg), last, len(data), ts
+        elif b.kind == shim.MK_RESYNC_END:
+            msg = wire.ResyncEnd(stream_id=sid, epoch=ep, seq=b.first_seq, timestamp_ns=ts,
+                                 regions=int.from_bytes(b.payload()[:8], "little"))
+        elif b.kind == shim.MK_CHECKPOINT:
+            msg = wire.Checkpoint(stream_id=sid, epoch=ep, seq=b.first_seq, timestamp_ns=ts,
+                                  kind=wire.CheckpointKind.USER,
+                                  label=b.payload().decode(errors="replace"))
+        else:
+            raise RuntimeError(f"unknown mirror record kind {b.kind}")
+        return wire.encode(msg), last, 0, ts
+
+    def _spill_unsent(self) -> bool:
+        return bool(self.spill) and self.spill.last_seq > self.sent_seq
+
+    def _send_spilled(self) -> bool:
+        if not self._spill_unsent():
+            return False
+        if self.spill_cursor is None:
+            self.spill_cursor = self.spill.frames_after(self.sent_seq)
+        did = False
+        for _ in range(16):
+            try:
+                first, last, frame = next(self.spill_cursor)
+            except StopIteration:
+                self.spill_cursor = None
+                break
+            payload = len(frame)
+            if not self.credit.allows(last, payload):
+                self.spill_cursor = self.spill.frames_after(self.sent_seq)
+                break
+            if not self._send(wire.restamp(frame, self.epoch)):
+                self.spill_cursor = self.spill.frames_after(self.sent_seq)
+                break
+            self.credit.sent(last, payload)
+            self._sent(last, len(frame), _oldest_ts(frame), first)
+            did = True
+        return did
+
+    def _send_from_ring(self) -> bool:
+        did = False
+        for _ in range(16):
+            b = self.vbd.mirror_peek(self.ring_sent_bytes, self.batch_bytes)
+            if b is None:
+                break
+            frame, last, payload, ts = self._frame(b)
+            if not self.credit.allows(last, payload) or not self._send(frame):
+                break
+            self.credit.sent(last, payload)
+            self.ring_sent.append((last, b.nbytes, b.count))
+            self.ring_sent_bytes += b.nbytes
+            self._sent(last, len(frame), ts, b.first_seq)
+            did = True
+        return did
+
+    def _sent(self, last: int, nbytes: int, ts: int, first: int = 0) -> None:
+        if first and first > self.sent_seq + 1:     # never expected: say so loudly
+            log.error("%s: sending seq %d..%d after %d: a hole in the stream (spill %d..%d)",
+                      self.ident.vdev, first, last, self.sent_seq, self.spill.first_seq,
+                      self.spill.last_seq)
+        self.sent_seq = last
+        self.frames_sent += 1
+        self.bytes_sent += nbytes
+        self.pending_ts.append((last, ts))
+        if len(self.pending_ts) > LAG_SAMPLES:
+            self.pending_ts.popleft()
+
+    def _spill_from_ring(self) -> bool:
+        """Moves the oldest records of the ring, sent or not, to the spill log."""
+        did = False
+        for _ in range(16):
+            if self.ring_sent:      # a sent batch: the same run again, then spilled
+                last, nbytes, count = self.ring_sent[0]
+                b = self.vbd.mirror_peek(0, nbytes, count)
+            else:
+                b = self.vbd.mirror_peek(0, self.batch_bytes)
+            if b is None:
+                break
+            frame, last, _, _ = self._frame(b, parts=True)
+            if not self.spill.append(frame, b.first_seq, last):
+                self.spill_full = True
+                break
+            if self.ring_sent:
+                self.ring_sent.popleft()
+                self.ring_sent_bytes -= b.nbytes
+            self.vbd.mirror_release(b.nbytes)
+            did = True
+        return did
