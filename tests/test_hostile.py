@@ -455,7 +455,7 @@ def test_malformed_request_gets_an_error_and_the_ring_keeps_serving(hostile, pro
     id_ = g.next_id()
     entry = case(g, PROTOS[proto], id_)
     rid, op, status, padding = g.one(entry)
-    assert (rid, op, status) == (id_, entry[0], B.RSP_ERROR)
+    assert (rid, op, status) == (id_, B.answered_op(entry), B.RSP_ERROR)
     assert padding == bytes(len(padding)), "response padding leaks request bytes"
     st = g.vbd.stats()
     assert st["err_bad_request"] == before["err_bad_request"] + 1
@@ -495,7 +495,7 @@ def test_a_burst_of_malformed_requests_fills_the_ring_and_all_are_answered(hosti
         for _ in range(g.ring.size):
             id_ = g.next_id()
             entry = rng.choice(SLOT_ONLY_CASES)(g, B.NATIVE, id_)
-            ids.append((id_, entry[0]))
+            ids.append((id_, B.answered_op(entry)))
             g.ring.slot_write(g.ring.req_prod, entry)
             g.ring.req_prod += 1
         g.ring.publish()
@@ -537,7 +537,7 @@ def test_read_only_vbd_refuses_every_kind_of_write_and_keeps_the_image(hostile, 
     # A read-only VBD does not advertise discard: EOPNOTSUPP, like any
     # operation that was not negotiated; every other write is an error.
     assert [(r[0], r[1], r[2]) for r in got] == [
-        (struct.unpack_from("<Q", w, B.LAYOUTS[p].id)[0], w[0],
+        (struct.unpack_from("<Q", w, B.LAYOUTS[p].id)[0], B.answered_op(w),
          B.RSP_EOPNOTSUPP if w[0] == B.OP_DISCARD else B.RSP_ERROR) for w in writes]
     assert all(r[3] == bytes(len(r[3])) for r in got)
     # Reads and a bare flush are fine.

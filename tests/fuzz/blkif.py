@@ -88,6 +88,15 @@ def discard(protocol: int, id_: int, sector: int, nr_sectors: int, flag: int = 0
     return bytes(b)
 
 
+def answered_op(req: bytes) -> int:
+    """The operation the response to request slot `req` carries, as Linux
+    blkback answers (and blkfront checks): an indirect request's indirect_op
+    once it is READ or WRITE, else the request's operation byte."""
+    if req[0] == OP_INDIRECT and req[1] in (OP_READ, OP_WRITE):
+        return req[1]
+    return req[0]
+
+
 def raw(protocol: int, op: int, id_: int, fill: int = 0) -> bytes:
     """Any operation byte with an id, the rest filled with `fill`."""
     lo = LAYOUTS[protocol]
