@@ -53,6 +53,12 @@ ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
 
+# The repo (its .venv and built shim too) at the same path as on the host,
+# in case the tmpfs mounts above hid it (a clone under /tmp or /run, as CI's
+# may be). bash keeps reading this script through its open file.
+mkdir -p "$XT_REPO"
+step mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose xtrepo "$XT_REPO"
+
 # Writable share of the host's out/xen: case logs and guest consoles.
 mkdir -p $XT_OUT
 step mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 xtout $XT_OUT

@@ -154,6 +154,7 @@ timeout -k 10 "$XT_TIMEOUT" qemu-system-x86_64 \
     -initrd "$VMLINUZ $DOM0_ARGS,$IRD/dom0.cpio" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs local,path="$XT_OUT",mount_tag=xtout,security_model=none,multidevs=remap \
+    -virtfs local,path="$REPO",mount_tag=xtrepo,security_model=none,readonly=on,multidevs=remap \
     </dev/null >"$XT_OUT/qemu.log" 2>&1 9>&- &
 QPID=$!
 trap 'kill $QPID 2>/dev/null || true' EXIT INT TERM
