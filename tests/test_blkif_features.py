@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.test_shim import Guest, assert_clean
+from tests.test_shim import Guest, assert_clean, guest_factory as guest  # noqa: F401 (a fixture)
 from xentap.shim import SimDomain, SimFront, Transport, Vbd
 
 MiB = 1 << 20
@@ -46,20 +46,6 @@ def test_x86_32_abi_guest_reads_back_what_it_wrote(tmp_path, image):
 def test_unknown_protocol_is_refused(tmp_path, image):
     with pytest.raises(ValueError, match="protocol"):
         ProtoGuest(tmp_path, image, "arm-abi")
-
-
-@pytest.fixture
-def guest(tmp_path, image):
-    made = []
-
-    def make(**kw):
-        g = Guest(tmp_path, image, **kw)
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.close()
 
 
 def test_barriers_order_writes_on_both_sides(guest):
