@@ -134,7 +134,9 @@ def assert_replica_equals_source(m: Mirrored, appliance: Appliance, timeout=60):
 def test_replica_equals_source_after_random_workloads(tmp_path, appliance):
     m = Mirrored(tmp_path, appliance, queues=2, order=2)
     try:
-        m.run(block_size=4096, queue_depth=16, read_pct=30, max_ios=20000, flush_every=64, size=16 * MiB)
+        # A guest at a pace the appliance keeps up with on 2 cores (at full
+        # speed the ring overflows and resyncs: the last test covers that).
+        m.run(block_size=4096, queue_depth=4, read_pct=30, max_ios=20000, flush_every=64, size=16 * MiB)
         m.run(block_size=65536, queue_depth=8, discard_pct=10, max_ios=1000, seed=2)
         m.run(block_size=MiB, queue_depth=1, max_ios=32, seed=3)     # half a ring, at disk speed
         assert_replica_equals_source(m, appliance)
