@@ -62,8 +62,7 @@ static struct xt_req *take(struct xt_queue *q)
  * begin: a restarted daemon attaches there and serves exactly those again
  * (their ring slots still hold the requests, since an answer is written into
  * a slot only when it is published).
- */
-/*
+ *
  * The response carries the effective operation: for an indirect request
  * whose indirect_op was accepted, that is the indirect_op (READ/WRITE), as
  * Linux blkback answers; Linux blkfront disables the disk on any other
@@ -290,13 +289,36 @@ static void start_ordered(struct xt_queue *q, struct xt_req *req)
     submit(q, req, XT_IO_FSYNC);
 }
 
+static void count_done(struct xt_queue *q, struct xt_req *req)
+{
+    switch (req->io_op) {
+    case BLKIF_OP_READ:
+        count(&q->c.reqs_read, 1);
+        count(&q->c.bytes_read, req->len);
+        break;
+    case BLKIF_OP_WRITE:
+        count(&q->c.reqs_write, 1);
+        count(&q->c.bytes_written, req->len);
+        break;
+    case BLKIF_OP_FLUSH_DISKCACHE:
+        count(&q->c.reqs_flush, 1);
+        break;
+    case BLKIF_OP_WRITE_BARRIER:
+        count(&q->c.reqs_barrier, 1);
+        break;
+    case BLKIF_OP_DISCARD:
+        count(&q->c.reqs_discard, 1);
+        break;
+    }
+}
+
 static void tap(struct xt_queue *q, struct xt_req *req, uint32_t flags);
 
 /* Discard: a hole punched in a file, BLKDISCARD on a block device. */
 static void start_discard(struct xt_queue *q, struct xt_req *req)
 {
     if (req->discard_sectors == 0) {
-        count(&q->c.reqs_discard, 1);
+        count_done(q, req);
         respond(q, req, BLKIF_RSP_OKAY);
         return;
     }
@@ -314,7 +336,7 @@ static void start_discard(struct xt_queue *q, struct xt_req *req)
         return;
     }
     tap(q, req, 0);
-    count(&q->c.reqs_discard, 1);
+    count_done(q, req);
     respond(q, req, BLKIF_RSP_OKAY);
 }
 
@@ -351,28 +373,6 @@ static void start(struct xt_queue *q, struct xt_req *req, const struct xt_ring_r
     }
 }
 
-static void count_done(struct xt_queue *q, struct xt_req *req)
-{
-    switch (req->io_op) {
-    case BLKIF_OP_READ:
-        count(&q->c.reqs_read, 1);
-        count(&q->c.bytes_read, req->len);
-        break;
-    case BLKIF_OP_WRITE:
-        count(&q->c.reqs_write, 1);
-        count(&q->c.bytes_written, req->len);
-        break;
-    case BLKIF_OP_FLUSH_DISKCACHE:
-        count(&q->c.reqs_flush, 1);
-        break;
-    case BLKIF_OP_WRITE_BARRIER:
-        count(&q->c.reqs_barrier, 1);
-        break;
-    case BLKIF_OP_DISCARD:
-        count(&q->c.reqs_discard, 1);
-        break;
-    }
-}
 
 /* The tap: what the guest just wrote, or a crash-consistent point, goes to
  * the mirror ring.  Called once the image has it, before the guest hears. */
