@@ -195,6 +195,9 @@ class Drainer:
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         s.connect(self.endpoint)
         self._sock = s
+        self._poller = zmq.Poller()     # one per socket, not one per turn of the loop
+        for what in (s, self._monitor, self.wake_fd):
+            self._poller.register(what, zmq.POLLIN)
         self.in_session = False
         self._last_heard = time.monotonic()
         self._last_hello = 0.0
@@ -208,11 +211,7 @@ class Drainer:
 
     def _poll(self, timeout: float) -> None:
         """Waits for the appliance or the ring (the shim's wake fd), at most `timeout`."""
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
-        poller.register(self.wake_fd, zmq.POLLIN)
-        ready = dict(poller.poll(int(timeout * 1000)))
+        ready = dict(self._poller.poll(int(timeout * 1000)))
         if self._monitor in ready:
             self._on_connection_events()
         if self.wake_fd in ready:
