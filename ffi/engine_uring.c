@@ -102,11 +102,18 @@ static int uring_init(struct xt_engine *e, int fd, unsigned depth,
     return 0;
 }
 
+/* Each I/O goes to the kernel as soon as its request is parsed, as fio
+ * does, rather than with the next wait(): a burst of requests handed to the
+ * disk in one go comes back as one burst, and the guest's queue turns into a
+ * convoy (measured: 4 KiB random write QD32, shim/fio 0.64 -> 0.69 and random
+ * read 0.87 -> 1.0, medians of alternating runs in one process). */
 static void uring_submit(struct xt_engine *e, struct xt_io *io)
 {
+    struct uring_priv *p = e->priv;
     io->done = 0;
     io->res = 0;
-    prep_io(e->priv, io);
+    prep_io(p, io);
+    io_uring_submit(&p->ring);
 }
 
 static int uring_wait(struct xt_engine *e, struct xt_io **done, unsigned max,
