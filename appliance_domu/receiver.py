@@ -34,6 +34,13 @@ can never trip it.
 
 HEARTBEAT is answered with HEARTBEAT(last_seq = durable high water).
 
+Journal: every accepted message is also appended to the VBD's CDP journal
+(:mod:`engines.journal`, opened with the replica); a sync writes the
+journal's frames (one zstd frame per batch) and fdatasyncs it *before* the
+replica image and its state, so "durable" -- and so every ACK -- means
+"in the journal".  Retention trims run in the journal's own thread and never
+hold up the stream.
+
 Memory is bounded: ZeroMQ buffers at most ``rcvhwm`` frames per peer (each at
 most ``wire.MAX_FRAME_BYTES``; a larger one drops the connection), every
 frame is applied before the next is read, and the number of streams /
@@ -134,7 +141,8 @@ class Receiver:
                  enforce_credit: bool = True,
                  rcvhwm: int = DEFAULT_RCVHWM,
                  max_streams: int = DEFAULT_MAX_STREAMS,
-                 sync_threads: int = DEFAULT_SYNC_THREADS):
+                 sync_threads: int = DEFAULT_SYNC_THREADS,
+                 journal: dict | None = None):
         if not endpoint.startswith(("tcp://", "ipc://")):
             raise ValueError(f"endpoint {endpoint!r}: tcp://HOST:PORT or ipc://PATH expected")
         if curve is None and not insecure:
@@ -160,6 +168,9 @@ class Receiver:
         self.rcvhwm = rcvhwm
         self.max_streams = max_streams
         self.sync_threads = max(1, sync_threads)
+        #: options for engines.journal.Journal.open (retention_seconds, retention_bytes,
+        #: segment_bytes)
+        self.journal_opts = dict(journal or {})
 
         self.sessions: dict[tuple[bytes, int], Session] = {}
         self.replicas: dict[uuid.UUID, Replica] = {}
@@ -275,6 +286,11 @@ class Receiver:
                                      last_flush_durable_ns=st.last_flush_durable_ns,
                                      domid=st.domid, vdev=st.vdev,
                                      connected=rep.vbd_uuid in self._bound_session)
+            j = rep.journal
+            if j is not None:
+                vbds[st.vbd_uuid]["journal"] = dict(
+                    first_seq=j.base_seq, last_seq=j.durable_seq,
+                    journal_bytes=j.journal_bytes, warnings=list(j.warnings[-3:]))
         return dict(endpoint=self.endpoint, public_key=self.public_key,
                     stats=dict(self.stats), vbds=vbds)
 
@@ -472,7 +488,7 @@ class Receiver:
         rep = self.replicas.get(vbd)
         try:
             if rep is None:
-                rep = Replica.open(self.data_dir, vbd)
+                rep = Replica.open(self.data_dir, vbd, journal=self.journal_opts)
                 if rep is not None:
                     self._cache_replica(rep)
         except (OSError, ValueError) as e:
@@ -500,7 +516,7 @@ class Receiver:
             return
         try:
             if rep is None:
-                rep = Replica.create(self.data_dir, hello)
+                rep = Replica.create(self.data_dir, hello, journal=self.journal_opts)
                 self._cache_replica(rep)
             else:
                 rep.begin_session(hello)

@@ -18,6 +18,15 @@ crash the image may also hold some writes beyond ``high_water``; dom0 re-sends
 from at most ``high_water + 1`` (it was never ACKed beyond that) and the
 writes are re-applied in order, which converges to the same content.
 
+The journal (:mod:`engines.journal`, in ``<data_dir>/<vbd_uuid>/journal``)
+keeps every message as well, for restores to any point in its window: what
+:meth:`Replica.apply` applies is also appended to it, and
+:meth:`Replica.write_durable` makes the journal durable *first* (so the
+journal always holds at least ``high_water``; it may hold more after a
+crash, and skips those seqs when dom0 re-sends them).  ``replica.img`` is the
+live copy (the disk as of ``high_water``); the journal's ``base.img`` is the
+copy that lags by the retention window.
+
 The state also carries what :class:`xentap.wire.StreamChecker` needs back
 after a restart: ``high_water``, ``epoch`` (the highest session epoch ever
 accepted, recorded durably *before* the HELLO is answered, so a stale
@@ -37,6 +46,7 @@ import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from engines import journal as journal_mod
 from xentap import wire
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 IMAGE_NAME = "replica.img"
 STATE_NAME = "state.json"
+JOURNAL_NAME = "journal"
 _MAX_STATE_BYTES = 64 * 1024
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -167,6 +178,8 @@ class Replica:
     """
 
     def __init__(self, directory: Path, state: ReplicaState, fd: int):
+        self.journal: journal_mod.Journal | None = None  # attached by open / create
+        self._jtaken = None  # journal frames taken by begin_sync, written by write_durable
         self.dir = directory
         self.image_path = directory / IMAGE_NAME
         self.state_path = directory / STATE_NAME
@@ -211,8 +224,12 @@ class Replica:
         return st
 
     @classmethod
-    def open(cls, data_dir, vbd_uuid) -> Replica | None:
-        """Open an existing replica; None if there is none.  Writes nothing."""
+    def open(cls, data_dir, vbd_uuid, *, journal: dict | None = None) -> Replica | None:
+        """Open an existing replica and its journal; None if there is none.
+
+        ``journal``: options for :meth:`engines.journal.Journal.open` (retention,
+        segment size).  The journal is created if missing (its base is then a copy
+        of the image) and recovered if the appliance died (a torn tail is cut)."""
         st = cls.load_state(data_dir, vbd_uuid)
         if st is None:
             return None
@@ -221,10 +238,41 @@ class Replica:
             fd = os.open(d / IMAGE_NAME, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ReplicaError(errno.ENOENT, f"replica {d} has a state but no image") from None
-        return cls(d, st, fd)
+        rep = cls(d, st, fd)
+        try:
+            rep._attach_journal(journal or {})
+        except BaseException:
+            rep.close()
+            raise
+        return rep
+
+    def _attach_journal(self, opts: dict) -> None:
+        jdir = self.dir / JOURNAL_NAME
+        st = self.state
+        if not (jdir / "meta.json").exists():
+            self.journal = journal_mod.Journal.create(
+                jdir, vbd_uuid=st.vbd_uuid, size_bytes=st.size_bytes,
+                base_from=self.image_path if st.high_water else None,
+                base_seq=st.high_water, base_ts=st.updated_ns if st.high_water else 0, **opts)
+            return
+        j = journal_mod.Journal.open(jdir, writable=True, **opts)
+        if j.last_seq < st.high_water:
+            # the journal lost durable records (damaged disk?): restart its history
+            # from the replica rather than leave a hole in it
+            j.close()
+            lost = jdir.with_name(f"{JOURNAL_NAME}.lost-{time.time_ns()}")
+            log.error("replica %s: the journal ends at seq %d, the replica at %d; history "
+                      "restarted from the replica (old journal kept in %s)", self.dir,
+                      j.last_seq, st.high_water, lost.name)
+            os.rename(jdir, lost)
+            j = journal_mod.Journal.create(
+                jdir, vbd_uuid=st.vbd_uuid, size_bytes=st.size_bytes,
+                base_from=self.image_path, base_seq=st.high_water, base_ts=st.updated_ns,
+                **opts)
+        self.journal = j
 
     @classmethod
-    def create(cls, data_dir, hello: wire.Hello) -> Replica:
+    def create(cls, data_dir, hello: wire.Hello, *, journal: dict | None = None) -> Replica:
         """Create the replica for a (validated) HELLO: a sparse image and its state."""
         data_dir = Path(data_dir)
         d = cls.directory(data_dir, hello.vbd_uuid)
@@ -242,11 +290,22 @@ class Replica:
         except BaseException:
             os.close(fd)
             raise
+        try:
+            if (d / JOURNAL_NAME).exists():  # left by a replica whose state was lost
+                os.rename(d / JOURNAL_NAME, d / f"{JOURNAL_NAME}.old-{time.time_ns()}")
+            rep._attach_journal(journal or {})
+        except BaseException:
+            rep.close()
+            raise
         rep.begin_session(hello)  # writes state.json (the replica exists from here)
         _fsync_dir(data_dir)
         return rep
 
     def close(self) -> None:
+        """Close the image and the journal (what the journal did not write is dropped)."""
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -271,6 +330,8 @@ class Replica:
             log.info("replica %s: disk size %d -> %d bytes", p.vbd_uuid, p.size_bytes,
                      hello.size_bytes)
             os.ftruncate(self.fd, hello.size_bytes)
+            if self.journal is not None:
+                self.journal.resize(hello.size_bytes)
             self._dirty(0)
         p.size_bytes = hello.size_bytes
         p.logical_sector_size = hello.logical_sector_size
@@ -339,6 +400,8 @@ class Replica:
             return 0
         p = self.pending
         nbytes = 0
+        if self.journal is not None:
+            self._journal(msg)
         if isinstance(msg, wire.Writes):
             DISCARD, ZEROES = _DISCARD, _ZEROES
             for r in msg.records:
@@ -369,6 +432,24 @@ class Replica:
         p.high_water = rng[1]
         self._dirty(nbytes)
         return nbytes
+
+    def _journal(self, msg: wire.Message) -> None:
+        j, K = self.journal, journal_mod.Kind
+        if isinstance(msg, wire.Writes):
+            j.append_writes(msg.first_seq, msg.records)
+        elif isinstance(msg, wire.Flush):
+            j.append_event(msg.seq, K.FLUSH, msg.timestamp_ns)
+        elif isinstance(msg, wire.Resync):
+            j.append_resync(msg.seq, msg.sector, msg.length, msg.flags, msg.data)
+        elif isinstance(msg, wire.Gap):
+            j.append_event(msg.seq, K.GAP, msg.timestamp_ns, arg=int(msg.reason))
+        elif isinstance(msg, wire.ResyncEnd):
+            j.append_event(msg.seq, K.RESYNC_END, msg.timestamp_ns)
+        elif isinstance(msg, wire.Checkpoint):
+            j.append_event(msg.seq, K.CHECKPOINT, msg.timestamp_ns, arg=int(msg.kind),
+                           label=msg.label)
+        else:
+            raise ValueError(f"not a journaled message: {msg.TYPE.name}")
 
     # -- durability
     def sync(self, *, force: bool = False) -> int:
@@ -404,9 +485,13 @@ class Replica:
             snap.last_flush_durable_ns = snap.updated_ns
         self.dirty_bytes = 0
         self.dirty_since = None
+        self._jtaken = self.journal.take() if self.journal is not None else None
         return snap
 
     def write_durable(self, snap: ReplicaState) -> None:
+        taken, self._jtaken = self._jtaken, None
+        if taken is not None:
+            self.journal.write(taken)  # the journal first: it must hold high_water
         os.fdatasync(self.fd)
         write_state_atomically(self.state_path, snap.to_json())
 

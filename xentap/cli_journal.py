@@ -1,0 +1,354 @@
+"""`xentap journal ...`: the appliance's CDP journals (list, checkpoints, restore, verify).
+
+Registered by xentap/cli.py with ``cli.add_command(cli_journal.journal)``.
+They read the journals under the appliance's data directory, also while the
+appliance runs (a restore holds off retention trims only while it copies the
+base image).  Human tables by default, ``--json`` for scripts; errors are one
+line and a non-zero exit (:class:`JournalCliError`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+import click
+
+DEFAULT_DATA_DIR = "/var/lib/xentap/appliance"  # = xentap.cli_appliance.DEFAULT_DATA_DIR
+
+
+class JournalCliError(click.ClickException):
+    """A user-facing error: printed as one line ("xentap: ..."), exit status 1."""
+
+    def show(self, file=None) -> None:  # noqa: D401 - click API
+        click.echo(f"xentap: {self.format_message()}", err=True)
+
+
+def _one_line(e: BaseException) -> str:
+    s = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in s:
+        s += f": {e.filename}"
+    return s.splitlines()[0]
+
+
+# ------------------------------------------------------------------ parsing
+
+_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$", re.I)
+_DUR_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '24h', '7d' -> seconds (ValueError otherwise)."""
+    m = _DUR.match(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (e.g. 30m, 24h, 7d)")
+    return float(m.group(1)) * _DUR_UNITS[(m.group(2) or "s").lower()]
+
+
+def parse_time(text: str, now_ns: int | None = None) -> int:
+    """A point in time -> ns since the epoch.  Accepts ISO 8601 (UTC unless it says
+    otherwise), seconds since the epoch, 'now', or '-10m' / '-2h' (before now)."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    t = text.strip()
+    if t.lower() == "now":
+        return now_ns
+    if t.startswith("-"):
+        return now_ns - int(parse_duration(t[1:]) * 1e9)
+    try:
+        return int(float(t) * 1e9)
+    except ValueError:
+        pass
+    try:
+        d = dt.datetime.fromisoformat(t.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a time: {text!r} (ISO 8601 like 2026-11-25T18:00:00Z, "
+                         f"seconds since the epoch, or -10m)") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=dt.timezone.utc)
+    return int(d.timestamp()) * 1_000_000_000 + d.microsecond * 1000
+
+
+def fmt_ns(ns: int) -> str:
+    if not ns:
+        return "-"
+    from engines.journal import fmt_time
+    return fmt_time(ns)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+# ------------------------------------------------------------------ finding VBDs
+
+
+def _vbds(data_dir: Path) -> list[tuple[str, Path, dict]]:
+    """(uuid, directory, replica state) of every VBD with a journal."""
+    if not data_dir.is_dir():
+        raise JournalCliError(f"no appliance data directory {data_dir} (see --data-dir)")
+    out = []
+    for d in sorted(data_dir.iterdir()):
+        try:
+            u = str(uuid.UUID(d.name))
+        except ValueError:
+            continue
+        if not (d / "journal" / "meta.json").exists():
+            continue
+        try:
+            st = json.loads((d / "state.json").read_bytes())
+            if not isinstance(st, dict):
+                st = {}
+        except (OSError, ValueError):
+            st = {}
+        out.append((u, d, st))
+    return out
+
+
+def _name(st: dict) -> str:
+    if st.get("domid") or st.get("vdev"):
+        return f"dom{st.get('domid', '?')}/{st.get('vdev') or st.get('devid', '?')}"
+    return "-"
+
+
+def _find(data_dir: Path, vbd: str) -> tuple[str, Path, dict]:
+    """A VBD by uuid, unique uuid prefix, or domN/vdev."""
+    vbds = _vbds(data_dir)
+    hits = [v for v in vbds if v[0] == vbd.lower()] or \
+        [v for v in vbds if _name(v[2]) == vbd] or \
+        [v for v in vbds if len(vbd) >= 4 and v[0].startswith(vbd.lower())]
+    if not hits:
+        raise JournalCliError(f"unknown VBD {vbd!r}: no journal for it in {data_dir} "
+                              f"(see 'xentap journal list')")
+    if len(hits) > 1:
+        raise JournalCliError(f"VBD {vbd!r} is ambiguous: " + ", ".join(h[0] for h in hits))
+    return hits[0]
+
+
+def _open(d: Path):
+    from engines.journal import Journal
+    try:
+        return Journal.open(d / "journal")
+    except OSError as e:
+        raise JournalCliError(_one_line(e)) from None
+
+
+# ------------------------------------------------------------------ commands
+
+_data_dir_opt = click.option(
+    "--data-dir", default=lambda: os.environ.get("XENTAP_DATA_DIR", DEFAULT_DATA_DIR),
+    show_default=DEFAULT_DATA_DIR, type=click.Path(file_okay=False),
+    help="The appliance's data directory [env XENTAP_DATA_DIR].")
+_json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.group("journal")
+def journal() -> None:
+    """The CDP journals: history windows, checkpoints, restore to any point in time."""
+
+
+@journal.command("list")
+@_data_dir_opt
+@_json_opt
+def list_cmd(data_dir: str, as_json: bool) -> None:
+    """VBDs with a journal: history window, size, RPO."""
+    now = time.time_ns()
+    rows = []
+    for u, d, st in _vbds(Path(data_dir)):
+        j = _open(d)
+        try:
+            info = j.info()
+        finally:
+            j.close()
+        last = info["last_ts_ns"]
+        info.update(vbd=u, name=_name(st), domid=st.get("domid"), vdev=st.get("vdev"),
+                    rpo_seconds=round((now - last) / 1e9, 3) if last else None,
+                    first_time=fmt_ns(info["first_ts_ns"]), last_time=fmt_ns(last))
+        rows.append(info)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no journals in {data_dir}")
+        return
+    click.echo(f"{'VBD':36}  {'NAME':12}  {'FROM':24}  {'TO':24}  {'WINDOW':>9}  "
+               f"{'SEQS':>17}  {'SIZE':>10}  {'RPO':>8}")
+    for r in rows:
+        rpo = "-" if r["rpo_seconds"] is None else f"{r['rpo_seconds']:.1f}s"
+        seqs = f"{r['first_seq']}..{r['last_seq']}"
+        click.echo(f"{r['vbd']:36}  {r['name']:12}  {r['first_time']:24}  {r['last_time']:24}  "
+                   f"{r['window_seconds']:8.0f}s  {seqs:>17}  "
+                   f"{fmt_bytes(r['journal_bytes']):>10}  {rpo:>8}")
+        for w in r["warnings"]:
+            click.echo(f"  warning: {w}")
+
+
+@journal.command("checkpoints")
+@click.argument("vbd")
+@click.option("--consistent", is_flag=True, help="Only crash-consistent checkpoints.")
+@click.option("--kind", type=click.Choice(["flush", "user", "analyzer"]), multiple=True,
+              help="Only these kinds (repeatable).")
+@click.option("--last", type=click.IntRange(1), default=None, metavar="N",
+              help="Only the N newest.")
+@_data_dir_opt
+@_json_opt
+def checkpoints_cmd(vbd: str, consistent: bool, kind, last, data_dir: str,
+                    as_json: bool) -> None:
+    """Checkpoints of VBD: every flush (crash-consistent), user and analyzer tags."""
+    _, d, _ = _find(Path(data_dir), vbd)
+    j = _open(d)
+    try:
+        cps = j.checkpoints(consistent_only=consistent)
+    finally:
+        j.close()
+    if kind:
+        cps = [c for c in cps if c.kind_name in kind]
+    if last:
+        cps = cps[-last:]
+    if as_json:
+        click.echo(json.dumps([dict(c.to_dict(), time=fmt_ns(c.timestamp_ns)) for c in cps],
+                              indent=2))
+        return
+    if not cps:
+        click.echo("no checkpoints in the window")
+        return
+    click.echo(f"{'ID':>12}  {'TIME':24}  {'KIND':8}  {'CONSISTENT':10}  LABEL")
+    for c in cps:
+        click.echo(f"{c.id:>12}  {fmt_ns(c.timestamp_ns):24}  {c.kind_name:8}  "
+                   f"{'yes' if c.consistent else 'no':10}  {c.label}")
+
+
+@journal.command("restore")
+@click.argument("vbd")
+@click.option("--at", "at", metavar="TIME",
+              help="ISO 8601 (UTC unless stated), seconds since the epoch, or -10m.")
+@click.option("--checkpoint", "checkpoint", type=int, metavar="ID",
+              help="A checkpoint id from 'xentap journal checkpoints'.")
+@click.option("--seq", "seq", type=click.IntRange(0), metavar="N",
+              help="Right after write number N (any write boundary).")
+@click.option("--to", "target", required=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="The image file to write (created).")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@_data_dir_opt
+@_json_opt
+def restore_cmd(vbd: str, at, checkpoint, seq, target: str, force: bool, data_dir: str,
+                as_json: bool) -> None:
+    """Write VBD's disk as it was at a point in time to FILE."""
+    from engines.journal import OutOfWindow
+
+    if sum(x is not None for x in (at, checkpoint, seq)) != 1:
+        raise JournalCliError("give exactly one of --at, --checkpoint, --seq")
+    try:
+        t_ns = parse_time(at) if at is not None else None
+    except ValueError as e:
+        raise JournalCliError(str(e)) from None
+    tgt = Path(target)
+    if tgt.exists() and not force:
+        raise JournalCliError(f"{tgt} exists (use --force to overwrite it)")
+    parent = tgt.parent if str(tgt.parent) else Path(".")
+    if not parent.is_dir():
+        raise JournalCliError(f"cannot write {tgt}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (tgt.exists() and not os.access(tgt, os.W_OK)):
+        raise JournalCliError(f"cannot write {tgt}: permission denied")
+    u, d, _ = _find(Path(data_dir), vbd)
+    j = _open(d)
+    try:
+        cp = None
+        try:
+            if t_ns is not None:
+                target_seq = j.seq_at(t_ns)
+            elif checkpoint is not None:
+                cps = [c for c in j.checkpoints() if c.id == checkpoint]
+                if not cps:
+                    raise JournalCliError(f"no checkpoint {checkpoint} in the window of {u} "
+                                          f"(see 'xentap journal checkpoints {vbd}')")
+                cp = max(cps, key=lambda c: c.consistent)
+                target_seq = cp.seq
+            else:
+                target_seq = seq
+            if not (j.base_seq <= target_seq <= j.durable_seq):
+                raise OutOfWindow(0, f"seq {target_seq} is outside the history window "
+                                  f"({j.base_seq}..{j.durable_seq})")
+            existed = tgt.exists()
+            try:
+                os.close(os.open(tgt, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                res = _restore(j, u, tgt, target_seq, as_json)
+            except BaseException:
+                if not existed:  # no half-written image left behind
+                    try:
+                        tgt.unlink()
+                    except OSError:
+                        pass
+                raise
+        except OutOfWindow as e:
+            raise JournalCliError(_one_line(e)) from None
+        except OSError as e:
+            raise JournalCliError(_one_line(e)) from None
+    finally:
+        j.close()
+    _report_restore(res, u, tgt, t_ns, cp, as_json)
+
+
+def _restore(j, u: str, tgt: Path, target_seq: int, as_json: bool) -> dict:
+    if as_json:
+        return j.restore(tgt, seq=target_seq)
+    with click.progressbar(length=1, label=f"restoring {u} to seq {target_seq}",
+                           file=click.get_text_stream("stderr")) as bar:
+        def progress(done, total):
+            bar.length = max(total, 1)
+            bar.update(done - bar.pos)
+        return j.restore(tgt, seq=target_seq, progress=progress)
+
+
+def _report_restore(res: dict, u: str, tgt: Path, t_ns, cp, as_json: bool) -> None:
+    res.update(vbd=u, to=str(tgt), at=fmt_ns(t_ns) if t_ns else None,
+               checkpoint=cp.to_dict() if cp else None,
+               mb_s=round(res["bytes"] / res["seconds"] / 1e6, 1) if res["seconds"] else None)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"restored {u} to seq {res['seq']} into {tgt}: {fmt_bytes(res['bytes'])} in "
+               f"{res['seconds']:.1f} s ({res['mb_s']} MB/s), "
+               f"{fmt_bytes(res['replayed_bytes'])} of journal replayed")
+    if not res["write_ordered"]:
+        click.echo("warning: this point lies inside a GAP/RESYNC window: the image is not "
+                   "write-ordered (not crash-consistent)", err=True)
+    elif cp is not None and not cp.consistent:
+        click.echo("note: this checkpoint is not marked crash-consistent", err=True)
+
+
+@journal.command("verify")
+@click.argument("vbd")
+@_data_dir_opt
+@_json_opt
+def verify_cmd(vbd: str, data_dir: str, as_json: bool) -> None:
+    """Read every frame of VBD's journal: checksums, seq continuity, decompression."""
+    u, d, _ = _find(Path(data_dir), vbd)
+    j = _open(d)
+    try:
+        if as_json:
+            res = j.verify()
+        else:
+            with click.progressbar(length=max(j.journal_bytes, 1), label=f"verifying {u}",
+                                   file=click.get_text_stream("stderr")) as bar:
+                res = j.verify(progress=lambda done, total: bar.update(done - bar.pos))
+    finally:
+        j.close()
+    res["vbd"] = u
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    elif res["ok"]:
+        click.echo(f"{u}: ok, {res['frames']} frames, {res['records']} records, seqs "
+                   f"{res['first_seq']}..{res['last_seq']}")
+    if not res["ok"]:
+        if not as_json:
+            for p in res["problems"]:
+                click.echo(f"{u}: {p}")
+        raise JournalCliError(f"journal of {u} has {len(res['problems'])} problem(s)")
