@@ -1,0 +1,244 @@
+"""The streaming analyzer of one VBD: feed it the mirrored writes in order.
+
+    a = VbdAnalyzer()
+    for rec in stream:
+        events = a.feed(seq, time_ns, sector, data) if write else a.flush(seq, time_ns)
+
+It learns the layout from the writes themselves (a partition table, then the
+superblocks at each partition start, then where the jbd2 journal or the XFS
+log lives), so it is useful from the first write; ``learn(read)`` lets it
+also look at the disk as it was before the stream (the replica), and
+``read_old`` lets the encryption detector compare a write with what the same
+block held before.  Events are :class:`analyzer.events.Event`.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+
+from . import events as ev
+from .detector import DetectorConfig, EncryptionDetector
+from .formats import ext4, gpt, luks, lvm, mbr, ntfs, swap, xfs
+from .fstrack import NTFS, XFS, Ext4
+
+HEAD = 64 << 10  # bytes watched at the start of the disk and of every partition
+
+
+class VbdAnalyzer:
+    def __init__(self, name: str = "vbd", *, sector_size: int = 512, size: int | None = None,
+                 detector: DetectorConfig | None = None, read_old=None):
+        self.name = name
+        self.sector_size = sector_size
+        self.size = size
+        self.detector = EncryptionDetector(detector, read_old)
+        self.heads: dict[int, bytearray] = {0: bytearray(HEAD)}  # start -> first HEAD bytes seen
+        self.head_end: dict[int, int | None] = {0: size}
+        self.found: dict[int, tuple[str, str]] = {}  # start -> (type, identity)
+        self.trackers: dict[int, object] = {}
+        self.partitions: list[dict] = []
+        self.consistent: list[tuple[int, int, str]] = []  # (seq, time_ns, label)
+        self._cseqs: list[int] = []
+        self.alarm: ev.Event | None = None
+        self.last_seq = -1
+        self.writes = 0
+        self.bytes = 0
+        self.flushes = 0
+
+    # ------------------------------------------------------------ input
+    def feed(self, seq: int, time_ns: int, sector: int, data) -> list[ev.Event]:
+        """One completed write, in stream order; returns the events it caused."""
+        out: list[ev.Event] = []
+        off = sector * self.sector_size
+        end = off + len(data)
+        self.last_seq = seq
+        self.writes += 1
+        self.bytes += len(data)
+        for start in list(self.heads):
+            if off < start + HEAD and start < end:
+                self._update_head(seq, time_ns, start, off, data, out)
+        for tr in self.trackers.values():
+            tr.on_write(seq, time_ns, off, data, out)
+        s = self.detector.add(seq, time_ns, off, data)
+        if s is not None:
+            self._alarm(s, seq, time_ns, out)
+        return out
+
+    def flush(self, seq: int, time_ns: int) -> list[ev.Event]:
+        """A flush marker: everything written before it is durable."""
+        out: list[ev.Event] = []
+        self.last_seq = seq
+        self.flushes += 1
+        if self.detector._nblocks >= 64:
+            s = self.detector.process()
+            if s is not None:
+                self._alarm(s, seq, time_ns, out)
+        for tr in self.trackers.values():
+            tr.on_flush(seq, time_ns, out)
+        for e in out:
+            if e.consistent:
+                self.consistent.append((e.seq, e.time_ns, e.label))
+                self._cseqs.append(e.seq)
+        return out
+
+    def finish(self) -> list[ev.Event]:
+        """Analyse what is still queued (end of a trace, or idle)."""
+        out: list[ev.Event] = []
+        s = self.detector.process()
+        if s is not None:
+            self._alarm(s, self.last_seq, 0, out)
+        return out
+
+    def learn(self, read) -> list[ev.Event]:
+        """Look at the disk as it is (``read(offset, length) -> bytes``) before the stream."""
+        out: list[ev.Event] = []
+        done: set[int] = set()
+        while True:
+            todo = [s for s in self.heads if s not in done]
+            if not todo:
+                break
+            for start in todo:
+                done.add(start)
+                buf = read(start, HEAD) or b""
+                self._update_head(-1, 0, start, start, buf, out)
+        for tr in list(self.trackers.values()):
+            if isinstance(tr, Ext4) and tr.jranges:
+                s, _e, lg = tr.jranges[0]
+                if lg == 0:
+                    blk = read(s, tr.bs) or b""
+                    tr._journal_block(-1, 0, 0, bytes(blk), out)
+        return out
+
+    # ------------------------------------------------------------ layout
+    def _update_head(self, seq, t, start, off, data, out) -> None:
+        head = self.heads[start]
+        lo = max(off, start)
+        hi = min(off + len(data), start + HEAD)
+        head[lo - start:hi - start] = data[lo - off:hi - off]
+        self._identify(seq, t, start, bytes(head), out)
+
+    def _identify(self, seq, t, start, buf, out) -> None:
+        kind = ident = None
+        obj = None
+        if start == 0:
+            g = gpt.detect(buf, self.sector_size)
+            m = None if g else mbr.detect(buf)
+            parts = []
+            if g is not None and g.partitions:
+                parts = [(p.first_lba * self.sector_size, (p.last_lba + 1) * self.sector_size, p.type_name)
+                         for p in g.partitions]
+            elif m is not None and not m.protective:
+                parts = [(p.lba_first * self.sector_size, p.lba_end * self.sector_size, p.type_name)
+                         for p in m.partitions if not p.is_extended]
+            if parts:
+                self._partitions(seq, t, "gpt" if g else "mbr", parts, out)
+        for name, probe in (("luks", luks.detect), ("lvm2_pv", lvm.detect), ("swap", swap.detect),
+                            ("xfs", xfs.detect), ("ext4", ext4.detect), ("ntfs", ntfs.detect)):
+            try:
+                obj = probe(buf, 0)
+            except Exception:
+                obj = None
+            if obj is None:
+                continue
+            if getattr(obj, "checksum_ok", None) is False or getattr(obj, "crc_ok", None) is False:
+                continue
+            kind = name
+            break
+        if kind is None:
+            return
+        if kind == "ext4":
+            kind = obj.kind
+        ident = getattr(obj, "uuid", None) or ""
+        if kind == "ntfs":
+            ident = f"{obj.volume_serial_number:016x}"
+        prev = self.found.get(start)
+        if prev == (kind, ident):
+            tr = self.trackers.get(start)
+            if tr is not None:
+                tr.update_sb(seq, t, obj, out)
+            return
+        self.found[start] = (kind, ident)
+        detail = {"uuid": ident}
+        tr = None
+        if kind in ("ext2", "ext3", "ext4", "jbd"):
+            tr = Ext4(start, obj)
+            detail.update(block_size=obj.block_size, size=obj.size_bytes, journal=bool(tr.jranges),
+                          journal_offset=tr.jranges[0][0] if tr.jranges else None)
+        elif kind == "xfs":
+            tr = XFS(start, obj)
+            detail.update(block_size=obj.blocksize, size=obj.dblocks * obj.blocksize,
+                          log_offset=tr.log[0] if tr.log else None)
+        elif kind == "ntfs":
+            tr = NTFS(start, obj)
+            detail.update(cluster_size=obj.cluster_size, size=obj.size_bytes)
+        elif kind == "luks":
+            end = self.head_end.get(start)
+            self.detector.exclude(start, end if end is not None else 1 << 62)
+            detail.update(version=type(obj).__name__)
+            out.append(ev.Event(ev.VOLUME_ENCRYPTED, seq, t, start, kind,
+                                f"LUKS volume at {start}: encrypted as a whole, not alarmed on", detail))
+        if tr is not None:
+            self.trackers[start] = tr
+            for s, e in tr.regions:
+                self.detector.exclude(s, e)
+        else:
+            self.trackers.pop(start, None)
+        out.append(ev.Event(ev.FS_IDENTIFIED, seq, t, start, kind, f"{kind} at byte {start}", detail))
+        if tr is not None and tr.mounted:
+            out.append(ev.Event(ev.MOUNT, seq, t, start, kind, f"{kind} mounted", {"uuid": ident}))
+
+    def _partitions(self, seq, t, scheme, parts, out) -> None:
+        new = [{"scheme": scheme, "start": s, "end": e, "type": ty} for s, e, ty in parts]
+        if new == self.partitions:
+            return
+        self.partitions = new
+        for s, e, _ in parts:
+            if s not in self.heads:
+                self.heads[s] = bytearray(HEAD)
+                self.head_end[s] = e
+
+    # ------------------------------------------------------------ alarm
+    def _alarm(self, s, seq, t, out) -> None:
+        rec = self.recovery_point(s.first_seq)
+        detail = {
+            "first_seq": s.first_seq, "first_time_ns": s.first_time_ns, "first_sector": s.first_sector,
+            "suspicious_bytes": s.suspicious_bytes, "share": s.share, "baseline": s.baseline,
+            "recommended_seq": rec[0] if rec else None,
+            "recommended_time_ns": rec[1] if rec else None,
+            "recommended_label": rec[2] if rec else None,
+        }
+        label = (f"mass encryption suspected from write {s.first_seq}; recover to "
+                 + (f"seq {rec[0]} ({rec[2]})" if rec else "no consistent point before it"))
+        e = ev.Event(ev.ENCRYPTION_SUSPECTED, s.seq, s.time_ns, None, None, label, detail)
+        self.alarm = e
+        out.append(e)
+
+    def recovery_point(self, before_seq: int) -> tuple[int, int, str] | None:
+        """The last filesystem-consistent point strictly before ``before_seq``."""
+        i = bisect_right(self._cseqs, before_seq - 1) - 1
+        return self.consistent[i] if i >= 0 else None
+
+    # ------------------------------------------------------------ state
+    def state(self) -> dict:
+        """The VBD's current data state (what goes to xenstore and `xentap analyze`)."""
+        fss = []
+        for start, (kind, ident) in sorted(self.found.items()):
+            tr = self.trackers.get(start)
+            fss.append({"offset": start, "type": kind, "uuid": ident,
+                        "mounted": None if tr is None else tr.mounted})
+        last = self.consistent[-1] if self.consistent else None
+        d = self.detector
+        return {
+            "vbd": self.name,
+            "writes": self.writes, "bytes": self.bytes, "flushes": self.flushes, "last_seq": self.last_seq,
+            "partitions": self.partitions,
+            "filesystems": fss,
+            "consistent_points": len(self.consistent),
+            "last_consistent": None if last is None else {"seq": last[0], "time_ns": last[1], "label": last[2]},
+            "encryption": {
+                "alarm": None if self.alarm is None else self.alarm.as_dict(),
+                "baseline_share": round(d.baseline, 4),
+                "recent_share": round(d.recent_susp / d.recent_data, 4) if d.recent_data else 0.0,
+                "totals": dict(d.totals),
+            },
+            "data_state": ("encryption_suspected" if self.alarm else
+                           "consistent" if last else "unknown" if not fss else "identified"),
+        }
