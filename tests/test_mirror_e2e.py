@@ -89,7 +89,7 @@ class Mirrored:
     """A guest whose VBD is mirrored to `appliance` through a drainer."""
 
     def __init__(self, tmp_path, appliance, *, ring=64 * MiB, spill_limit=256 * MiB,
-                 disk=32 * MiB, socket_setup=None, **kw):
+                 disk=32 * MiB, socket_setup=None, endpoint=None, **kw):
         self.image = tmp_path / "disk.img"
         with open(self.image, "wb") as f:
             f.truncate(disk)
@@ -99,7 +99,7 @@ class Mirrored:
         self.g.vbd.connect(self.g.transport, self.g.front.params)
         self.ident = VbdIdentity(vbd_uuid=uuid.uuid4(), domid=3, devid=51712, vdev="xvda",
                                  size_bytes=disk)
-        self.drainer = Drainer(self.g.vbd, self.ident, appliance.endpoint, image_path=str(self.image),
+        self.drainer = Drainer(self.g.vbd, self.ident, endpoint or appliance.endpoint, image_path=str(self.image),
                                spill_dir=str(tmp_path / "spill"), spill_limit=spill_limit,
                                socket_setup=socket_setup or appliance.client()).start()
 
@@ -219,3 +219,112 @@ def test_wrong_curve_key_is_refused_and_nothing_is_written(tmp_path, appliance):
         assert not (appliance.dir / str(m.ident.vbd_uuid)).exists()
     finally:
         m.close()
+
+
+class Link:
+    """A TCP link between dom0 and the appliance that can drop: a forwarding
+    proxy on its own port.  `drop()` stops moving bytes and stops accepting
+    (a black hole: nothing is refused, nothing arrives, as when a cable or a
+    bridge goes); `restore()` resets what was open then (the peers' TCP
+    connections would have timed out) and forwards again."""
+
+    def __init__(self, target: str):
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.up = threading.Event()
+        self.up.set()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.lock = threading.Lock()
+        self.done = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import selectors
+        sel = selectors.DefaultSelector()
+        while not self.done:
+            self.up.wait(0.1)
+            if not self.up.is_set():
+                continue
+            sel.close()
+            sel = selectors.DefaultSelector()
+            sel.register(self.lsock, selectors.EVENT_READ)
+            with self.lock:
+                for a, b in self.pairs:
+                    sel.register(a, selectors.EVENT_READ, b)
+                    sel.register(b, selectors.EVENT_READ, a)
+            for key, _ in sel.select(0.05):
+                if not self.up.is_set():
+                    break
+                if key.fileobj is self.lsock:
+                    c, _ = self.lsock.accept()
+                    try:
+                        s = socket.create_connection(self.target, timeout=2)
+                    except OSError:
+                        c.close()
+                        continue
+                    with self.lock:
+                        self.pairs.append((c, s))
+                    continue
+                try:
+                    data = key.fileobj.recv(1 << 16)
+                    if data:
+                        key.data.sendall(data)
+                        continue
+                except OSError:
+                    pass
+                self._close_pair(key.fileobj)
+        sel.close()
+
+    def _close_pair(self, sock):
+        with self.lock:
+            for p in [p for p in self.pairs if sock in p]:
+                self.pairs.remove(p)
+                for s in p:
+                    s.close()
+
+    def drop(self):
+        self.up.clear()
+
+    def restore(self):
+        with self.lock:
+            old, self.pairs = self.pairs, []
+        for p in old:
+            for s in p:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # RST
+                s.close()
+        self.up.set()
+
+    def close(self):
+        self.done = True
+        self.up.set()
+        self.thread.join(5)
+        self.restore()
+        self.lsock.close()
+
+
+@pytest.mark.slow
+def test_network_link_drop_loses_nothing(tmp_path, appliance):
+    link = Link(appliance.endpoint)
+    m = Mirrored(tmp_path, appliance, endpoint=link.endpoint, spill_limit=1 << 30)
+    try:
+        m.run(block_size=4096, queue_depth=4, max_ios=200)
+        assert m.drainer.wait_acked(30)
+        for round_ in range(2):
+            t = threading.Thread(target=m.run, kwargs=dict(
+                block_size=4096, queue_depth=1, seconds=1.5, size=16 * MiB, seed=round_ + 7))
+            t.start()
+            time.sleep(0.3)
+            link.drop()
+            time.sleep(4.5)     # longer than the drainer's silence limit: it must notice
+            t.join()
+            link.restore()
+        assert_replica_equals_source(m, appliance)
+        st = m.drainer.stats()
+        assert st["gaps"] == 0 and st["overflows"] == 0
+        assert st["sessions"] >= 3, st      # one session per link
+    finally:
+        m.close()
+        link.close()
