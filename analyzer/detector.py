@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .entropy import BLOCK, BlockStats
+from .entropy import BLOCK, BlockStats, starts_with_signature
 
 UNKNOWN, STRUCTURED, RANDOM, ZERO = 0, 1, 2, 3
 _CHUNK_SHIFT = 20  # state map chunks of 1 Mi blocks (4 GiB of disk, 1 MiB of memory)
@@ -120,9 +120,16 @@ class EncryptionDetector:
         if self._excl and self._excluded(offset):
             self.totals["excluded"] += nb * BLOCK
             return None
+        # a write that starts a compressed/media file, or continues one written
+        # just before it (sequential writes of one file), is covered by its signature
         cont = offset in self._runs
         if cont:
             del self._runs[offset]
+        cont = cont or starts_with_signature(data)
+        if cont:
+            self._runs[offset + nb * BLOCK] = None
+            if len(self._runs) > _MAX_RUNS:
+                self._runs.pop(next(iter(self._runs)))
         self._bufs.append(data if len(data) == nb * BLOCK else data[:nb * BLOCK])
         self._meta.append((seq, time_ns, offset // BLOCK, nb, cont))
         self._nblocks += nb

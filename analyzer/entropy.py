@@ -1,9 +1,9 @@
 """Vectorised randomness statistics over batches of 4 KiB blocks.
 
-For each block a fixed sample of 1024 bytes is histogrammed with one
-``numpy.bincount`` for the whole batch: the first 32 bytes of every 128-byte
-group, i.e. 64 chunks of 16 bytes, alternately "even" and "odd", spread over
-four 1 KiB windows.  Eight sub-histograms per block (4 windows x 2 parities)
+For each block a fixed sample of 512 bytes is histogrammed with one
+``numpy.bincount`` for the whole batch: the first 32 bytes of every 256-byte
+group, i.e. 32 chunks of 16 bytes, alternately "even" and "odd", spread over
+two 2 KiB windows.  Four sub-histograms per block (2 windows x 2 parities)
 give, without another pass:
 
 * the whole-block chi-square against the uniform distribution (and entropy),
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK = 4096
-SAMPLE = 1024
+SAMPLE = 512
 RANDOM_CHI2 = 400.0  # ~6.5 sigma above the random mean: random below this
 STRUCTURED_CHI2 = 1000.0  # clearly not random above this
 
@@ -40,7 +40,17 @@ _pos = np.arange(SAMPLE)
 _SUBIDX = ((_pos // 256) * 2 + ((_pos % 32) // 16)).astype(np.intp) * 256
 MAX_BATCH = 1024  # blocks per call of sub_histograms
 # bin offset of every sampled byte of every block of a batch, built once
-_OFF = ((np.arange(MAX_BATCH, dtype=np.intp) * 2048)[:, None] + _SUBIDX[None, :]).reshape(MAX_BATCH, 32, 32)
+_OFF = ((np.arange(MAX_BATCH, dtype=np.intp) * 1024)[:, None] + _SUBIDX[None, :]).reshape(MAX_BATCH, 16, 32)
+
+
+_SIG4_SET = frozenset(_SIG4)
+_SIG3_SET = frozenset(_SIG3)
+
+
+def starts_with_signature(data) -> bool:
+    """The same test as :func:`signatures` on the first block of one buffer."""
+    head = bytes(data[:8])
+    return head[:4] in _SIG4_SET or head[:3] in _SIG3_SET or head[4:8] == b"ftyp"
 
 
 def signatures(blocks: np.ndarray) -> np.ndarray:
@@ -51,38 +61,35 @@ def signatures(blocks: np.ndarray) -> np.ndarray:
 
 
 def sub_histograms(blocks: np.ndarray) -> np.ndarray:
-    """(n, 4, 2, 256) byte counts of the sampled bytes: window, parity, byte."""
+    """(n, 2, 2, 256) byte counts of the sampled bytes: window, parity, byte."""
     n = blocks.shape[0]
     if n > MAX_BATCH:
         return np.concatenate([sub_histograms(blocks[i:i + MAX_BATCH]) for i in range(0, n, MAX_BATCH)])
-    idx = np.add(blocks.reshape(n, 32, 128)[:, :, :32], _OFF[:n], dtype=np.intp)
-    return np.bincount(idx.ravel(), minlength=n * 2048).reshape(n, 4, 2, 256)
-
-
-def _chi2(h: np.ndarray, total: int) -> np.ndarray:
-    return np.einsum("...i,...i->...", h, h) * (256.0 / total) - total
+    idx = np.add(blocks.reshape(n, 16, 256)[:, :, :32], _OFF[:n], dtype=np.intp)
+    return np.bincount(idx.ravel(), minlength=n * 1024).reshape(n, 2, 2, 256)
 
 
 class BlockStats:
     """Per-block statistics of a batch; every attribute is an array of length n."""
 
-    __slots__ = ("chi2", "stripe_chi2", "window_chi2", "zero_frac", "signature", "_whole")
+    __slots__ = ("chi2", "stripe_chi2", "window_chi2", "zero_frac", "signature", "_h")
 
     def __init__(self, blocks: np.ndarray):
-        h = sub_histograms(blocks).astype(np.float32)
-        windows = h[:, :, 0, :] + h[:, :, 1, :]  # (n, 4, 256)
-        stripes = h[:, 0] + h[:, 1] + h[:, 2] + h[:, 3]  # (n, 2, 256)
-        whole = stripes[:, 0] + stripes[:, 1]  # (n, 256)
-        self.chi2 = _chi2(whole, SAMPLE)
-        self.stripe_chi2 = _chi2(stripes, SAMPLE // 2)
-        self.window_chi2 = _chi2(windows, SAMPLE // 4)
-        self._whole = whole
-        self.zero_frac = whole[:, 0] / SAMPLE
+        h = sub_histograms(blocks)
+        stripes = h[:, 0] + h[:, 1]  # (n, parity, 256)
+        windows = h[:, :, 0] + h[:, :, 1]  # (n, window, 256)
+        whole = stripes[:, 0] + stripes[:, 1]
+        half = SAMPLE // 2
+        self.chi2 = np.einsum("ni,ni->n", whole, whole) * (256.0 / SAMPLE) - SAMPLE
+        self.stripe_chi2 = np.einsum("npi,npi->np", stripes, stripes) * (256.0 / half) - half
+        self.window_chi2 = np.einsum("nwi,nwi->nw", windows, windows) * (256.0 / half) - half
+        self.zero_frac = h[:, :, :, 0].sum(axis=(1, 2)) * (1.0 / SAMPLE)
         self.signature = signatures(blocks)
+        self._h = h
 
     def entropy(self) -> np.ndarray:
-        """Shannon entropy of the sample in bits per byte (at most ~7.8 for 1024 bytes)."""
-        p = self._whole * (1.0 / SAMPLE)
+        """Shannon entropy of the sample in bits per byte (at most ~7.6 for a 512-byte sample)."""
+        p = self._h.sum(axis=(1, 2)) * (1.0 / SAMPLE)
         return -(p * np.log2(p + (p == 0))).sum(-1)
 
     @property
@@ -102,6 +109,6 @@ class BlockStats:
 
     @property
     def partial(self) -> np.ndarray:
-        """Some 1 KiB window random, some clearly structured and not mostly zero."""
+        """One 2 KiB half random, the other clearly structured and not mostly zero."""
         w = self.window_chi2
         return ((w < RANDOM_CHI2).any(-1) & (w > STRUCTURED_CHI2).any(-1) & (self.zero_frac < 0.5))

@@ -16,6 +16,7 @@ MOUNT = "mount"
 UNMOUNT = "unmount"
 ENCRYPTION_SUSPECTED = "encryption_suspected"
 VOLUME_ENCRYPTED = "volume_encrypted"
+TAG_LABEL_MAX = 128
 KINDS = (FS_IDENTIFIED, FS_CONSISTENT, MOUNT, UNMOUNT, ENCRYPTION_SUSPECTED, VOLUME_ENCRYPTED)
 
 
@@ -33,13 +34,19 @@ class Event:
     def consistent(self) -> bool:
         return self.kind == FS_CONSISTENT
 
-    def tag(self) -> tuple[int, str, str, bool]:
-        """``(seq, kind, label, consistent)``: the arguments of a journal checkpoint tag.
+    def tag_label(self) -> str:
+        """``"<kind>: <label>"`` cut to the journal's 128 UTF-8 bytes."""
+        return f"{self.kind}: {self.label}".encode()[:TAG_LABEL_MAX].decode("utf-8", "ignore")
+
+    def tag_kwargs(self) -> dict:
+        """Keyword arguments of the journal's checkpoint tag for this event.
 
         The appliance turns every event into one tag with
-        ``journal.add_tag(*event.tag())``.
+        ``journal.add_tag(kind=TagKind.ANALYZER, **event.tag_kwargs())``;
+        ``fs_consistent`` events are the consistent ones.
         """
-        return (self.seq, f"analyzer.{self.kind}", self.label, self.consistent)
+        return {"seq": self.seq, "label": self.tag_label(), "consistent": self.consistent,
+                "timestamp_ns": self.time_ns or None}
 
     def as_dict(self) -> dict:
         d = asdict(self)

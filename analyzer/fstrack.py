@@ -154,12 +154,17 @@ class Ext4(Tracker):
                 break
 
     def _tx_start(self, tid: int, commit_pos: int) -> int | None:
-        """Journal block where transaction ``tid`` starts, if we can know it."""
-        prev = self.commits.get(tid - 1)
-        if prev is not None:
-            return self._next(prev)
+        """Journal block where transaction ``tid`` starts, if we can know it.
+
+        Either right after the commit of ``tid - 1``, itself verified (journal
+        recovery stops at the first transaction that does not verify, so a
+        later one is only replayable when the chain before it holds), or where
+        the journal superblock says recovery starts."""
         if self.start_hint and self.start_hint[0] == tid:
             return self.start_hint[1]
+        prev = self.commits.get(tid - 1)
+        if prev is not None and self.last_tid == tid - 1:
+            return self._next(prev)
         return None
 
     def _verify(self, tid: int, commit_pos: int) -> int | None:
