@@ -70,10 +70,11 @@ SEG_MAGIC = b"XTJS"
 FRAME_MAGIC = b"XJFR"
 FORMAT_VERSION = 1
 
-#: magic, version, flags (bit 0: a GAP is open at the segment's start), vbd uuid,
+#: magic, version, flags (SEG_IN_RESYNC, SEG_AFTER_FLUSH), vbd uuid,
 #: first_seq, created_ns, reserved, checksum (XXH3-64 of the preceding bytes)
 SEG_HDR = struct.Struct("<4sHH16sQQQQ")
 SEG_IN_RESYNC = 1
+SEG_AFTER_FLUSH = 2  #: the record before the segment's first is a FLUSH
 
 #: magic, ftype, comp, reserved, first_seq, last_seq, t_first, t_last, nrec,
 #: table_len, payload_len (stored), raw_len (payload before compression), checksum
@@ -296,7 +297,12 @@ class Journal:
         self._lock_fd = -1
         self._writer_fd = -1
         self._written_resync = False  # GAP state after the last frame written
+        self._written_kind = -1  # kind of the last record written
         self._last_kind = -1  # kind of the last record appended
+        # GAP state changes appended since open: [(seq, in_resync)], after the
+        # state at open (seq, in_resync); GAPs are rare, entries below the base go
+        self._gap_marks: list[tuple[int, bool]] = []
+        self._open_state = (0, False)
         self._seg_fd = -1
         self._seg_off = 0
         self._idx_fd = -1
@@ -363,6 +369,7 @@ class Journal:
                 if meta.get("applying"):
                     j._finish_trim(meta["applying"])
                 j._recover_tail()
+                j._open_state = (j.last_seq, j.in_resync)
         except BaseException:
             j.close()
             raise
@@ -452,7 +459,7 @@ class Journal:
                 self._recover_tail()
             return
         idx, ckps = [], []
-        state = [tail.in_resync_at_start, -1]  # the record before the segment: unknown
+        state = [tail.in_resync_at_start, Kind.FLUSH if hdr[2] & SEG_AFTER_FLUSH else -1]
         good = SEG_HDR.size
         res = ScanResult()
         expect = tail.first_seq
@@ -489,7 +496,7 @@ class Journal:
         else:
             tail.last_seq = 0
         self.in_resync = self._written_resync = state[0]
-        self._last_kind = state[1]
+        self._last_kind = self._written_kind = state[1]
         self._refresh_tail_state()
 
     def close(self) -> None:
@@ -612,8 +619,12 @@ class Journal:
             f.ckps.append(CKP.pack(seq, ts, arg, cons, len(data), data))
         elif kind == Kind.GAP:
             self.in_resync = True
+            self._gap_marks.append((seq, True))
         elif kind == Kind.RESYNC_END:
             self.in_resync = False
+            self._gap_marks.append((seq, False))
+        if len(self._gap_marks) > 1024:
+            self._gap_marks = [g for g in self._gap_marks if g[0] > self.base_seq][-1024:]
         self._last_kind = kind
         self.last_seq = seq
         return True
@@ -719,13 +730,13 @@ class Journal:
         return self.write(self.take())
 
     def _ensure_segment(self, first_seq: int, nbytes: int) -> None:
+        """Make the tail segment ready for a frame starting at ``first_seq``: the
+        current one if it fits or holds no records yet, else a new one."""
         tail = self.segments[-1] if self.segments else None
-        if tail is not None and self._seg_fd >= 0 and \
-                (tail.nbytes + nbytes <= self.segment_bytes or tail.nbytes <= SEG_HDR.size
-                 or tail.first_seq >= first_seq):
-            return
-        if tail is not None and self._seg_fd < 0 and tail.nbytes + nbytes <= self.segment_bytes:
-            self._open_tail(tail)
+        if tail is not None and (tail.nbytes + nbytes <= self.segment_bytes
+                                 or tail.last_seq == 0 or tail.first_seq >= first_seq):
+            if self._seg_fd < 0:
+                self._open_tail(tail)
             return
         self._roll(first_seq)
 
@@ -753,9 +764,10 @@ class Journal:
                         os.fsync(fh.fileno())
         s = _Segment(first_seq, self.dir / _seg_name(first_seq),
                      in_resync_at_start=self._resync_before(first_seq))
-        hdr = SEG_HDR.pack(SEG_MAGIC, FORMAT_VERSION, SEG_IN_RESYNC if s.in_resync_at_start
-                           else 0, uuid.UUID(self.vbd_uuid).bytes, first_seq, time.time_ns(),
-                           0, 0)
+        flags = (SEG_IN_RESYNC if s.in_resync_at_start else 0) | \
+            (SEG_AFTER_FLUSH if self._written_kind == Kind.FLUSH else 0)
+        hdr = SEG_HDR.pack(SEG_MAGIC, FORMAT_VERSION, flags, uuid.UUID(self.vbd_uuid).bytes,
+                           first_seq, time.time_ns(), 0, 0)
         hdr = hdr[:-8] + struct.pack("<Q", xxhash.xxh3_64_intdigest(hdr[:-8]))
         fd = os.open(s.xjs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
                      0o600)
@@ -806,6 +818,7 @@ class Journal:
             elif k == Kind.RESYNC_END:
                 rs = False
         self._written_resync = rs
+        self._written_kind = table[(f.nrec - 1) * REC.size + _KIND_OFF]
         if f.ckps:
             os.write(self._ckp_fd, b"".join(f.ckps))
         if tail.last_seq == 0:
@@ -902,6 +915,11 @@ class Journal:
             t.join()
 
     def _trim_one(self, s: _Segment) -> None:
+        if s.last_seq <= self.base_seq:  # no records to apply (tags only)
+            with self._mu:
+                self._unlink_segment(s)
+                self.segments.remove(s)
+            return
         self._write_meta(applying=s.last_seq)
         in_resync = self._apply_segment_to_base(s)
         with self._mu:
@@ -956,7 +974,7 @@ class Journal:
         return self.base_ts
 
     def checkpoints(self, consistent_only: bool = False) -> list[Checkpoint]:
-        """Checkpoints in the window, oldest first (read from the .ckp files)."""
+        """Checkpoints after the window's first point, oldest first (from the .ckp files)."""
         out = []
         for s in list(self.segments):
             try:
@@ -965,7 +983,7 @@ class Journal:
                 continue
             for i in range(len(raw) // CKP.size):
                 seq, ts, kind, cons, ln, lab = CKP.unpack_from(raw, i * CKP.size)
-                if not (self.base_seq <= seq <= self.durable_seq):
+                if not (self.base_seq < seq <= self.durable_seq):
                     continue
                 if consistent_only and not cons:
                     continue
@@ -1020,6 +1038,14 @@ class Journal:
 
     def _in_resync_at(self, seq: int) -> bool:
         """Whether the state after ``seq`` lies inside a GAP/RESYNC window."""
+        open_seq, open_rs = self._open_state
+        if self.writable and seq > open_seq:  # appended since open: the marks know
+            rs = open_rs
+            for s_, v in self._gap_marks:
+                if s_ > seq:
+                    break
+                rs = v
+            return rs
         rs = self.base_in_resync
         for s in self.segments:
             if s.first_seq > seq:
@@ -1033,8 +1059,6 @@ class Journal:
                 for i in range(min(h[8], seq - e[0] + 1)):
                     k = table[i * REC.size + _KIND_OFF]
                     rs = True if k == Kind.GAP else False if k == Kind.RESYNC_END else rs
-        if seq > self.durable_seq:  # not yet written: the writer's running state
-            return self.in_resync
         return rs
 
     def restore(self, out_path: str | os.PathLike, *, seq: int,
