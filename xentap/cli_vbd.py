@@ -1,4 +1,5 @@
-"""The VBD commands of the `xentap` CLI: daemon, attach, detach, list, status.
+"""The VBD commands of the `xentap` CLI: daemon, attach, detach, create, list,
+status.
 
 Each is a plain click command holding no global state; ``xentap.cli``
 registers them on its group.  ``python -m xentap.cli_vbd`` runs them on a
@@ -21,6 +22,7 @@ import click
 
 from xentap import shim
 from xentap import xs_keys as K
+from xentap.daemon import grant_appliance, read_appliance_status, revoke_appliance
 from xentap.xenbus import Xs, sim_transports, xen_transports
 from xentap.xs_keys import XenbusState
 
@@ -111,17 +113,9 @@ def daemon(transport: str, sim_dir: str | None, engine: str, verbose: bool,
 
 # --- attach / detach -------------------------------------------------------------------
 
-@click.command("attach")
-@click.argument("domain")
-@click.argument("target")
-@click.argument("vdev")
-@click.option("--mode", type=click.Choice(["r", "w"]), default="w", show_default=True,
-              help="Read-only or read-write.")
-@_xs_option
-@_one_line_errors
-def attach(domain: str, target: str, vdev: str, mode: str, xenstore_socket: str | None) -> None:
-    """Give DOMAIN the image TARGET as virtual disk VDEV (xvda, xvdb... or a number)."""
-    devid = K.vdev_to_devid(vdev)
+def check_target(target: str, mode: str) -> str:
+    """The absolute path of an image ``target`` fit for ``mode`` ("r"/"w");
+    raises VbdCliError with the reason."""
     path = os.path.abspath(target)
     if not path.isascii() or any(c < " " for c in path):
         raise VbdCliError(f"target path {target!r} must be printable ASCII")
@@ -133,38 +127,63 @@ def attach(domain: str, target: str, vdev: str, mode: str, xenstore_socket: str 
         raise VbdCliError(f"target {target} is neither a file nor a block device")
     if not os.access(path, os.R_OK | (os.W_OK if mode == "w" else 0)):
         raise VbdCliError(f"target {target} is not {'writable' if mode == 'w' else 'readable'}")
+    return path
+
+
+def attach_vbd(xs: Xs, domid: int, path: str, vdev: str, mode: str) -> str:
+    """Writes the backend and frontend nodes of VBD ``vdev`` of ``domid`` on
+    image ``path`` (checked by :func:`check_target`) in one transaction, with
+    libxl's permissions.  Returns the vdev's name; raises VbdCliError when the
+    vdev or the image is in use."""
+    devid = K.vdev_to_devid(vdev)
+    name = vdev if not vdev.isdigit() else K.devid_to_vdev(devid)
+    be, fe = K.backend_path(domid, devid), K.frontend_path(domid, devid)
+    vbd_dir = os.path.dirname(fe)
+
+    def tx(t: Xs) -> None:
+        if t.exists(be) or t.exists(fe):
+            raise VbdCliError(f"{name} of domain {domid} is in use")
+        for d in t.ls(K.BACKEND_ROOT) or []:
+            for v in t.ls(f"{K.BACKEND_ROOT}/{d}") or []:
+                if t.read(f"{K.BACKEND_ROOT}/{d}/{v}/{K.BE_PARAMS}") == path:
+                    raise VbdCliError(f"target {path} is already attached to domain {d} "
+                                      f"as {K.devid_to_vdev(int(v))}")
+        t.mkdir(be)
+        t.set_perms(be, K.backend_perms(domid))
+        for key, value in ((K.BE_FRONTEND, fe), (K.BE_FRONTEND_ID, domid),
+                           (K.BE_ONLINE, 1), (K.STATE, int(XenbusState.INITIALISING)),
+                           (K.BE_PARAMS, path), (K.BE_MODE, mode), (K.BE_DEV, name),
+                           (K.BE_TYPE, K.BACKEND_TYPE), (K.BE_DEVICE_TYPE, "disk")):
+            t.write(f"{be}/{key}", value)
+        if not t.exists(vbd_dir):
+            t.mkdir(vbd_dir)
+            t.set_perms(vbd_dir, K.frontend_perms(domid))
+        t.mkdir(fe)
+        t.set_perms(fe, K.frontend_perms(domid))
+        for key, value in ((K.FE_BACKEND, be), (K.FE_BACKEND_ID, K.BACKEND_DOMID),
+                           (K.STATE, int(XenbusState.INITIALISING)),
+                           (K.FE_VIRTUAL_DEVICE, devid), (K.FE_DEVICE_TYPE, "disk")):
+            t.write(f"{fe}/{key}", value)
+
+    xs.transaction(tx)
+    return name
+
+
+@click.command("attach")
+@click.argument("domain")
+@click.argument("target")
+@click.argument("vdev")
+@click.option("--mode", type=click.Choice(["r", "w"]), default="w", show_default=True,
+              help="Read-only or read-write.")
+@_xs_option
+@_one_line_errors
+def attach(domain: str, target: str, vdev: str, mode: str, xenstore_socket: str | None) -> None:
+    """Give DOMAIN the image TARGET as virtual disk VDEV (xvda, xvdb... or a number)."""
+    K.vdev_to_devid(vdev)                       # a bad vdev is refused before anything else
+    path = check_target(target, mode)
     with Xs.open(xenstore_socket) as xs:
         domid = _domid(xs, domain)
-        name = vdev if not vdev.isdigit() else K.devid_to_vdev(devid)
-        be, fe = K.backend_path(domid, devid), K.frontend_path(domid, devid)
-        vbd_dir = os.path.dirname(fe)
-
-        def tx(t: Xs) -> None:
-            if t.exists(be) or t.exists(fe):
-                raise VbdCliError(f"{name} of domain {domid} is in use")
-            for d in t.ls(K.BACKEND_ROOT) or []:
-                for v in t.ls(f"{K.BACKEND_ROOT}/{d}") or []:
-                    if t.read(f"{K.BACKEND_ROOT}/{d}/{v}/{K.BE_PARAMS}") == path:
-                        raise VbdCliError(f"target {target} is already attached to domain {d} "
-                                          f"as {K.devid_to_vdev(int(v))}")
-            t.mkdir(be)
-            t.set_perms(be, K.backend_perms(domid))
-            for key, value in ((K.BE_FRONTEND, fe), (K.BE_FRONTEND_ID, domid),
-                               (K.BE_ONLINE, 1), (K.STATE, int(XenbusState.INITIALISING)),
-                               (K.BE_PARAMS, path), (K.BE_MODE, mode), (K.BE_DEV, name),
-                               (K.BE_TYPE, K.BACKEND_TYPE), (K.BE_DEVICE_TYPE, "disk")):
-                t.write(f"{be}/{key}", value)
-            if not t.exists(vbd_dir):
-                t.mkdir(vbd_dir)
-                t.set_perms(vbd_dir, K.frontend_perms(domid))
-            t.mkdir(fe)
-            t.set_perms(fe, K.frontend_perms(domid))
-            for key, value in ((K.FE_BACKEND, be), (K.FE_BACKEND_ID, K.BACKEND_DOMID),
-                               (K.STATE, int(XenbusState.INITIALISING)),
-                               (K.FE_VIRTUAL_DEVICE, devid), (K.FE_DEVICE_TYPE, "disk")):
-                t.write(f"{fe}/{key}", value)
-
-        xs.transaction(tx)
+        name = attach_vbd(xs, domid, path, vdev, mode)
     click.echo(f"attached {path} to domain {domid} as {name} ({'read-only' if mode == 'r' else 'read-write'})")
 
 
@@ -197,9 +216,10 @@ def detach_vbd(xs: Xs, domid: int, devid: int, timeout: float = DETACH_TIMEOUT,
     def remove(t: Xs) -> None:
         t.rm(be)
         t.rm(fe)
-        parent = os.path.dirname(be)
-        if t.ls(parent) == []:
-            t.rm(parent)
+        t.rm(K.status_path(domid, devid))      # the VBD's counters go with it
+        for parent in (os.path.dirname(be), f"{K.STATUS_ROOT}/{domid}"):
+            if t.ls(parent) == []:
+                t.rm(parent)
 
     xs.transaction(remove)
     return closed
@@ -230,6 +250,50 @@ def detach(domain: str, vdev: str, timeout: float, force: bool,
                               f"(still in use by the guest?); --force removes it anyway")
     click.echo(f"detached {vdev} from domain {domid}"
                + ("" if closed else " (forced: the guest had not let go)"))
+
+
+# --- create ---------------------------------------------------------------------------
+
+class ConfigProblems(VbdCliError):
+    """A config with problems: one ``xentap: <problem>`` line each, exit status 1."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+    def show(self, file=None) -> None:  # noqa: D401 - click API
+        for p in self.problems:
+            click.echo(f"xentap: {p}", err=True)
+
+
+@click.command("create")
+@click.argument("cfg", metavar="CFG")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("-n", "--dry-run", is_flag=True, help="Only parse and check CFG.")
+@click.option("--xl", "xl_cmd", default="xl", show_default=True, metavar="PATH",
+              help="The xl to run.")
+@click.option("--wait", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the daemon to open each image.")
+@_xs_option
+@_one_line_errors
+def create(cfg: str, overrides: tuple[str, ...], dry_run: bool, xl_cmd: str, wait: float,
+           xenstore_socket: str | None) -> None:
+    """Create the guest of xl config CFG with the disks of its xentap_disks key.
+
+    KEY=VALUE arguments override CFG's settings, as with `xl create`
+    (e.g. "xentap_disks=['vdev=xvda, target=/srv/a.img']").
+
+    xl gets CFG without xentap_disks (`xl create -p`); the xentap disks are
+    attached, then the guest is unpaused.  On failure the domain is destroyed.
+    """
+    from xentap.create import create as do_create
+    from xentap.xl_config import ConfigError
+
+    try:
+        do_create(cfg, overrides, xl=xl_cmd, xenstore_socket=xenstore_socket, dry_run=dry_run,
+                  wait=wait, echo=click.echo)
+    except ConfigError as e:
+        raise ConfigProblems(e.problems) from None
 
 
 # --- list / status ------------------------------------------------------------------
@@ -266,6 +330,11 @@ def read_vbds(xs: Xs) -> list[dict[str, Any]]:
                 "reads": num(K.ST_READS),
                 "writes": num(K.ST_WRITES),
                 "flushes": num(K.ST_FLUSHES),
+                "barriers": num(K.ST_BARRIERS),
+                "discards": num(K.ST_DISCARDS),
+                "indirect": num(K.ST_INDIRECT),
+                "bytes_read": num(K.ST_BYTES_READ),
+                "bytes_written": num(K.ST_BYTES_WRITTEN),
                 "updated": num(K.ST_UPDATED),
             })
     return out
@@ -305,8 +374,12 @@ def status(as_json: bool, xenstore_socket: str | None) -> None:
                        "pid": xs.read(f"{dpath}/{K.DAEMON_PID}") or "",
                        "transport": xs.read(f"{dpath}/{K.DAEMON_TRANSPORT}") or "",
                        "heartbeat": xs.read(f"{dpath}/{K.DAEMON_HEARTBEAT}") or ""}
+        appliances = [read_appliance_status(xs, int(d))
+                      for d in sorted((x for x in xs.ls(K.APPLIANCE_ROOT) or [] if x.isdigit()),
+                                      key=int)]
     if as_json:
-        click.echo(json.dumps({"daemon": daemon_info, "vbds": rows}, indent=2))
+        click.echo(json.dumps({"daemon": daemon_info, "vbds": rows, "appliances": appliances},
+                              indent=2))
         return
     click.echo(f"daemon: {daemon_info['state']}"
                + (f" (pid {daemon_info['pid']}, {daemon_info['transport']})"
@@ -317,10 +390,44 @@ def status(as_json: bool, xenstore_socket: str | None) -> None:
     for r in rows:
         if r["error"]:
             click.echo(f"domain {r['domain']} {r['vdev']}: {r['error']}")
+    for a in appliances:
+        click.echo(f"appliance {a['name'] or '?'} (domain {a['domain']}): "
+                   f"{a['state'] or 'no state'}"
+                   + (f", {a['endpoint']}" if a["endpoint"] else "")
+                   + (f"; ignored: {', '.join(a['problems'])}" if a["problems"] else ""))
+
+
+# --- appliance domains ----------------------------------------------------------------
+
+@click.command("appliance-grant")
+@click.argument("domain")
+@_xs_option
+@_one_line_errors
+def appliance_grant(domain: str, xenstore_socket: str | None) -> None:
+    """Let DOMAIN, a data-services appliance, publish its status in xenstore."""
+    with Xs.open(xenstore_socket) as xs:
+        domid = _domid(xs, domain)
+        name = xs.read(f"{K.domain_path(domid)}/name") or str(domid)
+        grant_appliance(xs, domid, name)
+    click.echo(f"domain {domid} ({name}) may write {K.appliance_status_path(domid)}")
+
+
+@click.command("appliance-revoke")
+@click.argument("domain")
+@_xs_option
+@_one_line_errors
+def appliance_revoke(domain: str, xenstore_socket: str | None) -> None:
+    """Remove DOMAIN's appliance node (and what it published)."""
+    with Xs.open(xenstore_socket) as xs:
+        domid = int(domain) if domain.isdigit() else _domid(xs, domain)
+        if not revoke_appliance(xs, domid):
+            raise VbdCliError(f"domain {domid} is not an appliance")
+    click.echo(f"domain {domid} is no longer an appliance")
 
 
 #: What xentap.cli registers: ``for c in COMMANDS: main.add_command(c)``.
-COMMANDS = (daemon, attach, detach, list_vbds, status)
+COMMANDS = (daemon, attach, detach, create, list_vbds, status, appliance_grant,
+            appliance_revoke)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -386,6 +386,10 @@ class BackendDevice:
         self.state = XenbusState.UNKNOWN
         self._busy_since: float | None = None
         self._waiting_logged = False
+        #: Cumulative counters of the shim sessions that ended (and, for a
+        #: restarted daemon, what the previous one published): status adds
+        #: the current session's to them, so they survive the guest.
+        self._base: dict[str, int] = {k: 0 for k in K.ST_CUMULATIVE}
 
     def __repr__(self) -> str:
         return f"<vbd {self.domid}/{self.devid} {self.state.label}>"
@@ -588,40 +592,51 @@ class BackendDevice:
 
     def release(self) -> None:
         """Disconnects the rings (answering what is in flight) and closes the
-        image; leaves xenstore alone."""
+        image; leaves xenstore alone.  The session's counters are kept."""
         if self.connected and self.vbd is not None:
             self.vbd.disconnect()
         self.connected = False
         self._close_transport()
         if self.vbd is not None:
+            final = _counters(self.vbd.stats())
+            self._base = {k: self._base[k] + final[k] for k in K.ST_CUMULATIVE}
             self.vbd.close()
             self.vbd = None
         self._busy_since = None
 
+    def resume_counters(self, published: dict[str, str | None]) -> None:
+        """Starts the cumulative counters from what a previous daemon
+        published (values that are not decimal numbers count as 0)."""
+        self._base = {k: int(v) if (v := published.get(k)) and v.isdigit() and len(v) < 20
+                      else 0 for k in K.ST_CUMULATIVE}
+
     # -- status --
 
     def status(self) -> dict[str, Any]:
-        """What the daemon publishes under the status subtree."""
+        """What the daemon publishes under the status subtree: the state,
+        and counters over the VBD's whole life (the last ones stay after the
+        guest ends)."""
         st: dict[str, Any] = {K.ST_STATE: self.state.label, K.ST_TARGET: self.target or ""}
         s = self.vbd.stats() if self.vbd is not None else None
-        if s is None:
-            st[K.ST_SHIM] = "closed"
-            s = {k: 0 for k in ("reqs_read", "reqs_write", "reqs_flush", "bytes_read",
-                                "bytes_written", "err_bad_request", "err_unsupported",
-                                "err_grant", "err_io", "in_flight", "nr_queues")}
-        else:
-            st[K.ST_SHIM] = s["state"]
-        st[K.ST_REQUESTS] = (s["reqs_read"] + s["reqs_write"] + s["reqs_flush"]
-                             + s.get("reqs_barrier", 0) + s.get("reqs_discard", 0))
-        st[K.ST_BYTES] = s["bytes_read"] + s["bytes_written"]
-        st[K.ST_ERRORS] = (s["err_bad_request"] + s["err_unsupported"] + s["err_grant"]
-                           + s["err_io"])
-        st[K.ST_IN_FLIGHT] = s["in_flight"]
-        st[K.ST_READS] = s["reqs_read"]
-        st[K.ST_WRITES] = s["reqs_write"]
-        st[K.ST_FLUSHES] = s["reqs_flush"]
-        st[K.ST_BYTES_READ] = s["bytes_read"]
-        st[K.ST_BYTES_WRITTEN] = s["bytes_written"]
-        st[K.ST_NR_QUEUES] = s["nr_queues"]
+        now = _counters(s) if s is not None else {k: 0 for k in K.ST_CUMULATIVE}
+        st[K.ST_SHIM] = s["state"] if s is not None else "closed"
+        for k in K.ST_CUMULATIVE:
+            st[k] = self._base[k] + now[k]
+        st[K.ST_IN_FLIGHT] = s["in_flight"] if s is not None else 0
+        st[K.ST_NR_QUEUES] = s["nr_queues"] if s is not None else 0
         st[K.ST_ERROR] = self.failed or ""
         return st
+
+
+def _counters(s: dict[str, Any]) -> dict[str, int]:
+    """The cumulative status counters of one shim session's stats."""
+    return {
+        K.ST_REQUESTS: (s["reqs_read"] + s["reqs_write"] + s["reqs_flush"]
+                        + s["reqs_barrier"] + s["reqs_discard"]),
+        K.ST_BYTES: s["bytes_read"] + s["bytes_written"],
+        K.ST_ERRORS: s["err_bad_request"] + s["err_unsupported"] + s["err_grant"] + s["err_io"],
+        K.ST_READS: s["reqs_read"], K.ST_WRITES: s["reqs_write"],
+        K.ST_FLUSHES: s["reqs_flush"], K.ST_BARRIERS: s["reqs_barrier"],
+        K.ST_DISCARDS: s["reqs_discard"], K.ST_INDIRECT: s["reqs_indirect"],
+        K.ST_BYTES_READ: s["bytes_read"], K.ST_BYTES_WRITTEN: s["bytes_written"],
+    }

@@ -23,8 +23,14 @@ Layout
                                                         written by the guest: UNTRUSTED
     /local/domain/0/xentap/                             xentap's own subtree (n0)
         daemon/{pid, state, transport, heartbeat}       the daemon
-        vbd/<domid>/<devid>/{state, ...counters}        per-VBD status, every second
-        appliance/                                      reserved: the appliance's subtree
+        vbd/<domid>/<devid>/{state, ...counters}        per-VBD status, every second;
+                                                        kept after the guest ends, until detach
+        appliance/<domid>/                              an appliance domain (n0 r<domid>)
+            name                                        written by dom0
+            status/{state, endpoint, public-key, heartbeat,
+                    vbd/<d>/<v>/{window-start, window-end, data-state}}
+                                                        (n0 b<domid>) written by the
+                                                        appliance: UNTRUSTED
 
 ``<devid>`` is the Linux virtual-device number (xvda = 51712, see
 :func:`vdev_to_devid`).  The backend type name ``xentap`` is ours: blkfront
@@ -248,10 +254,40 @@ DAEMON_TRANSPORT = "transport"
 DAEMON_HEARTBEAT = "heartbeat"
 #: Per-VBD status, refreshed every second by the daemon.
 STATUS_ROOT = f"{XENTAP_ROOT}/vbd"
-#: Reserved for the data-services appliance (endpoint, key, per-VBD journal
-#: window and data state).  Dom0 owns it; the appliance domain will get write
-#: access to its own ``status`` below it and nothing else.  Untrusted input.
+#: The data-services appliances: one node per appliance domain, made by
+#: `xentap appliance-grant`.  Dom0 owns everything; the appliance domain may
+#: read its own node and write below its own ``status`` and nothing else.
+#: What it writes there is untrusted input (see xenbus.read_appliance_status).
 APPLIANCE_ROOT = f"{XENTAP_ROOT}/appliance"
+
+
+def appliance_path(domid: int) -> str:
+    """The node of appliance domain ``domid`` (``n0 r<domid>``)."""
+    return f"{APPLIANCE_ROOT}/{domid}"
+
+
+#: Below an appliance's node: what dom0 tells it (``name``), and its status
+#: directory, the only place it may write (``n0 b<domid>``).
+AP_NAME = "name"
+AP_STATUS = "status"
+#: Keys the appliance writes under ``status``, each validated when read:
+#: ``state`` one of AP_STATES; ``endpoint`` ``tcp://HOST:PORT`` or ``ipc://PATH``;
+#: ``public-key`` its CurveZMQ public key (40 Z85 characters); ``heartbeat``
+#: unix seconds; ``vbd/<domid>/<devid>/{window-start, window-end, data-state}``.
+APS_STATE = "state"
+APS_ENDPOINT = "endpoint"
+APS_PUBLIC_KEY = "public-key"
+APS_HEARTBEAT = "heartbeat"
+APS_VBD = "vbd"
+APS_WINDOW_START = "window-start"
+APS_WINDOW_END = "window-end"
+APS_DATA_STATE = "data-state"
+AP_STATES = ("starting", "ready", "degraded", "stopping")
+
+
+def appliance_status_path(domid: int) -> str:
+    """Where appliance domain ``domid`` writes its status."""
+    return f"{appliance_path(domid)}/{AP_STATUS}"
 
 
 def status_path(domid: int, devid: int) -> str:
@@ -273,9 +309,16 @@ ST_WRITES = "writes"
 ST_FLUSHES = "flushes"
 ST_BYTES_READ = "bytes-read"
 ST_BYTES_WRITTEN = "bytes-written"
+ST_BARRIERS = "barriers"
+ST_DISCARDS = "discards"
+ST_INDIRECT = "indirect"          # requests that came as BLKIF_OP_INDIRECT
 ST_NR_QUEUES = "queues"
 ST_UPDATED = "updated"            # unix time of this sample
 ST_ERROR = "error"                # the last handshake error, if any
+#: The counters that add up over the VBD's life (since attach, across
+#: reconnections and daemon restarts); the rest are the current sample.
+ST_CUMULATIVE = (ST_REQUESTS, ST_BYTES, ST_ERRORS, ST_READS, ST_WRITES, ST_FLUSHES,
+                 ST_BARRIERS, ST_DISCARDS, ST_INDIRECT, ST_BYTES_READ, ST_BYTES_WRITTEN)
 
 # --- permissions (libxl's) ----------------------------------------------------
 
@@ -290,8 +333,18 @@ def frontend_perms(domid: int) -> list[str]:
     return [f"n{domid}", f"r{BACKEND_DOMID}"]
 
 
-#: xentap's own subtree: dom0 only.
+#: xentap's own subtree (the root, ``daemon``, ``vbd``, ``appliance``): dom0 only.
 XENTAP_PERMS = [f"n{BACKEND_DOMID}"]
+
+
+def appliance_perms(domid: int) -> list[str]:
+    """An appliance's node: owned by dom0, readable by the appliance."""
+    return [f"n{BACKEND_DOMID}", f"r{domid}"]
+
+
+def appliance_status_perms(domid: int) -> list[str]:
+    """An appliance's ``status``: owned by dom0, writable by the appliance."""
+    return [f"n{BACKEND_DOMID}", f"b{domid}"]
 
 # --- virtual device names (Linux / libxl numbering) ---------------------------
 

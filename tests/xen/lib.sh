@@ -71,3 +71,86 @@ guest_run() {
     done
     log "guest $name gone after $(( $(date +%s) - start ))s"
 }
+
+# --- xentap in dom0 -------------------------------------------------------------------
+XENTAP=$XT_REPO/.venv/bin/xentap
+XT_XS_ROOT=/local/domain/0/xentap
+xentap_daemon_pid=
+
+# xentap_daemon_start LOG: starts `xentap daemon --transport xen` and waits
+# until it says in xenstore that it runs.  xentap_daemon_stop stops it (a
+# case must not leave it to the next one: `trap xentap_daemon_stop EXIT`).
+xentap_daemon_start() {
+    local dlog=$1 t0=$SECONDS
+    for d in /dev/xen/gntdev /dev/xen/evtchn; do
+        [ -c "$d" ] || fail "$d is missing"
+    done
+    [ -x "$XENTAP" ] || fail "$XENTAP is missing"
+    log "starting xentap daemon (log: ${dlog#$XT_OUT/})"
+    "$XENTAP" daemon --transport xen -v > "$dlog" 2>&1 &
+    xentap_daemon_pid=$!
+    until [ "$(xenstore-read $XT_XS_ROOT/daemon/state 2>/dev/null)" = running ] &&
+          [ "$(xenstore-read $XT_XS_ROOT/daemon/pid 2>/dev/null)" = "$xentap_daemon_pid" ]; do
+        kill -0 "$xentap_daemon_pid" 2>/dev/null ||
+            { cat "$dlog"; xentap_daemon_pid=; fail "xentap daemon exited"; }
+        [ $((SECONDS - t0)) -lt 90 ] || { cat "$dlog"; fail "xentap daemon not running after 90s"; }
+        sleep 0.5
+    done
+    log "xentap daemon running after $((SECONDS - t0))s"
+}
+
+xentap_daemon_stop() {
+    [ -n "$xentap_daemon_pid" ] || return 0
+    kill -TERM "$xentap_daemon_pid" 2>/dev/null
+    for _ in $(seq 30); do kill -0 "$xentap_daemon_pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL "$xentap_daemon_pid" 2>/dev/null
+    wait "$xentap_daemon_pid" 2>/dev/null
+    xentap_daemon_pid=
+}
+
+# xentap_guest_create NAME WORKLOAD VCPUS "EXTRA" DISK_SPEC...: boots the
+# suite's guest with `xentap create` on xl_scripts/guest-xentap.cfg, the
+# run's kernel/initramfs/workload and the xentap disks given as
+# overrides, as an administrator would; sets $domid.  XT_GUEST_RAMDISK and
+# XT_GUEST_MEMORY change the initramfs and the memory (MiB).
+xentap_guest_create() {
+    local name=$1 workload=$2 vcpus=$3 extra=$4 disks= d; shift 4
+    for d in "$@"; do disks="$disks${disks:+, }'$d'"; done
+    log "xentap create xl_scripts/guest-xentap.cfg (name=$name vcpus=$vcpus disks: $disks)"
+    "$XENTAP" create "$XT_REPO/xl_scripts/guest-xentap.cfg" \
+        "name='$name'" "kernel='$XT_GUEST_KERNEL'" "ramdisk='${XT_GUEST_RAMDISK:-$XT_GUEST_INITRD}'" \
+        "extra='console=hvc0 quiet xt_workload=$workload${extra:+ $extra}'" \
+        "memory=${XT_GUEST_MEMORY:-256}" "vcpus=$vcpus" "on_reboot='destroy'" "on_crash='destroy'" \
+        "xentap_disks=[ $disks ]" > "$XT_WORK/xentap-create.out" 2>&1 ||
+        { cat "$XT_WORK/xentap-create.out"; return 1; }
+    cat "$XT_WORK/xentap-create.out"
+    domid=$(xl domid "$name") || { log "xl domid $name failed"; return 1; }
+    case $domid in ''|*[!0-9]*) log "xl domid printed '$domid'"; return 1;; esac
+    log "guest $name is domain $domid (running)"
+}
+
+# wait_console NAME LINE TIMEOUT: waits for the exact line LINE on the guest's console.
+wait_console() {
+    local name=$1 line=$2 limit=$3 t0=$SECONDS
+    until tr -d '\r' < "$(guest_log "$name")" 2>/dev/null | grep -qx "$line"; do
+        [ $((SECONDS - t0)) -lt "$limit" ] || { log "no '$line' from $name after ${limit}s"; return 1; }
+        sleep 1
+    done
+    log "guest $name: $line (after $((SECONDS - t0))s)"
+}
+
+# verify_image IMG GUESTLOG N: e2fsck -fn of IMG in dom0, and the N files the
+# guest listed as `XT-FILE <name> <sha256>` read from IMG with debugfs.
+verify_image() {
+    local img=$1 glog=$2 want=$3 n=0 f sum got
+    e2fsck -fn "$img" || fail "e2fsck -fn $img in dom0"
+    while read -r _ f sum; do
+        rm -f "$XT_WORK/$f"
+        debugfs -R "dump /$f $XT_WORK/$f" "$img" 2>/dev/null
+        got=$(sha256sum < "$XT_WORK/$f" | cut -d' ' -f1)
+        [ "$got" = "$sum" ] || fail "$f in $img hashes $got, guest wrote $sum"
+        n=$((n + 1))
+    done < <(grep '^XT-FILE ' "$glog")
+    [ "$n" = "$want" ] || fail "expected $want files in $img, checked $n"
+    log "dom0 verified $n files and the filesystem of $img"
+}

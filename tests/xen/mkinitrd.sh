@@ -56,7 +56,7 @@ dom0)
                 virtio_pci netfs fscache 9pnet 9pnet_virtio 9p overlay
     cp "$HERE/dom0-initramfs-init" "$T/init"
     ;;
-guest)
+guest|guest-fio)
     add_modules xen-blkfront ext4
     # The busybox applets of the same name would shadow nothing: busybox has
     # no mke2fs/e2fsck, but remove any symlink first to be sure.
@@ -70,8 +70,11 @@ guest)
     cp "$HERE/guest/init" "$T/init"
     mkdir -p "$T/workloads"
     for w in "$HERE"/guest/*.sh; do cp "$w" "$T/workloads/"; done
+    # fio for cases/fio-ratio.sh only: Debian's build links ~80 MiB of
+    # libraries (ceph, gluster, icu...), too much for every guest.
+    if [ "$kind" = guest-fio ]; then add_binary /usr/bin/fio; fi
     ;;
-*) echo "usage: $0 dom0|guest KROOT KVER OUT" >&2; exit 2;;
+*) echo "usage: $0 dom0|guest|guest-fio KROOT KVER OUT" >&2; exit 2;;
 esac
 chmod 755 "$T/init"
 (cd "$T" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) > "$out"

@@ -11,7 +11,8 @@
 # Environment:
 #   XT_CACHE    cache of kernel, xen image, initramfs (default /var/cache/xentap-xen)
 #   XT_OUT      logs (default <repo>/out/xen); wiped at the start of each run
-#   XT_TIMEOUT  hard limit on the QEMU run in seconds (default 600)
+#   XT_TIMEOUT  hard limit on the QEMU run in seconds (default 1080; a quiet
+#               machine runs every case in well under that)
 #   XT_CASE_TIMEOUT  per-case limit inside dom0 in seconds (default 300)
 #   XT_CPU      QEMU -cpu (default max,xsave=off; only change it to show the
 #               canary catching the corruption plain `max` causes)
@@ -21,7 +22,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 XT_CACHE=${XT_CACHE:-/var/cache/xentap-xen}
 XT_OUT=${XT_OUT:-$REPO/out/xen}
-XT_TIMEOUT=${XT_TIMEOUT:-600}
+XT_TIMEOUT=${XT_TIMEOUT:-1080}
 XT_CASE_TIMEOUT=${XT_CASE_TIMEOUT:-300}
 XT_CPU=${XT_CPU:-max,xsave=off}
 T0=$(date +%s)
@@ -41,7 +42,7 @@ flock -n 9 || { say "waiting for another run to finish"; flock -w 1200 9 || die 
 # ---------------------------------------------------------------- packages --
 # Checked with dpkg-query so that a second run installs (and updates) nothing.
 PKGS="qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils
-      busybox-static cpio kmod e2fsprogs util-linux openssl python3.11 coreutils xz-utils"
+      busybox-static cpio kmod e2fsprogs util-linux openssl python3.11 coreutils xz-utils fio"
 missing=
 for p in $PKGS; do
     st=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
@@ -112,7 +113,7 @@ fi
 # Keyed by the content of tests/xen/ and the kernel/busybox/e2fsprogs
 # versions, so editing anything here rebuilds and a second run reuses.
 KEY=$( { (cd "$HERE" && find . -type f ! -name '*.swp' | LC_ALL=C sort | xargs sha256sum)
-         echo "$KVER"; dpkg-query -W busybox-static e2fsprogs; } | sha256sum | cut -c1-16)
+         echo "$KVER"; dpkg-query -W busybox-static e2fsprogs fio; } | sha256sum | cut -c1-16)
 IRD=$XT_CACHE/initrd-$KEY
 if [ ! -e "$IRD/.done" ]; then
     say "building initramfs ($KEY)"
@@ -120,6 +121,7 @@ if [ ! -e "$IRD/.done" ]; then
     mkdir -p "$IRD"
     "$HERE/mkinitrd.sh" dom0  "$KROOT" "$KVER" "$IRD/dom0.cpio"
     "$HERE/mkinitrd.sh" guest "$KROOT" "$KVER" "$IRD/guest.cpio"
+    "$HERE/mkinitrd.sh" guest-fio "$KROOT" "$KVER" "$IRD/guest-fio.cpio"
     touch "$IRD/.done"
 fi
 

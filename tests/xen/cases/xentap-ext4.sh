@@ -1,9 +1,10 @@
 # xentap-ext4: a PV guest whose xvda is served by xentap's shim over the real
 # `xen` transport (ring grant-mapped through /dev/xen/gntdev, data moved by
 # grant copy, event channels through /dev/xen/evtchn), with `xentap daemon`
-# doing the xenbus handshake.  The guest has no disk in its xl config: it is
-# created paused, `xentap attach` gives it a raw image in dom0's tmpfs as
-# xvda, then it is unpaused and runs guest/ext4.sh (mkfs.ext4, files of known
+# doing the xenbus handshake.  The guest boots with `xentap create` on
+# xl_scripts/guest-xentap.cfg (xl create -p without the xentap disk, xentap
+# attach of a raw image in dom0's tmpfs as xvda, wait for the daemon to
+# advertise it, xl unpause) and runs guest/ext4.sh (mkfs.ext4, files of known
 # checksums, read back, fsck).  Dom0 then checks the image (e2fsck -fn, the
 # files' checksums via debugfs), `xentap status`, and prints what blkfront
 # negotiated as METRIC lines.
@@ -23,21 +24,9 @@ expect_fe=${XT_XENTAP_EXPECT_FE:-}
 expect_guest=${XT_XENTAP_EXPECT_GUEST:-}
 img=$XT_WORK/disk.img
 dlog=$XT_OUT/cases/$name.daemon.log
-XENTAP=$XT_REPO/.venv/bin/xentap
 devid=51712                                  # xvda
-ROOT=/local/domain/0/xentap
-daemon_pid=
-
-# The daemon must not outlive the case (run-cases.sh runs the next one).
-stop_daemon() {
-    [ -n "$daemon_pid" ] || return 0
-    kill -TERM "$daemon_pid" 2>/dev/null
-    for _ in $(seq 30); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 1; done
-    kill -KILL "$daemon_pid" 2>/dev/null
-    wait "$daemon_pid" 2>/dev/null
-    daemon_pid=
-}
-trap 'stop_daemon' EXIT
+ROOT=$XT_XS_ROOT
+trap 'xentap_daemon_stop' EXIT               # run-cases.sh runs the next case
 
 # kv FILE KEY: the value of KEY (a path relative to the node) in a
 # `xenstore-ls -f` dump of that node, or "absent".
@@ -47,59 +36,19 @@ kv() {
     echo "${v:-absent}"
 }
 
-for d in /dev/xen/gntdev /dev/xen/evtchn; do
-    [ -c "$d" ] || fail "$d is missing"
-done
-[ -x "$XENTAP" ] || fail "$XENTAP is missing"
-
 rm -f "$img"
 truncate -s 256M "$img" || fail "cannot make $img"
+xentap_daemon_start "$dlog"
+daemon_pid=$xentap_daemon_pid
 
-# --- the daemon
-log "starting xentap daemon (log: ${dlog#$XT_OUT/})"
-"$XENTAP" daemon --transport xen -v > "$dlog" 2>&1 &
-daemon_pid=$!
+# --- the guest, through xentap create (it returns once the guest runs)
+start=$(date +%s)
 t0=$SECONDS
-until [ "$(xenstore-read $ROOT/daemon/state 2>/dev/null)" = running ] &&
-      [ "$(xenstore-read $ROOT/daemon/pid 2>/dev/null)" = "$daemon_pid" ]; do
-    kill -0 "$daemon_pid" 2>/dev/null || { cat "$dlog"; daemon_pid=; fail "xentap daemon exited"; }
-    [ $((SECONDS - t0)) -lt 90 ] || { cat "$dlog"; fail "xentap daemon not running after 90s"; }
-    sleep 0.5
-done
-log "xentap daemon running after $((SECONDS - t0))s"
-
-# --- the guest, paused, with no disk of its own
-cfg=$(guest_cfg "$name" blkinfo-ext4)
-if [ -n "$extra" ]; then
-    sed -i "s|^extra = '\(.*\)'\$|extra = '\1 $extra'|" "$cfg"
-fi
-sed -i "s|^vcpus = .*|vcpus = $vcpus|" "$cfg"
-grep -E '^(extra|vcpus)' "$cfg"
-xl create -p "$cfg" > "$XT_WORK/xl-create.out" 2>&1 || { cat "$XT_WORK/xl-create.out"; fail "xl create -p"; }
-cat "$XT_WORK/xl-create.out"
-domid=$(xl domid "$name") || fail "xl domid $name"
-case $domid in ''|*[!0-9]*) fail "xl domid printed '$domid'";; esac
+xentap_guest_create "$name" blkinfo-ext4 "$vcpus" "$extra" "vdev=xvda, access=rw, target=$img" ||
+    { tail -n 30 "$dlog"; fail "xentap create"; }
+log "xentap create took $((SECONDS - t0))s"
 be=/local/domain/0/backend/xentap/$domid/$devid
 fe=/local/domain/$domid/device/vbd/$devid
-log "guest $name is domain $domid (paused)"
-
-t0=$SECONDS
-"$XENTAP" attach "$domid" "$img" xvda || fail "xentap attach"
-log "attached after $((SECONDS - t0))s"
-
-# The daemon opens the image and advertises (InitWait) before the guest runs.
-t0=$SECONDS
-until [ "$(xenstore-read $be/state 2>/dev/null)" = 2 ]; do
-    [ $((SECONDS - t0)) -lt 60 ] || { xenstore-ls -f "$be"; fail "backend not in InitWait after 60s"; }
-    sleep 0.5
-done
-log "backend in InitWait after $((SECONDS - t0))s"
-xenstore-ls -f "$be" > "$XT_WORK/be-initwait.ls"
-sed 's/^/backend: /' "$XT_WORK/be-initwait.ls"
-
-start=$(date +%s)
-xl unpause "$domid" || fail "xl unpause"
-log "guest unpaused"
 
 # Until the guest is gone: note when both ends are Connected and keep what
 # they negotiated (the frontend's node goes with the domain), and keep the
@@ -111,7 +60,7 @@ while xenstore-exists "/local/domain/$domid" 2>/dev/null; do
         connected=$(( $(date +%s) - start ))
         xenstore-ls -f "$fe" > "$XT_WORK/fe.ls"
         xenstore-ls -f "$be" > "$XT_WORK/be.ls"
-        log "frontend and backend Connected ${connected}s after unpause"
+        log "frontend and backend Connected ${connected}s after xentap create began"
         sed 's/^/frontend: /' "$XT_WORK/fe.ls"
     fi
     xenstore-ls -f "$ROOT/vbd/$domid/$devid" > "$XT_WORK/st.tmp" 2>/dev/null &&
@@ -163,8 +112,8 @@ done
 sed 's/^/status: /' "$XT_WORK/st.ls"
 st() { kv "$XT_WORK/st.ls" "$1"; }
 echo "METRIC $name status requests=$(st requests) reads=$(st reads) writes=$(st writes)" \
-     "flushes=$(st flushes) bytes_read=$(st bytes-read) bytes_written=$(st bytes-written)" \
-     "errors=$(st errors) queues=$(st queues)"
+     "flushes=$(st flushes) indirect=$(st indirect) bytes_read=$(st bytes-read)" \
+     "bytes_written=$(st bytes-written) errors=$(st errors) queues=$(st queues)"
 [ "$(st errors)" = 0 ] || fail "the daemon counted $(st errors) errored requests"
 [ "$(st error)" = absent ] || fail "the daemon reported an error: $(st error)"
 [ "$(st requests)" -gt 0 ] 2>/dev/null || fail "the daemon counted no requests"
@@ -175,8 +124,9 @@ echo "METRIC $name avg_write_bytes=$avg (44 KiB without indirect)"
 if [ "$(kv "$XT_WORK/be.ls" feature-max-indirect-segments)" != absent ] &&
    grep -q 'indirect descriptors: enabled' "$XT_WORK/guest.log"; then
     [ "$avg" -gt 45056 ] || fail "blkfront says indirect is on, but writes average $avg bytes"
+    [ "$(st indirect)" -gt 0 ] 2>/dev/null || fail "blkfront says indirect is on, the daemon counted $(st indirect)"
 fi
-kill -0 "$daemon_pid" 2>/dev/null || { daemon_pid=; fail "xentap daemon died"; }
+kill -0 "$daemon_pid" 2>/dev/null || { xentap_daemon_pid=; fail "xentap daemon died"; }
 "$XENTAP" status --json > "$XT_WORK/status.json" || fail "xentap status --json"
 cat "$XT_WORK/status.json"
 python3.11 - "$XT_WORK/status.json" "$domid" <<'EOF' || fail "xentap status --json shows a problem"
@@ -193,25 +143,17 @@ for r in rows:
         bad.append(f"{r['vdev']}: error {r['error']!r}, {r['errors']} errors")
     if r["state"] != "Closed":
         bad.append(f"{r['vdev']}: backend {r['state']} after the guest ended")
+    if r["requests"] == 0 or r["bytes_written"] == 0:   # the final counters stay
+        bad.append(f"{r['vdev']}: counters gone after the guest ended: {r}")
 print("status:", "; ".join(bad) or "ok")
 sys.exit(1 if bad else 0)
 EOF
 "$XENTAP" detach "$domid" xvda || fail "xentap detach"
 xenstore-exists "$be" 2>/dev/null && fail "backend node still there after detach"
-stop_daemon
+xentap_daemon_stop
 grep -n 'Traceback\|WARNING\|error' "$dlog" && log "(daemon log lines above)"
 grep -q Traceback "$dlog" && fail "the daemon logged a traceback"
 
 # --- the image, in dom0
-e2fsck -fn "$img" || fail "e2fsck -fn in dom0"
-n=0
-while read -r _ f sum; do
-    rm -f "$XT_WORK/$f"
-    debugfs -R "dump /$f $XT_WORK/$f" "$img" 2>/dev/null
-    got=$(sha256sum < "$XT_WORK/$f" | cut -d' ' -f1)
-    [ "$got" = "$sum" ] || fail "$f in the image hashes $got, guest wrote $sum"
-    n=$((n + 1))
-done < <(grep '^XT-FILE ' "$XT_WORK/guest.log")
-[ $n = 4 ] || fail "expected 4 files, checked $n"
-log "dom0 verified $n files and the filesystem"
+verify_image "$img" "$XT_WORK/guest.log" 4
 rm -f "$img"
