@@ -125,6 +125,32 @@ def fs_workload(dev, mnt: Path, fstype: str, between=None) -> None:
         run("umount", str(mnt), check=False)
 
 
+def busy(mnt: Path, seconds: float, seed: int = 5) -> int:
+    """A busy guest for ``seconds``: files of 4-128 KiB written about 50 a second,
+    every 5th fsync'd, old ones deleted and renamed; returns files written."""
+    import random
+    import time
+    rnd = random.Random(seed)
+    d = mnt / "busy"
+    d.mkdir(exist_ok=True)
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        p = d / f"b{n:06d}"
+        with open(p, "wb") as f:
+            f.write(wl.text(rnd.randrange(1, 33) * 4096, seed + n))
+            if n % 5 == 0:
+                f.flush()
+                os.fsync(f.fileno())
+        if n >= 100 and n % 3 == 0:
+            (d / f"b{n - 100:06d}").unlink(missing_ok=True)
+        if n % 17 == 0 and n:
+            os.replace(p, d / f"r{n:06d}")
+        n += 1
+        time.sleep(0.02)
+    return n
+
+
 def ransom(mnt: Path, names, mode: str) -> None:
     """Encrypt files in place, as ransomware does (read, write back encrypted, fsync)."""
     for name in names:

@@ -21,6 +21,7 @@ from .formats import ext4, gpt, luks, lvm, mbr, ntfs, swap, xfs
 from .fstrack import NTFS, XFS, Ext4
 
 HEAD = 64 << 10  # bytes watched at the start of the disk and of every partition
+MAX_PARTITIONS = 128  # partitions watched (a hostile table may list thousands)
 
 
 class VbdAnalyzer:
@@ -190,8 +191,8 @@ class VbdAnalyzer:
         if new == self.partitions:
             return
         self.partitions = new
-        for s, e, _ in parts:
-            if s not in self.heads:
+        for s, e, _ in parts[:MAX_PARTITIONS]:
+            if s not in self.heads and len(self.heads) <= MAX_PARTITIONS:
                 self.heads[s] = bytearray(HEAD)
                 self.head_end[s] = e
 

@@ -37,7 +37,7 @@ def _imports():
 
 
 # ------------------------------------------------------------------ throughput
-def throughput(total: int = 512 * MB, seed: int = 1) -> dict:
+def throughput(total: int = 512 * MB, seed: int = 1, repeat: int = 3) -> dict:
     rnd = random.Random(seed)
     pool = b"".join([wl.text(8 * MB, seed), bytes(4 * MB), wl.zstd_file(4 * MB, seed)[:4 * MB],
                      os.urandom(4 * MB)])
@@ -50,18 +50,22 @@ def throughput(total: int = 512 * MB, seed: int = 1) -> dict:
         dst = rnd.randrange(0, 1 << 20) * 4096
         writes.append((dst // 512, mv[src:src + ln]))
         n += ln
-    a = VbdAnalyzer("bench")
-    t0 = time.process_time()
-    seq = 0
-    for i, (sector, data) in enumerate(writes):
-        a.feed(seq, seq, sector, data)
-        seq += 1
-        if i % 32 == 31:
-            a.flush(seq, seq)
+    runs = []
+    for _ in range(repeat):  # CPU time of this process, median of the runs
+        a = VbdAnalyzer("bench")
+        t0 = time.process_time()
+        seq = 0
+        for i, (sector, data) in enumerate(writes):
+            a.feed(seq, seq, sector, data)
             seq += 1
-    a.finish()
-    dt = time.process_time() - t0
-    return {"throughput_mb_s": round(n / MB / dt, 1), "throughput_bytes": n, "cpu_seconds": round(dt, 3)}
+            if i % 32 == 31:
+                a.flush(seq, seq)
+                seq += 1
+        a.finish()
+        runs.append(n / MB / (time.process_time() - t0))
+    runs.sort()
+    return {"throughput_mb_s": round(runs[len(runs) // 2], 1), "throughput_runs_mb_s": [round(r, 1) for r in runs],
+            "throughput_bytes": n}
 
 
 # ------------------------------------------------------------------ synthetic streams
@@ -178,9 +182,9 @@ def _luks_header() -> bytes | None:
 
 
 # ------------------------------------------------------------------ real kernel traces
-def _real(progress) -> dict:
+def _real(progress, busy_seconds: float) -> dict:
     from analyzer.capture import Capture, available
-    from analyzer.checks import (MIN_SIZE, analyze_trace, benign, fs_workload, fsck_clean, images_at,
+    from analyzer.checks import (MIN_SIZE, analyze_trace, benign, busy, fs_workload, fsck_clean, images_at,
                                  populate, ransom, records_so_far, run)
     why = available()
     if why:
@@ -201,10 +205,11 @@ def _real(progress) -> dict:
         points_total = points_clean = 0
         minutes = 0.0
         for fstype in ("ext4", "xfs"):
-            progress(f"{fstype} workload (real kernel trace), fsck of every consistent point")
+            progress(f"{fstype}: busy guest for {busy_seconds:g} s (real kernel trace), "
+                     "fsck of every consistent point")
             img, trc, mnt = disk(fstype)
             with Capture(img, trc) as dev:
-                fs_workload(dev, mnt, fstype)
+                fs_workload(dev, mnt, fstype, between=lambda m: busy(m, busy_seconds))
             a, evs = analyze_trace(trc)
             pts = [e.seq for e in evs if e.consistent]
             clean = sum(fsck_clean(fstype, im, d)[0] for _s, im in images_at(trc, pts, d, MIN_SIZE[fstype]))
@@ -248,9 +253,9 @@ def _real(progress) -> dict:
     return out
 
 
-def run(progress=lambda m: None, total: int = 512 * MB, real: bool = True) -> dict:
+def run(progress=lambda m: None, total: int = 512 * MB, real: bool = True, busy_seconds: float = 15.0) -> dict:
     _imports()
-    progress(f"throughput on {total // MB} MiB of mixed writes")
+    progress(f"throughput on {total // MB} MiB of mixed writes, 3 runs")
     res = throughput(total)
     progress("synthetic detection and benign streams")
     synth = {m: synthetic_detection(m) for m in MODES}
@@ -258,7 +263,7 @@ def run(progress=lambda m: None, total: int = 512 * MB, real: bool = True) -> di
     res["synthetic_detection_mb"] = synth
     res["benign_workloads"] = benign
     fa = sum(benign.values())
-    realr = _real(progress) if real else {}
+    realr = _real(progress, busy_seconds) if real else {}
     det = realr.get("detection") or synth
     res["detection_source"] = "real ext4 traces" if realr.get("detection") else "synthetic streams"
     res["detection_mb"] = det.get("whole")
@@ -276,13 +281,14 @@ def format_table(r: dict) -> str:
     def f(v, unit=""):
         return "-" if v is None else f"{v}{unit}"
     rows = [
-        ("analyzer throughput, one core", f(r["throughput_mb_s"], " MB/s"), ">= 500 MB/s"),
+        ("analyzer throughput, one core (median)", f(r["throughput_mb_s"], " MB/s"), ">= 500 MB/s"),
         ("detection, whole-file encryption", f(r["detection_mb"], " MB"), "<= 64 MB"),
         ("detection, intermittent (16 B of 32)", f(r["intermittent_detection_mb"], " MB"), "<= 64 MB"),
         ("detection, first 5 % of each file", f(r["first5_detection_mb"], " MB"), "<= 64 MB"),
         ("false alarms on benign workloads", f(r["false_alarms"]), "0"),
-        ("consistent tags passing fsck", f(r["consistent_fsck_clean"]), "1.0"),
-        ("consistent tags per minute", f(r["tags_per_minute"]), ""),
+        ("consistent tags passing fsck", f(r["consistent_fsck_clean"])
+         + (f" of {r['consistent_points']}" if r["consistent_points"] else ""), "1.0"),
+        ("consistent tags per minute, busy guest", f(r["tags_per_minute"]), ""),
     ]
     w = max(len(a) for a, _, _ in rows)
     lines = [f"{'measure':{w}}  {'value':>12}  goal"]
@@ -295,8 +301,10 @@ def format_table(r: dict) -> str:
 @click.command("analyzer")
 @click.option("--size", default="512M", show_default=True, help="Bytes of writes for the throughput run.")
 @click.option("--synthetic-only", is_flag=True, help="Skip the parts that record real kernel traces.")
+@click.option("--busy-seconds", default=15.0, show_default=True,
+              help="Length of the busy-guest run on each filesystem (tags per minute, fsck).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(size, synthetic_only, as_json) -> None:
+def command(size, synthetic_only, busy_seconds, as_json) -> None:
     """Analyzer throughput, detection latency, false alarms, fsck of consistent tags."""
     import json
 
@@ -304,6 +312,8 @@ def command(size, synthetic_only, as_json) -> None:
     total = _size(size)
     if total < 16 * MB:
         raise XentapError("--size must be at least 16M")
+    if not 0 <= busy_seconds <= 3600:
+        raise XentapError("--busy-seconds must be between 0 and 3600")
     progress = (lambda m: click.echo(f"bench: {m}", err=True))
-    r = run(progress, total, real=not synthetic_only)
+    r = run(progress, total, real=not synthetic_only, busy_seconds=busy_seconds)
     click.echo(json.dumps(r, indent=2) if as_json else format_table(r))
