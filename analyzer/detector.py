@@ -25,7 +25,7 @@ baseline (the mean share over past windows): it needs at least
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +46,7 @@ class DetectorConfig:
     min_share: float = 0.15  # suspicious share of recent data writes needed
     factor: float = 4.0  # ... and at least this many times the baseline share
     batch_blocks: int = 256  # blocks per analysis batch (1 MiB)
+    state_chunks: int = 64  # per-block states kept for this many 4 GiB regions (1 MiB each), LRU
 
     def validate(self) -> None:
         if not 0.05 <= self.sensitivity <= 20:
@@ -54,6 +55,8 @@ class DetectorConfig:
             raise ValueError("window must be at least 1M")
         if not 1 <= self.batch_blocks <= 1024:
             raise ValueError("batch must be 1..1024 blocks")
+        if self.state_chunks < 1:
+            raise ValueError("state_chunks must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class EncryptionDetector:
         self.cfg = config or DetectorConfig()
         self.cfg.validate()
         self.read_old = read_old
-        self._state: dict[int, np.ndarray] = {}
+        self._state: OrderedDict[int, np.ndarray] = OrderedDict()  # LRU; evicted blocks are unknown again
         self._bufs: list[bytes] = []
         self._meta: list[tuple[int, int, int, int, bool]] = []  # seq, time, first block, nblocks, sig-continued
         self._nblocks = 0
@@ -241,6 +244,7 @@ class EncryptionDetector:
         for c in np.unique(ch):
             arr = self._state.get(int(c))
             if arr is not None:
+                self._state.move_to_end(int(c))
                 sel = ch == c
                 out[sel] = arr[bno[sel] & _CHUNK_MASK]
         return out
@@ -251,6 +255,8 @@ class EncryptionDetector:
             arr = self._state.get(int(c))
             if arr is None:
                 arr = self._state[int(c)] = np.zeros(1 << _CHUNK_SHIFT, dtype=np.uint8)
+                while len(self._state) > self.cfg.state_chunks:
+                    self._state.popitem(last=False)
             sel = ch == c
             arr[bno[sel] & _CHUNK_MASK] = state[sel]
 

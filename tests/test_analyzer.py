@@ -444,3 +444,26 @@ def test_mutated_and_garbage_writes_never_crash_the_analyzer_nor_tag_a_mutated_t
     for tid in mutated_tids:
         if tid in tagged:
             pytest.fail(f"transaction {tid} tagged although one of its journal blocks was mutated")
+
+
+def test_block_state_memory_is_bounded_and_evicted_blocks_fall_back_to_the_replica():
+    old = {}
+    cfg = DetectorConfig(state_chunks=2)
+    a = VbdAnalyzer(detector=cfg, read_old=lambda off, n: old.get(off, bytes(n)))
+    region = 4 << 30  # one state chunk covers 4 GiB of disk
+    seq = 0
+    files = []
+    for k in range(4):  # structured files in 4 regions: only 2 regions' states are kept
+        off = k * region + 64 * MB
+        data = wl.text(8 * MB, k)
+        a.feed(seq, seq, off // 512, data)
+        seq += 1
+        files.append((off, data))
+        for j in range(0, len(data), 4096):
+            old[off + j] = data[j:j + 4096]  # the replica has what was written
+    a.finish()
+    assert len(a.detector._state) == 2
+    off, data = files[0]  # its state was evicted: the replica tells it was structured
+    a.feed(seq, seq, off // 512, wl.encrypt(data))
+    a.finish()
+    assert a.detector.totals["overwrite"] >= 4 * MB
