@@ -284,6 +284,7 @@ class XFS(Tracker):
         self.regions = [self.log] if self.log else []
         self.partial: dict[int, bytearray] = {}  # record byte offset -> assembled bytes so far
         self.commit_pending: int | None = None  # seq of the write with the last commit record
+        self.broken = False  # a record failed its CRC: commits are not recoverable past it
         self.unmount_pending: int | None = None
         self.records = 0
 
@@ -328,6 +329,10 @@ class XFS(Tracker):
 
     def _record(self, seq, t, buf, pos, r, out) -> None:
         if r.crc_ok is False:
+            # log recovery fails on a bad record before the head: no commit is
+            # consistent again until a clean unmount record
+            self.broken = True
+            self.commit_pending = None
             return
         if r.crc_ok is None and self.sb.has_crc:
             return  # an unchecksummed record on a v5 log: mkfs's, not the kernel's
@@ -343,10 +348,11 @@ class XFS(Tracker):
             out.append(self._ev(ev.MOUNT, seq, t, "xfs mounted (log active)", uuid=self.sb.uuid))
         if flags & XLOG_UNMOUNT_TRANS:
             self.unmount_pending = seq
+            self.broken = False
             if self.mounted is not False:
                 out.append(self._ev(ev.UNMOUNT, seq, t, "xfs unmount record", uuid=self.sb.uuid))
             self.mounted = False
-        elif flags & XLOG_COMMIT_TRANS:
+        elif flags & XLOG_COMMIT_TRANS and not self.broken:
             self.commit_pending = seq
 
     def on_flush(self, seq, t, out) -> None:

@@ -467,3 +467,24 @@ def test_block_state_memory_is_bounded_and_evicted_blocks_fall_back_to_the_repli
     a.feed(seq, seq, off // 512, wl.encrypt(data))
     a.finish()
     assert a.detector.totals["overwrite"] >= 4 * MB
+
+
+def test_an_xfs_log_record_with_a_bad_crc_ends_the_consistent_points_until_unmount():
+    recs = list(tr.read(XFS))
+    _, evs = feed_all(recs)
+    tagged = {e.seq for e in evs if e.consistent and e.detail["reason"] == "xfs_log_commit"}
+    # the log record write just before a tagged flush
+    flush_seq = sorted(tagged)[len(tagged) // 2]
+    i = max(k for k, r in enumerate(recs) if r.seq < flush_seq and r.kind == tr.WRITE
+            and r.data[:4] == b"\xfe\xed\xba\xbe")
+    assert all(r.kind == tr.FLUSH or r.data[:4] != b"\xfe\xed\xba\xbe" for r in recs[i + 1:]
+               if r.seq < flush_seq)
+    d = bytearray(recs[i].data)
+    d[512 + 40] ^= 0x5A  # in the record's data, covered by h_crc
+    recs[i] = tr.Record(tr.WRITE, recs[i].seq, recs[i].time_ns, recs[i].offset, bytes(d))
+    _, evs2 = feed_all(recs)
+    tagged2 = {e.seq for e in evs2 if e.consistent and e.detail["reason"] == "xfs_log_commit"}
+    # log recovery would fail at that record: no commit after it is consistent,
+    # those before it still are, and so is the clean unmount at the end
+    assert tagged2 == {q for q in tagged if q < flush_seq}
+    assert [e for e in evs2 if e.consistent][-1].detail["reason"] == "clean_unmount"
