@@ -168,15 +168,18 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 
 
 def _write_all(fd: int, parts: Iterable) -> None:
+    """writev all of parts (IOV_MAX at a time), short writes resumed."""
     bufs = [memoryview(p).cast("B") for p in parts if len(p)]
-    while bufs:
-        n = os.writev(fd, bufs[:1024])
-        while n:
-            if n >= bufs[0].nbytes:
-                n -= bufs[0].nbytes
-                bufs.pop(0)
+    i, end = 0, len(bufs)
+    while i < end:
+        n = os.writev(fd, bufs[i:i + 1024])
+        while n and i < end:
+            ln = bufs[i].nbytes
+            if n >= ln:
+                n -= ln
+                i += 1
             else:
-                bufs[0] = bufs[0][n:]
+                bufs[i] = bufs[i][n:]
                 n = 0
 
 
@@ -234,7 +237,7 @@ class _Frame:
     """An open (or sealed, not yet written) RECORDS frame: consecutive seqs."""
 
     __slots__ = ("first_seq", "last_seq", "t_first", "t_last", "table", "data", "ndata",
-                 "ckps", "nrec")
+                 "ckps", "nrec", "gap_marks")
 
     def __init__(self, first_seq: int):
         self.first_seq = first_seq
@@ -245,6 +248,7 @@ class _Frame:
         self.ndata = 0
         self.ckps: list[bytes] = []  # CKP entries for checkpoints in this frame
         self.nrec = 0
+        self.gap_marks: list[bool] = []  # GAP / RESYNC_END in this frame, in order
 
 
 @dataclass
@@ -298,6 +302,7 @@ class Journal:
         self._writer_fd = -1
         self._written_resync = False  # GAP state after the last frame written
         self._written_kind = -1  # kind of the last record written
+        self._written_seq = 0  # last seq written to a segment (durable after the fdatasync)
         self._last_kind = -1  # kind of the last record appended
         # GAP state changes appended since open: [(seq, in_resync)], after the
         # state at open (seq, in_resync); GAPs are rare, entries below the base go
@@ -310,9 +315,10 @@ class Journal:
         self._mu = threading.Lock()  # segment list and files (write vs trim)
         self._trim_thread: threading.Thread | None = None
         self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if writable else None
+        self._sample_cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if writable else None
         self._dctx = zstandard.ZstdDecompressor()
         self.stats = dict(frames=0, records=0, data_bytes=0, stored_bytes=0, syncs=0,
-                          trims=0)
+                          trims=0, compressed_frames=0)
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -430,7 +436,7 @@ class Journal:
             if s.last_seq:
                 self.last_seq, self.last_ts = s.last_seq, s.t_last
                 break
-        self.durable_seq = self.last_seq
+        self.durable_seq = self._written_seq = self.last_seq
 
     def _idx_entries(self, s: _Segment) -> list[tuple]:
         try:
@@ -462,7 +468,10 @@ class Journal:
         state = [tail.in_resync_at_start, Kind.FLUSH if hdr[2] & SEG_AFTER_FLUSH else -1]
         good = SEG_HDR.size
         res = ScanResult()
-        expect = tail.first_seq
+        # records continue from the segment before (a segment may start with tags and
+        # be named after the seq that was next when it was made)
+        prev = [s for s in self.segments[:-1] if s.last_seq]
+        expect = max(prev[-1].last_seq if prev else 0, self.base_seq) + 1
         with open(tail.xjs, "rb") as f:
             for off, h, table, payload, err in _scan_frames(f, SEG_HDR.size):
                 if err:
@@ -620,9 +629,11 @@ class Journal:
         elif kind == Kind.GAP:
             self.in_resync = True
             self._gap_marks.append((seq, True))
+            f.gap_marks.append(True)
         elif kind == Kind.RESYNC_END:
             self.in_resync = False
             self._gap_marks.append((seq, False))
+            f.gap_marks.append(False)
         if len(self._gap_marks) > 1024:
             self._gap_marks = [g for g in self._gap_marks if g[0] > self.base_seq][-1024:]
         self._last_kind = kind
@@ -713,7 +724,7 @@ class Journal:
             return self.durable_seq
         with self._mu:
             for f in frames:
-                if f.last_seq <= self.durable_seq:
+                if f.last_seq <= self._written_seq:
                     continue
                 self._write_frame(f)
             for t in tags:
@@ -789,35 +800,30 @@ class Journal:
 
     def _write_frame(self, f: _Frame) -> None:
         table = b"".join(f.table)
-        raw = b"".join(f.data) if len(f.data) != 1 else f.data[0]
-        comp, payload = COMP_RAW, raw
-        if f.ndata:
-            z = self._cctx.compress(raw)
+        comp, pieces, plen = COMP_RAW, f.data, f.ndata
+        if f.ndata and self._worth_compressing(f.data):
+            z = self._cctx.compress(b"".join(f.data) if len(f.data) != 1 else f.data[0])
             if len(z) < f.ndata:
-                comp, payload = COMP_ZSTD, z
+                comp, pieces, plen = COMP_ZSTD, [z], len(z)
+            self.stats["compressed_frames"] += 1
         hdr = FRAME_HDR.pack(FRAME_MAGIC, FT_RECORDS, comp, 0, f.first_seq, f.last_seq,
-                             f.t_first, f.t_last, f.nrec, len(table), len(payload), f.ndata, 0)
+                             f.t_first, f.t_last, f.nrec, len(table), plen, f.ndata, 0)
         h = xxhash.xxh3_64(hdr[:-8])
         h.update(table)
-        h.update(payload)
+        for p in pieces:  # stored raw: no copy of the records' data before the write
+            h.update(p)
         hdr = hdr[:-8] + struct.pack("<Q", h.intdigest())
-        total = len(hdr) + len(table) + len(payload)
+        total = len(hdr) + len(table) + plen
         self._ensure_segment(f.first_seq, total)
         tail = self.segments[-1]
         off = self._seg_off
-        _write_all(self._seg_fd, (hdr, table, payload))
+        _write_all(self._seg_fd, (hdr, table, *pieces))
         self._seg_off += total
         os.write(self._idx_fd, IDX.pack(f.first_seq, f.last_seq, f.t_first, f.t_last, off,
                                         total, f.nrec))
         # GAP state of the frame's end, for checkpoints' consistency and the next segment
-        rs = self._written_resync
-        for i in range(f.nrec):
-            k = table[i * REC.size + _KIND_OFF]
-            if k == Kind.GAP:
-                rs = True
-            elif k == Kind.RESYNC_END:
-                rs = False
-        self._written_resync = rs
+        if f.gap_marks:
+            self._written_resync = f.gap_marks[-1]
         self._written_kind = table[(f.nrec - 1) * REC.size + _KIND_OFF]
         if f.ckps:
             os.write(self._ckp_fd, b"".join(f.ckps))
@@ -825,9 +831,25 @@ class Journal:
             tail.t_first = f.t_first
         tail.last_seq, tail.t_last = f.last_seq, f.t_last
         tail.nbytes = self._seg_off
+        self._written_seq = f.last_seq
         self.stats["frames"] += 1
         self.stats["data_bytes"] += f.ndata
         self.stats["stored_bytes"] += total
+
+    def _worth_compressing(self, pieces: list) -> bool:
+        """Compress a frame unless a sample of it (its first 64 KiB) does not shrink
+        by a tenth: encrypted or already compressed data costs zstd's time for nothing."""
+        if self._cctx is None:
+            return False
+        sample, n = [], 0
+        for p in pieces:
+            sample.append(p)
+            n += len(p)
+            if n >= 64 << 10:
+                break
+        if n < 8 << 10:
+            return True
+        return len(self._sample_cctx.compress(b"".join(sample))) < 0.9 * n
 
     def _write_tag(self, seq, ts, kind, consistent, label: bytes) -> None:
         table = TAG.pack(seq, ts, kind, consistent, len(label)) + label
@@ -836,7 +858,7 @@ class Journal:
         h = xxhash.xxh3_64(hdr[:-8])
         h.update(table)
         hdr = hdr[:-8] + struct.pack("<Q", h.intdigest())
-        self._ensure_segment(self.durable_seq + 1, len(hdr) + len(table))
+        self._ensure_segment(self._written_seq + 1, len(hdr) + len(table))
         _write_all(self._seg_fd, (hdr, table))
         self._seg_off += len(hdr) + len(table)
         self.segments[-1].nbytes = self._seg_off
