@@ -34,7 +34,7 @@ test-fast: build
 	$(PYTEST) -q -m "not slow and not xen" tests
 
 # The Xen-in-QEMU end-to-end suite (tests/xen/).
-xen-test: build
+xen-test: build appliance-image
 	@if [ -x tests/xen/run.sh ]; then tests/xen/run.sh; else echo "xen-test: no suite yet"; fi
 
 # The hostile-guest half of the shim's checks: the shim test suites under
@@ -54,6 +54,12 @@ fuzz: setup
 
 bench: build
 	.venv/bin/xentap bench datapath
+
+# The appliance as a PV domain: out/appliance/{vmlinuz,appliance.cpio.gz}
+# (appliance_domu/image/build.sh; prints the image's size).
+.PHONY: appliance-image
+appliance-image: build
+	@appliance_domu/image/build.sh
 
 clean:
 	rm -rf build .build-stamp xentap/_shim_c*.so xentap/_shim_c.c xentap/_shim_c.o

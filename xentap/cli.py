@@ -120,6 +120,35 @@ def bench_mirror(directory, size, seconds, repeat, ring, as_json) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else bm.format_table(result))
 
 
+@bench.command("journal")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True),
+              help="Where to put the journals (default: the system temp dir).")
+@click.option("--size", default="1G", show_default=True, help="Disk size for the restore.")
+@click.option("--history", default="10m", show_default=True, help="History's time span.")
+@click.option("--history-size", default="512M", show_default=True,
+              help="Bytes of 4 KiB random writes in the history.")
+@click.option("--ingest-size", default="512M", show_default=True, help="Bytes per ingest run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_journal(directory, size, history, history_size, ingest_size, as_json) -> None:
+    """Journal ingest (4 KiB, 1 MiB), restore and metadata, against dd's speed."""
+    import json
+
+    from xentap import bench_journal as bj
+    from xentap.cli_journal import parse_duration
+
+    nbytes, hist, ing = _size(size), _size(history_size), _size(ingest_size)
+    try:
+        secs = parse_duration(history)
+    except ValueError as e:
+        raise XentapError(str(e)) from None
+    if nbytes < 64 << 20 or nbytes % (1 << 20) or hist < 1 << 20 or ing < 4 << 20 or secs <= 0:
+        raise XentapError("--size must be whole MiB >= 64M, --history-size >= 1M, "
+                          "--ingest-size >= 4M, --history > 0")
+    progress = (lambda m: click.echo(f"bench: {m}", err=True))
+    result = bj.run(directory, nbytes, secs, hist, ing, progress)
+    click.echo(json.dumps(result, indent=2) if as_json else bj.format_table(result))
+
+
 @cli.command()
 @click.option("--dir", "workdir", default="out/demo", show_default=True,
               help="Where the demo keeps its disk image.")
@@ -139,13 +168,13 @@ def demo(workdir, size, seconds) -> None:
 
 def _register() -> None:
     """Commands that live in their own modules."""
-    from xentap import cli_appliance
+    from xentap import bench_analyzer, cli_analyze, cli_appliance, cli_journal
     from xentap.cli_vbd import COMMANDS as VBD_COMMANDS
     for c in VBD_COMMANDS:
         cli.add_command(c)
-    cli.add_command(cli_appliance.appliance)
-    cli.add_command(cli_appliance.keys)
-
+    for c in (cli_appliance.appliance, cli_appliance.keys, cli_journal.journal, cli_analyze.analyze):
+        cli.add_command(c)
+    bench.add_command(bench_analyzer.command)
 
 _register()
 

@@ -36,6 +36,19 @@ def _one_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
+def _size_arg(text: str) -> int:
+    """'512M', '16G', '4096' -> bytes (ValueError otherwise)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        n = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, IndexError):
+        n = -1
+    if n <= 0:
+        raise ValueError(f"not a size: {text!r} (e.g. 512M, 16G)")
+    return n
+
+
 @click.group("appliance")
 def appliance() -> None:
     """The data-services appliance (runs in its own domU, or locally for development)."""
@@ -57,12 +70,23 @@ def appliance() -> None:
               help="Bytes (MiB) a dom0 may send beyond what is durable.")
 @click.option("--sync-ms", default=5.0, show_default=True, type=click.FloatRange(0.1, 10000),
               help="Longest time data stays unsynced (group commit).")
+@click.option("--retention", default="24h", show_default=True, metavar="DURATION",
+              help="Journal history kept per VBD (e.g. 30m, 24h, 7d).")
+@click.option("--journal-max", default="16G", show_default=True, metavar="SIZE",
+              help="Journal bytes per VBD; past it the oldest history is trimmed (warning).")
 @click.option("-v", "--verbose", is_flag=True, help="Also log sessions and syncs (INFO); rejections are always logged.")
 def serve(endpoint: str, data_dir: str, keys_dir: str | None, allow_dir: str | None,
-          insecure: bool, credit_mib: int, sync_ms: float, verbose: bool) -> None:
+          insecure: bool, credit_mib: int, sync_ms: float, retention: str, journal_max: str,
+          verbose: bool) -> None:
     """Receive mirror streams and keep a replica per VBD, until SIGINT/SIGTERM."""
     from appliance_domu.receiver import Receiver
+    from xentap.cli_journal import parse_duration
 
+    try:
+        jopts = dict(retention_seconds=parse_duration(retention),
+                     retention_bytes=_size_arg(journal_max))
+    except ValueError as e:
+        raise ApplianceError(str(e)) from None
     curve = None
     if insecure:
         if keys_dir or allow_dir:
@@ -81,7 +105,8 @@ def serve(endpoint: str, data_dir: str, keys_dir: str | None, allow_dir: str | N
                         format="xentap appliance: %(levelname)s %(message)s")
     try:
         rcv = Receiver(endpoint, data_dir, curve=curve, insecure=insecure,
-                       credit_bytes=credit_mib << 20, sync_interval=sync_ms / 1000)
+                       credit_bytes=credit_mib << 20, sync_interval=sync_ms / 1000,
+                       journal=jopts)
         rcv.bind()
     except (OSError, ValueError) as e:
         raise ApplianceError(_one_line(e)) from None
@@ -128,3 +153,8 @@ def keys_cmd(directory: str, role: str, name: str | None, force: bool) -> None:
 
 
 keys = keys_cmd  # the name the brief uses; `keys_mod` is the xentap.keys module
+
+
+# `xentap appliance create|destroy|status`: the appliance as a Xen domain.
+from xentap import appliance_domain as _appliance_domain  # noqa: E402
+_appliance_domain.register(appliance)
