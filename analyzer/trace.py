@@ -1,7 +1,7 @@
 """Ordered write traces: what a block backend saw, write by write.
 
-A trace is ``b"XTTRACE1"`` then records ``<BxxxIQQQ`` (kind, length, seq,
-time_ns, byte offset) each followed by ``length`` bytes of data; kind 1 is a
+A trace is ``b"XTTRACE1"`` then records (:data:`TraceRecord`: kind, length,
+seq, time_ns, byte offset) each followed by ``length`` bytes of data; kind 1 is a
 write, kind 2 a flush marker (length 0).  ``analyzer/capture/fusetrace.c``
 writes them from a real kernel's I/O; files may be gzip-, xz- or
 zstd-compressed (by suffix).
@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import gzip
 import lzma
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from construct import Int8ul, Int32ul, Int64ul, Padding, Struct
+
+from xentap.structs import derive_struct
+
 MAGIC = b"XTTRACE1"
-REC = struct.Struct("<BxxxIQQQ")
+TraceRecord = Struct(
+    "kind" / Int8ul,
+    Padding(3),
+    "length" / Int32ul,
+    "seq" / Int64ul,
+    "time_ns" / Int64ul,
+    "offset" / Int64ul,     # bytes
+)
+REC, _ = derive_struct(TraceRecord)
 WRITE, FLUSH = 1, 2
 MAX_RECORD = 64 << 20  # refuse records larger than this (a corrupt file)
 

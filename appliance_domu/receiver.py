@@ -70,6 +70,7 @@ import zmq
 
 from appliance_domu.replica import Replica
 from xentap import keys, wire
+from xentap.structs import derive_struct
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ DEFAULT_SYNC_THREADS = 2  #: replicas synced in parallel (one sync at a time per
 _BURST = 256  # frames handled per poll before deadlines are looked at again
 _IDLE_POLL_MS = 50  # also the stop() latency
 
-_HDR, _HDR_FIELDS = wire._derive_struct(wire.Header)  # same layout as wire.decode()
+_HDR, _HDR_FIELDS = derive_struct(wire.Header)  # same layout as wire.decode()
 _TYPE_IDX, _STREAM_IDX = _HDR_FIELDS.index("type"), _HDR_FIELDS.index("stream_id")
 
 

@@ -10,7 +10,7 @@ Frame layout
 All integers little-endian.  The ``construct`` declarations below
 (:data:`Header`, :data:`BODIES`) are the specification; the hot-path codecs
 for fixed-size parts use :class:`struct.Struct` objects *derived* from those
-same declarations (:func:`_derive_struct`), so the layout is written once.
+same declarations (:func:`xentap.structs.derive_struct`), so the layout is written once.
 
 Common header, 32 bytes (:data:`Header`)::
 
@@ -126,17 +126,17 @@ from construct import (
     Array,
     Bytes,
     ConstructError,
-    FormatField,
     Int8ul,
     Int16ul,
     Int32ul,
     Int64ul,
     PascalString,
-    Renamed,
     Struct,
     Terminated,
     this,
 )
+
+from xentap.structs import derive_struct
 
 # --------------------------------------------------------------------------
 # constants and limits
@@ -282,32 +282,15 @@ BODIES = {
 }
 
 
-def _derive_struct(con: Struct) -> tuple[struct.Struct, tuple[str, ...]]:
-    """A struct.Struct equivalent to a fixed-size construct Struct of plain fields."""
-    fmt, names = "<", []
-    for sc in con.subcons:
-        inner = sc.subcon if isinstance(sc, Renamed) else sc
-        if isinstance(inner, FormatField) and inner.fmtstr[0] == "<":
-            fmt += inner.fmtstr[1:]
-        elif isinstance(inner, Bytes) and isinstance(inner.length, int):
-            fmt += f"{inner.length}s"
-        else:  # pragma: no cover - a declaration error
-            raise TypeError(f"{sc!r} is not a fixed-size field")
-        names.append(sc.name)
-    st = struct.Struct(fmt)
-    assert st.size == con.sizeof(), (fmt, con)
-    return st, tuple(names)
-
-
-_HDR, _ = _derive_struct(Header)
+_HDR, _ = derive_struct(Header)
 HEADER_SIZE = _HDR.size  # 32
 _HDR_PREFIX = struct.Struct(_HDR.format[:-1])  # everything but the checksum
 _CKSUM_OFF = _HDR_PREFIX.size  # 24
 _U64 = struct.Struct("<Q")
-_REC, _ = _derive_struct(RecordHeader)
+_REC, _ = derive_struct(RecordHeader)
 RECORD_HEADER_SIZE = _REC.size  # 32
-_WHEAD, _ = _derive_struct(WritesHead)
-_RHEAD, _ = _derive_struct(ResyncHead)
+_WHEAD, _ = derive_struct(WritesHead)
+_RHEAD, _ = derive_struct(ResyncHead)
 
 MAX_BODY_BYTES = _WHEAD.size + MAX_RECORDS_PER_BATCH * RECORD_HEADER_SIZE + MAX_BATCH_DATA_BYTES
 MAX_FRAME_BYTES = HEADER_SIZE + MAX_BODY_BYTES
@@ -577,7 +560,7 @@ def _check_data_len(what: str, length: int, flags: int, data: Buffer) -> int:
 class _FixedCodec:
     def __init__(self, cls, con):
         self.cls = cls
-        self.st, self.names = _derive_struct(con)
+        self.st, self.names = derive_struct(con)
 
     def encode(self, msg) -> list:
         try:
