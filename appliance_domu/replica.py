@@ -57,6 +57,8 @@ IMAGE_NAME = "replica.img"
 STATE_NAME = "state.json"
 JOURNAL_NAME = "journal"
 _MAX_STATE_BYTES = 64 * 1024
+IMAGE_SYNC_INTERVAL = 1.0  #: seconds between fdatasyncs of replica.img (the journal is the log)
+IMAGE_SYNC_BYTES = 256 << 20  #: ... or this many bytes applied since the last one
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -118,6 +120,9 @@ class ReplicaState:
     last_gap_reason: int = 0
     last_checkpoint_seq: int = 0
     last_checkpoint_label: str = ""
+    #: seq up to which replica.img itself is durable; the journal holds the rest up to
+    #: high_water and Replica.open re-applies it.  -1: equal to high_water (no journal)
+    image_seq: int = -1
     format: int = STATE_FORMAT
     updated_ns: int = 0
 
@@ -188,6 +193,10 @@ class Replica:
         self.pending = replace(state)
         self.fd = fd
         self.dirty_bytes = 0  # bytes applied since the last sync
+        self._image_synced_at = time.monotonic()
+        self._image_bytes = 0  # bytes applied since the image's last fdatasync
+        self._image_due = True  # this sync fdatasyncs the image too
+        self._failed = False  # a sync failed: the page cache is not trusted any more
         self.dirty_since: float | None = None  # monotonic time of the first unsynced apply
         self.syncs = 0
         self.syncing = False  # between begin_sync() and end_sync()
@@ -271,6 +280,25 @@ class Replica:
                 base_from=self.image_path, base_seq=st.high_water, base_ts=st.updated_ns,
                 **opts)
         self.journal = j
+        self._redo_image()
+
+    def _redo_image(self) -> None:
+        """Re-apply what the journal holds beyond the image's durable point."""
+        st, j = self.state, self.journal
+        img = st.high_water if st.image_seq < 0 else st.image_seq
+        if img < st.high_water:
+            if j.base_seq > img:
+                raise ReplicaError(errno.EIO, f"replica {self.dir}: image durable to seq {img}, "
+                                   f"the journal starts after {j.base_seq}")
+            log.info("replica %s: re-applying seqs %d..%d from the journal", self.dir, img + 1,
+                     st.high_water)
+            j.replay_onto(self.fd, img + 1, st.high_water)
+            os.fdatasync(self.fd)
+            self.state = replace(st, image_seq=st.high_water)
+            write_state_atomically(self.state_path, self.state.to_json())
+            self.pending = replace(self.pending, image_seq=st.high_water)
+            img = st.high_water
+        j.keep_from_seq = img
 
     @classmethod
     def create(cls, data_dir, hello: wire.Hello, *, journal: dict | None = None) -> Replica:
@@ -286,7 +314,7 @@ class Replica:
             os.fsync(fd)
             st = ReplicaState(vbd_uuid=str(hello.vbd_uuid), size_bytes=hello.size_bytes,
                               logical_sector_size=hello.logical_sector_size,
-                              physical_sector_size=hello.physical_sector_size)
+                              physical_sector_size=hello.physical_sector_size, image_seq=0)
             rep = cls(d, st, fd)
         except BaseException:
             os.close(fd)
@@ -303,7 +331,17 @@ class Replica:
         return rep
 
     def close(self) -> None:
-        """Close the image and the journal (what the journal did not write is dropped)."""
+        """Close the image and the journal (what the journal did not write is dropped);
+        after a clean life the image is made durable up to the durable high water."""
+        st = self.state
+        if self.journal is not None and self.fd >= 0 and not self._failed and not self.syncing \
+                and st.image_seq != st.high_water:
+            try:
+                os.fdatasync(self.fd)
+                self.state = replace(st, image_seq=st.high_water)
+                write_state_atomically(self.state_path, self.state.to_json())
+            except OSError as e:  # the journal still has it: redone on open
+                log.warning("replica %s: image sync on close failed: %s", self.dir, e)
         if self.journal is not None:
             self.journal.close()
             self.journal = None
@@ -432,6 +470,7 @@ class Replica:
             p.last_checkpoint_seq, p.last_checkpoint_label = msg.seq, msg.label
         p.high_water = rng[1]
         self._dirty(nbytes)
+        self._image_bytes += nbytes
         return nbytes
 
     def _journal(self, msg: wire.Message) -> None:
@@ -486,13 +525,26 @@ class Replica:
             snap.last_flush_durable_ns = snap.updated_ns
         self.dirty_bytes = 0
         self.dirty_since = None
+        st = self.state
+        durable_img = st.high_water if st.image_seq < 0 else st.image_seq
+        self._image_due = (self.journal is None or self._image_bytes >= IMAGE_SYNC_BYTES
+                           or time.monotonic() - self._image_synced_at >= IMAGE_SYNC_INTERVAL)
+        if self.journal is None:
+            snap.image_seq = -1
+        elif self._image_due:
+            snap.image_seq = snap.high_water
+            self._image_bytes = 0
+        else:
+            snap.image_seq = durable_img
         self._jtaken = self.journal.take() if self.journal is not None else None
         return snap
 
     def write_durable(self, snap: ReplicaState) -> None:
         taken, self._jtaken = self._jtaken, None
-        if taken is None or not (taken[0] or taken[1]):
+        if taken is None:  # no journal: the image is what is durable
             os.fdatasync(self.fd)
+        elif not self._image_due:
+            self.journal.write(taken)  # the journal is the log; the image syncs later
         else:
             # the journal's write + fdatasync and the image's fdatasync overlap (a
             # helper thread); both are done before the state says "durable"
@@ -518,7 +570,12 @@ class Replica:
         """Finish a sync; ``None`` if write_durable failed (nothing becomes durable)."""
         self.syncing = False
         if snap is None:
+            self._failed = True
             return
+        if self.journal is not None and snap.image_seq != self.state.image_seq:
+            self._image_synced_at = time.monotonic()
+            self.journal.keep_from_seq = snap.image_seq  # trims stay behind the image
+        self.pending.image_seq = snap.image_seq
         self.state = snap
         self.pending.last_flush_durable_ns = snap.last_flush_durable_ns
         self.pending.updated_ns = snap.updated_ns

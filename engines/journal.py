@@ -295,6 +295,9 @@ class Journal:
         self.in_resync = False
         self.warnings: list[str] = []  # recent "journal full" and recovery notes
         self.trimmed_for_space = 0
+        #: trims never pass this seq (the live replica image re-applies records after
+        #: it on open); None: no limit
+        self.keep_from_seq: int | None = None
         self._open: _Frame | None = None
         self._sealed: list[_Frame] = []
         self._pending_tags: list[tuple] = []
@@ -880,6 +883,8 @@ class Journal:
         limit = now_ns - int(self.retention_seconds * 1e9)
         while n < len(segs) - 1:
             s = segs[n]
+            if self.keep_from_seq is not None and s.last_seq > self.keep_from_seq:
+                break
             if total > self.retention_bytes:
                 for_space = for_space or s.t_last >= limit
             elif not (s.last_seq and s.t_last < limit):
@@ -1082,6 +1087,19 @@ class Journal:
                     k = table[i * REC.size + _KIND_OFF]
                     rs = True if k == Kind.GAP else False if k == Kind.RESYNC_END else rs
         return rs
+
+    def replay_onto(self, fd: int, from_seq: int, to_seq: int) -> None:
+        """Apply the records from_seq..to_seq to an open image (a replica's redo)."""
+        if from_seq <= self.base_seq:
+            raise OutOfWindow(errno.ERANGE, f"seq {from_seq} is no longer in the journal "
+                              f"(it starts after {self.base_seq})")
+        with self._mu:
+            segments = list(self.segments)
+        for s in segments:
+            if not s.last_seq or s.last_seq < from_seq or s.first_seq > to_seq:
+                continue
+            with open(s.xjs, "rb") as f:
+                _replay(fd, f, self._idx_entries(s), from_seq, to_seq, self._dctx, False)
 
     def restore(self, out_path: str | os.PathLike, *, seq: int,
                 progress: Callable[[int, int], None] | None = None) -> dict:
