@@ -655,3 +655,166 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
     free(hist);
     return rc;
 }
+
+/* ---- replay ---- */
+
+static bool write_in_flight_overlaps(const struct front_queue *q, uint64_t sector, uint32_t nsect)
+{
+    for (unsigned i = 0; i < q->nr_slots; i++) {
+        const struct front_slot *s = &q->slots[i];
+        if (s->in_use && s->op == BLKIF_OP_WRITE &&
+            sector < s->sector + s->nsect && s->sector < sector + nsect)
+            return true;
+    }
+    return false;
+}
+
+/* Puts a write of `nsect` sectors at `sector` from `data` in the ring. */
+static int replay_issue(struct front_queue *q, uint8_t op, uint64_t sector, uint32_t nsect,
+                        const uint8_t *data)
+{
+    struct xt_front *f = q->f;
+    struct front_slot *s = q->free_list;
+    if (slot_prepare(q, s) < 0)
+        return xt_fail(q->err, ENOSPC, "sim domain has no room for request pages");
+    q->free_list = s->next_free;
+    s->in_use = true;
+    s->t0 = now_ns();
+    s->issue_no = ++q->issued_no;
+    s->op = op;
+    s->block = 0;
+    s->sector = sector;
+    s->nsect = nsect;
+    struct xt_ring_req r;
+    memset(&r, 0, sizeof(r));
+    r.operation = op;
+    r.id = (uint64_t)(s - q->slots);
+    if (op == BLKIF_OP_WRITE) {
+        size_t left = (size_t)nsect * XT_SECTOR_SIZE;
+        for (unsigned i = 0; left; i++) {
+            size_t n = left < XT_PAGE_SIZE ? left : XT_PAGE_SIZE;
+            memcpy(xt_simdom_frame(f->dom, s->data_frame + i), data + (size_t)i * XT_PAGE_SIZE, n);
+            left -= n;
+        }
+        r.sector = sector;
+        unsigned nsegs = (nsect + XT_SECTORS_PER_PAGE - 1) / XT_SECTORS_PER_PAGE;
+        r.nr_segments = (uint16_t)nsegs;
+        if (nsegs <= BLKIF_MAX_SEGMENTS_PER_REQUEST) {
+            fill_segments(q, s, r.seg);
+        } else {
+            r.operation = BLKIF_OP_INDIRECT;
+            r.indirect_op = op;
+            unsigned pages = (nsegs + XT_SEGS_PER_INDIRECT_PAGE - 1) / XT_SEGS_PER_INDIRECT_PAGE;
+            fill_segments(q, s, xt_simdom_frame(f->dom, s->ind_frame));
+            for (unsigned i = 0; i < pages; i++)
+                r.indirect_grefs[i] = s->ind_frame + i;
+        }
+    }
+    xt_abi_put_request(f->cfg.protocol, req_slot(q, q->ring.req_prod_pvt), &r);
+    q->ring.req_prod_pvt++;
+    q->in_flight++;
+    return 0;
+}
+
+int xt_front_replay(xt_front *f, const struct xt_replay_op *ops, uint64_t n,
+                    uint32_t queue_depth, struct xt_front_result *res, char *err)
+{
+    memset(res, 0, sizeof(*res));
+    if (queue_depth == 0)
+        return xt_fail(err, EINVAL, "queue depth must be at least 1");
+    for (uint64_t i = 0; i < n; i++) {
+        const struct xt_replay_op *o = &ops[i];
+        if (o->kind == XT_REPLAY_FLUSH)
+            continue;
+        if (o->kind != XT_REPLAY_WRITE || o->len == 0 || o->len % XT_SECTOR_SIZE || !o->data)
+            return xt_fail(err, EINVAL, "replay op %llu: not a write of whole sectors",
+                           (unsigned long long)i);
+        if (o->sector > f->cfg.sectors || o->len / XT_SECTOR_SIZE > f->cfg.sectors - o->sector)
+            return xt_fail(err, EINVAL, "replay op %llu: past the end of the disk",
+                           (unsigned long long)i);
+    }
+    struct front_queue *q = &f->queues[0];
+    struct xt_workload w = { .queue_depth = queue_depth };
+    memset(&q->res, 0, sizeof(q->res));
+    q->w = &w;
+    q->rc = 0;
+    q->lat_max = 0;
+    free(q->busy);
+    q->busy = calloc(1, 1);
+    q->lat = calloc(LAT_BUCKETS, sizeof(uint64_t));
+    if (!q->busy || !q->lat) {
+        free(q->lat);
+        q->lat = NULL;
+        return xt_fail(err, ENOMEM, "out of memory");
+    }
+    uint32_t max_sect = f->max_segs * XT_SECTORS_PER_PAGE;
+    uint64_t t0 = now_ns(), i = 0, last_progress = t0;
+    uint32_t done_sect = 0;     /* of ops[i], already issued */
+    bool fence = false;         /* a flush is in flight: issue nothing */
+    int rc = 0;
+    for (;;) {
+        if (fence && q->in_flight == 0)
+            fence = false;
+        while (!fence && i < n && q->in_flight < queue_depth && q->free_list && !RING_FULL(&q->ring)) {
+            const struct xt_replay_op *o = &ops[i];
+            if (o->kind == XT_REPLAY_FLUSH) {
+                if (q->in_flight)
+                    break;
+                rc = replay_issue(q, BLKIF_OP_FLUSH_DISKCACHE, 0, 0, NULL);
+                fence = true;
+                i++;
+                break;
+            }
+            uint32_t nsect = o->len / XT_SECTOR_SIZE - done_sect;
+            if (nsect > max_sect)
+                nsect = max_sect;
+            uint64_t sector = o->sector + done_sect;
+            if (write_in_flight_overlaps(q, sector, nsect))
+                break;
+            rc = replay_issue(q, BLKIF_OP_WRITE, sector, nsect,
+                              o->data + (size_t)done_sect * XT_SECTOR_SIZE);
+            if (rc < 0)
+                break;
+            done_sect += nsect;
+            if (done_sect == o->len / XT_SECTOR_SIZE) {
+                done_sect = 0;
+                i++;
+            }
+        }
+        int notify;
+        RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&q->ring, notify);
+        if (notify)
+            xt_fifo_notify(q->tx_fd);
+        if (rc < 0 || (i == n && q->in_flight == 0))
+            break;
+        if (reap(q)) {
+            last_progress = now_ns();
+            continue;
+        }
+        int more;
+        RING_FINAL_CHECK_FOR_RESPONSES(&q->ring, more);
+        if (more)
+            continue;
+        if (now_ns() - last_progress > DRAIN_TIMEOUT_NS) {
+            rc = xt_fail(q->err, ETIMEDOUT, "replay: the backend did not answer %u requests",
+                         q->in_flight);
+            break;
+        }
+        struct pollfd pfd = { .fd = q->rx_fd, .events = POLLIN };
+        if (poll(&pfd, 1, 100) > 0)
+            xt_fifo_drain(q->rx_fd);
+    }
+    *res = q->res;
+    res->seconds = (double)(now_ns() - t0) / 1e9;
+    if (res->ios) {
+        res->lat_us_p50 = (double)percentile(q->lat, res->ios, 0.50);
+        res->lat_us_p99 = (double)percentile(q->lat, res->ios, 0.99);
+        res->lat_us_max = (double)q->lat_max / 1000.0;
+    }
+    free(q->lat);
+    q->lat = NULL;
+    q->w = NULL;
+    if (rc < 0)
+        return xt_fail(err, -rc, "%s", q->err);
+    return 0;
+}

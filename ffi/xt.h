@@ -239,6 +239,21 @@ int xt_front_open(const struct xt_front_config *cfg, xt_front **out,
                   struct xt_ring_params *params, char *err);
 int xt_front_run(xt_front *f, const struct xt_workload *w,
                  struct xt_front_result *res, char *err);
+
+/* A recorded guest's I/O, replayed in order (xt_front_replay). */
+enum { XT_REPLAY_WRITE = 1, XT_REPLAY_FLUSH = 2 };
+struct xt_replay_op {
+    uint64_t sector;
+    uint32_t len;               /* bytes, a multiple of 512; 0 for a flush */
+    uint32_t kind;              /* XT_REPLAY_* */
+    const uint8_t *data;        /* len bytes */
+};
+/* Replays `ops` on queue 0 as a guest's block layer issues them: up to
+ * queue_depth writes in flight, never two that overlap, a write larger than
+ * one request split into several; a flush is issued once every earlier
+ * write is answered, and nothing later before the flush is. */
+int xt_front_replay(xt_front *f, const struct xt_replay_op *ops, uint64_t n,
+                    uint32_t queue_depth, struct xt_front_result *res, char *err);
 /* Asks a running xt_front_run to stop early (from another thread). */
 void xt_front_stop(xt_front *f);
 void xt_front_close(xt_front *f);

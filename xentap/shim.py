@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Iterable
 
 
 def _load_shim():
@@ -365,6 +365,13 @@ class Workload:
     seed: int = 1
 
 
+def _front_result(res) -> dict[str, Any]:
+    return {k: getattr(res, k) for k in (
+        "ios", "reads", "writes", "flushes", "barriers", "discards", "bytes_read", "bytes_written", "errors",
+        "verify_failures", "first_bad_sector", "flush_order_violations", "seconds", "lat_us_p50", "lat_us_p99",
+        "lat_us_max")}
+
+
 class SimFront:
     """The sim blkfront of a SimDomain: publishes rings, runs workloads."""
 
@@ -397,12 +404,32 @@ class SimFront:
         res = ffi.new("struct xt_front_result *")
         err = _errbuf()
         _check(lib.xt_front_run(self._f, cw, res, err), err)
-        out = {k: getattr(res, k) for k in (
-            "ios", "reads", "writes", "flushes", "barriers", "discards", "bytes_read", "bytes_written", "errors",
-            "verify_failures", "first_bad_sector", "flush_order_violations", "seconds", "lat_us_p50", "lat_us_p99",
-            "lat_us_max")}
+        out = _front_result(res)
         out["workload"] = asdict(w)
         return out
+
+    def replay(self, ops: Iterable[tuple[str, int, bytes]], queue_depth: int = 32) -> dict[str, Any]:
+        """Replays a recorded guest's I/O in order: ("write", sector, data) and
+        ("flush", 0, b"") items, as a guest's block layer issues them (up to
+        `queue_depth` non-overlapping writes in flight; a flush after every
+        earlier write is answered, and before any later one is issued)."""
+        ops = list(ops)
+        cops = ffi.new("struct xt_replay_op[]", max(len(ops), 1))
+        keep = []
+        for c, (kind, sector, data) in zip(cops, ops):
+            if kind == "flush":
+                c.kind = lib.XT_REPLAY_FLUSH
+            elif kind == "write":
+                c.kind, c.sector, c.len = lib.XT_REPLAY_WRITE, sector, len(data)
+                buf = ffi.from_buffer(data)
+                keep.append(buf)
+                c.data = buf
+            else:
+                raise ValueError(f"unknown replay op {kind!r}")
+        res = ffi.new("struct xt_front_result *")
+        err = _errbuf()
+        _check(lib.xt_front_replay(self._f, cops, len(ops), queue_depth, res, err), err)
+        return _front_result(res)
 
     def stop(self) -> None:
         lib.xt_front_stop(self._f)
