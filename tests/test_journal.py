@@ -482,3 +482,17 @@ def test_replica_image_behind_its_state_is_redone_from_the_journal(tmp_path, mon
     assert rep2.read(0, 4 * 4096) == b"".join(bytes([65 + i]) * 4096 for i in range(4))
     assert json.loads(rep2.state_path.read_bytes())["image_seq"] == 4
     rep2.close()
+
+
+def test_cli_restore_at_now_is_the_latest_point_and_the_future_is_refused(data_dir, tmp_path):
+    o, dd = data_dir, str(data_dir.data)
+    out = tmp_path / "now.img"
+    r = run("journal", "restore", "dom3/xvdb", "--at", "now", "--to", str(out), "--data-dir", dd)
+    assert r.returncode == 0, r.stderr
+    assert "restoring the latest point" in r.stderr
+    assert out.read_bytes() == o.snap[o.seq - 1]
+    r = run("journal", "restore", "dom3/xvdb", "--at", "2099-01-01T00:00:00Z", "--to",
+            str(tmp_path / "future.img"), "--data-dir", dd)
+    assert r.returncode == 1 and "outside the history window" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "future.img").exists()

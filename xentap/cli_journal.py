@@ -228,7 +228,8 @@ def checkpoints_cmd(vbd: str, consistent: bool, kind, last, data_dir: str,
 @journal.command("restore")
 @click.argument("vbd")
 @click.option("--at", "at", metavar="TIME",
-              help="ISO 8601 (UTC unless stated), seconds since the epoch, or -10m.")
+              help="ISO 8601 (UTC unless stated), seconds since the epoch, -10m, or now "
+                   "(a time after the newest write restores the latest point).")
 @click.option("--checkpoint", "checkpoint", type=int, metavar="ID",
               help="A checkpoint id from 'xentap journal checkpoints'.")
 @click.option("--seq", "seq", type=click.IntRange(0), metavar="N",
@@ -262,7 +263,14 @@ def restore_cmd(vbd: str, at, checkpoint, seq, target: str, force: bool, data_di
     try:
         cp = None
         try:
-            if t_ns is not None:
+            latest_note = None
+            if t_ns is not None and j.last_ts_durable < t_ns <= time.time_ns() \
+                    and j.durable_seq > j.base_seq:
+                # after the newest journaled write and not in the future: the latest point
+                target_seq = j.durable_seq
+                latest_note = (f"note: {fmt_ns(t_ns)} is after the newest journaled write "
+                               f"({fmt_ns(j.last_ts_durable)}): restoring the latest point")
+            elif t_ns is not None:
                 target_seq = j.seq_at(t_ns)
             elif checkpoint is not None:
                 cps = [c for c in j.checkpoints() if c.id == checkpoint]
@@ -293,6 +301,8 @@ def restore_cmd(vbd: str, at, checkpoint, seq, target: str, force: bool, data_di
             raise JournalCliError(_one_line(e)) from None
     finally:
         j.close()
+    if latest_note and not as_json:
+        click.echo(latest_note, err=True)
     _report_restore(res, u, tgt, t_ns, cp, as_json)
 
 
