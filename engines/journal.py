@@ -1088,6 +1088,16 @@ class Journal:
                     rs = True if k == Kind.GAP else False if k == Kind.RESYNC_END else rs
         return rs
 
+    def refresh(self) -> None:
+        """A reader's view of a journal the appliance keeps writing: read it again."""
+        if self.writable:
+            return
+        meta = self._read_meta(self.dir)
+        self.base_seq, self.base_ts = meta["base_seq"], meta["base_ts"]
+        self.base_in_resync = bool(meta.get("base_in_resync", False))
+        self.size_bytes = meta["size_bytes"]
+        self._load_segments()
+
     def replay_onto(self, fd: int, from_seq: int, to_seq: int) -> None:
         """Apply the records from_seq..to_seq to an open image (a replica's redo)."""
         if from_seq <= self.base_seq:
@@ -1105,6 +1115,8 @@ class Journal:
                 progress: Callable[[int, int], None] | None = None) -> dict:
         """Write the disk as it was right after ``seq`` to ``out_path`` (created or
         truncated).  ``progress(done, total)`` is called as it goes.  Returns figures."""
+        if not self.writable:
+            self.refresh()
         if not (self.base_seq <= seq <= self.durable_seq):
             raise OutOfWindow(errno.ERANGE, f"seq {seq} is outside the history window "
                               f"({self.base_seq}..{self.durable_seq})")
@@ -1123,8 +1135,7 @@ class Journal:
                 meta = self._read_meta(self.dir)
                 base_seq = meta["base_seq"]
                 if not self.writable:  # the appliance may have trimmed since we looked
-                    self.base_seq, self.base_ts = base_seq, meta["base_ts"]
-                    self._load_segments()
+                    self.refresh()
                 with self._mu:
                     segments = list(self.segments)
                 if seq < base_seq:
@@ -1174,7 +1185,10 @@ class Journal:
         for s in list(self.segments):
             hdr = _read_seg_header(s.xjs)
             if hdr is None:
-                problems.append(f"{s.xjs.name}: bad segment header")
+                if s.xjs.exists():
+                    problems.append(f"{s.xjs.name}: bad segment header")
+                else:  # trimmed by the appliance while we read: the window moved
+                    expect = max(expect, self._read_meta(self.dir)["base_seq"] + 1)
                 continue
             ents = self._idx_entries(s)
             indexed_end = ents[-1][4] + ents[-1][5] if ents else SEG_HDR.size
