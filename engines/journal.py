@@ -316,6 +316,7 @@ class Journal:
         self._idx_fd = -1
         self._ckp_fd = -1
         self._mu = threading.Lock()  # segment list and files (write vs trim)
+        self._tag_mu = threading.Lock()  # add_tag may come from another thread
         self._trim_thread: threading.Thread | None = None
         self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if writable else None
         self._sample_cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if writable else None
@@ -674,7 +675,9 @@ class Journal:
         ``label`` at most 128 UTF-8 bytes, ``consistent`` whether the state after
         ``seq`` is consistent (e.g. a jbd2 commit followed by a flush); a tag inside a
         GAP/RESYNC window is never offered as consistent.  Durable with the next
-        :meth:`write` / :meth:`commit`.  Raises :class:`JournalError` for a seq
+        :meth:`write` / :meth:`commit` (in the appliance: the VBD's next group
+        commit, within milliseconds).  Safe to call from another thread than the
+        appends; a seq not yet appended is refused.  Raises :class:`JournalError` for a seq
         outside the window or a bad label.
         """
         if not self.writable:
@@ -690,7 +693,8 @@ class Journal:
         if consistent and self._in_resync_at(seq):
             consistent = False
         ts = timestamp_ns if timestamp_ns is not None else self._time_of(seq)
-        self._pending_tags.append((seq, ts, kind, bool(consistent), b))
+        with self._tag_mu:
+            self._pending_tags.append((seq, ts, kind, bool(consistent), b))
         return Checkpoint(seq, ts, kind, bool(consistent), label)
 
     def resize(self, size_bytes: int) -> None:
@@ -716,7 +720,8 @@ class Journal:
             frames.append(self._open)
         self._open = None
         self._sealed = []
-        tags, self._pending_tags = self._pending_tags, []
+        with self._tag_mu:
+            tags, self._pending_tags = self._pending_tags, []
         return [frames, tags]
 
     def write(self, taken: list) -> int:
