@@ -8,7 +8,7 @@ One directory per VBD (the appliance keeps it at ``<data_dir>/<uuid>/journal``):
     base.img             the base image: the disk as of seq ``base_seq``
     seg-<seq:016x>.xjs   append-only segments (first seq in the name)
     seg-<seq:016x>.idx   sparse index of a segment: one 48-byte entry per frame
-    seg-<seq:016x>.ckp   checkpoints found in / tagged into a segment, 152 bytes each
+    seg-<seq:016x>.ckp   checkpoints found in / tagged into a segment, 148 bytes each
 
 Restore to seq S = copy of base.img + replay of every record base_seq < seq <= S.
 Retention (time, size) trims whole segments, oldest first: the segment is
@@ -60,6 +60,9 @@ from typing import Callable, Iterable, Iterator
 
 import xxhash
 import zstandard
+from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+
+from xentap.structs import derive_struct
 
 log = logging.getLogger(__name__)
 
@@ -70,31 +73,80 @@ SEG_MAGIC = b"XTJS"
 FRAME_MAGIC = b"XJFR"
 FORMAT_VERSION = 1
 
-#: magic, version, flags (SEG_IN_RESYNC, SEG_AFTER_FLUSH), vbd uuid,
-#: first_seq, created_ns, reserved, checksum (XXH3-64 of the preceding bytes)
-SEG_HDR = struct.Struct("<4sHH16sQQQQ")
+SegmentHeader = Struct(
+    "magic" / Bytes(4),             # SEG_MAGIC
+    "version" / Int16ul,            # FORMAT_VERSION
+    "flags" / Int16ul,              # SEG_IN_RESYNC | SEG_AFTER_FLUSH
+    "vbd_uuid" / Bytes(16),
+    "first_seq" / Int64ul,
+    "created_ns" / Int64ul,
+    "reserved" / Int64ul,
+    "checksum" / Int64ul,           # XXH3-64 of the preceding bytes
+)
+SEG_HDR, _ = derive_struct(SegmentHeader)
 SEG_IN_RESYNC = 1
 SEG_AFTER_FLUSH = 2  #: the record before the segment's first is a FLUSH
 
-#: magic, ftype, comp, reserved, first_seq, last_seq, t_first, t_last, nrec,
-#: table_len, payload_len (stored), raw_len (payload before compression), checksum
-FRAME_HDR = struct.Struct("<4sBBHQQQQIIIIQ")
+FrameHeader = Struct(
+    "magic" / Bytes(4),             # FRAME_MAGIC
+    "ftype" / Int8ul,               # FT_*
+    "comp" / Int8ul,                # COMP_*
+    "reserved" / Int16ul,
+    "first_seq" / Int64ul,
+    "last_seq" / Int64ul,
+    "t_first" / Int64ul,
+    "t_last" / Int64ul,
+    "nrec" / Int32ul,
+    "table_len" / Int32ul,
+    "payload_len" / Int32ul,        # as stored
+    "raw_len" / Int32ul,            # before compression
+    "checksum" / Int64ul,           # XXH3-64 of this header and all that follows
+)
+FRAME_HDR, _ = derive_struct(FrameHeader)
 FT_RECORDS, FT_TAG = 1, 2
 COMP_RAW, COMP_ZSTD = 0, 1
 
-#: per record: timestamp_ns, sector (512-byte units), length, flags, kind, reserved
-REC = struct.Struct("<QQIHBB")
+RecordEntry = Struct(
+    "timestamp_ns" / Int64ul,
+    "sector" / Int64ul,             # 512-byte units
+    "length" / Int32ul,
+    "flags" / Int16ul,
+    "kind" / Int8ul,
+    "reserved" / Int8ul,
+)
+REC, _ = derive_struct(RecordEntry)
 _KIND_OFF = 22  # of ``kind`` in a REC entry
 
-#: .idx entry: first_seq, last_seq, t_first, t_last, offset, frame bytes, nrec
-IDX = struct.Struct("<QQQQQII")
+IndexEntry = Struct(                # one per frame, in seg-*.idx
+    "first_seq" / Int64ul,
+    "last_seq" / Int64ul,
+    "t_first" / Int64ul,
+    "t_last" / Int64ul,
+    "offset" / Int64ul,
+    "frame_bytes" / Int32ul,
+    "nrec" / Int32ul,
+)
+IDX, _ = derive_struct(IndexEntry)
 
-#: .ckp entry: seq, timestamp_ns, kind, consistent, label length, label
 LABEL_MAX = 128
-CKP = struct.Struct(f"<QQBBH{LABEL_MAX}s")
+CheckpointEntry = Struct(           # one per checkpoint, in seg-*.ckp
+    "seq" / Int64ul,
+    "timestamp_ns" / Int64ul,
+    "kind" / Int8ul,
+    "consistent" / Int8ul,
+    "label_len" / Int16ul,
+    "label" / Bytes(LABEL_MAX),
+)
+CKP, _ = derive_struct(CheckpointEntry)
 
-#: TAG frame table: seq, timestamp_ns, kind, consistent, label length (label follows)
-TAG = struct.Struct("<QQBBH")
+TagEntry = Struct(                  # the table of a TAG frame; the label follows
+    "seq" / Int64ul,
+    "timestamp_ns" / Int64ul,
+    "kind" / Int8ul,
+    "consistent" / Int8ul,
+    "label_len" / Int16ul,
+)
+TAG, _ = derive_struct(TagEntry)
 
 SECTOR = 512
 FRAME_MAX_DATA = 4 << 20  #: payload bytes in one frame
