@@ -59,15 +59,59 @@ static struct xt_req *take(struct xt_queue *q)
 /*
  * Answers are published in the order requests were taken, so that the
  * response producer index always marks where the unanswered requests
- * begin: a restarted daemon attaches there and serves exactly those again
- * (their ring slots still hold the requests, since an answer is written into
- * a slot only when it is published).
+ * begin: a restarted daemon attaches there and serves exactly those again.
+ * Each answer is published as soon as it is written into its slot (over its
+ * request), with the publish log in the ring page's padding naming it first,
+ * so a daemon killed at any instant leaves a ring the next one can finish
+ * (see struct xt_publish_log).  The guest is kicked once per step
+ * (push_responses).
  *
  * The response carries the effective operation: for an indirect request
  * whose indirect_op was accepted, that is the indirect_op (READ/WRITE), as
  * Linux blkback answers; Linux blkfront disables the disk on any other
  * ("response has wrong operation (6 instead of 0)", seen on real Xen).
  */
+static struct xt_publish_log *publish_log(blkif_sring_t *sring)
+{
+    return (struct xt_publish_log *)(void *)sring->__pad;
+}
+
+static void publish(blkif_sring_t *sring, uint32_t protocol, unsigned entry_size,
+                    unsigned nr_ents, RING_IDX idx, uint64_t id, uint8_t op, int16_t status)
+{
+    volatile struct xt_publish_log *log = publish_log(sring);
+    log->id_lo = (uint32_t)id;
+    log->id_hi = (uint32_t)(id >> 32);
+    log->operation = op;
+    log->status = status;
+    log->idx = idx;
+    atomic_signal_fence(memory_order_seq_cst);
+    log->check = XT_PUBLISH_MAGIC ^ idx;
+    atomic_signal_fence(memory_order_seq_cst);
+    uint8_t *slot = (uint8_t *)sring->ring + (size_t)(idx & (nr_ents - 1)) * entry_size;
+    xt_abi_put_response(protocol, slot, id, op, status);
+    xen_wmb();      /* the guest sees the answer before the index covering it */
+    sring->rsp_prod = idx + 1;
+}
+
+RING_IDX xt_publish_recover(blkif_sring_t *sring, uint32_t protocol, unsigned entry_size,
+                            unsigned nr_ents)
+{
+    RING_IDX start = sring->rsp_prod;
+    struct xt_publish_log log;
+    memcpy(&log, (const void *)publish_log(sring), sizeof(log));
+    /* Only the slot right at rsp_prod, and only one the guest had produced:
+     * anything else in the padding (a guest may scribble there) is ignored. */
+    if (log.idx != start || log.check != (XT_PUBLISH_MAGIC ^ log.idx) ||
+        (RING_IDX)(sring->req_prod - start) == 0 || (RING_IDX)(sring->req_prod - start) > nr_ents)
+        return start;
+    uint64_t id = (uint64_t)log.id_hi << 32 | log.id_lo;
+    publish(sring, protocol, entry_size, nr_ents, start, id, log.operation, log.status);
+    xt_log("finished publishing the answer to request id %llu that a previous daemon had written",
+           (unsigned long long)id);
+    return start + 1;
+}
+
 static void respond(struct xt_queue *q, struct xt_req *req, int16_t status)
 {
     RING_IDX mask = RING_SIZE(&q->ring) - 1;
@@ -79,18 +123,24 @@ static void respond(struct xt_queue *q, struct xt_req *req, int16_t status)
     atomic_fetch_sub_explicit(&q->c.in_flight, 1, memory_order_relaxed);
     while (q->ring.rsp_prod_pvt != q->ring.req_cons && q->rsp[q->ring.rsp_prod_pvt & mask].ready) {
         struct xt_rsp *r = &q->rsp[q->ring.rsp_prod_pvt & mask];
-        uint8_t *slot = (uint8_t *)q->ring.sring->ring + (size_t)(q->ring.rsp_prod_pvt & mask) * q->entry_size;
-        xt_abi_put_response(q->vbd->protocol, slot, r->id, r->operation, r->status);
+        publish(q->ring.sring, q->vbd->protocol, q->entry_size, RING_SIZE(&q->ring),
+                q->ring.rsp_prod_pvt, r->id, r->operation, r->status);
         r->ready = false;
         q->ring.rsp_prod_pvt++;
     }
 }
 
+/* Kicks the guest if it asked to hear about the answers published since
+ * the last call (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY's test; rsp_prod
+ * itself has already moved, answer by answer). */
 static void push_responses(struct xt_queue *q)
 {
-    int notify;
-    RING_PUSH_RESPONSES_AND_CHECK_NOTIFY(&q->ring, notify);
-    if (notify)
+    RING_IDX old = q->rsp_notified, new = q->ring.rsp_prod_pvt;
+    if (old == new)
+        return;
+    q->rsp_notified = new;
+    xen_mb();       /* rsp_prod is visible before we look at rsp_event */
+    if ((RING_IDX)(new - q->ring.sring->rsp_event) < (RING_IDX)(new - old))
         q->vbd->t->ops->notify(q->vbd->t, &q->ev);
 }
 

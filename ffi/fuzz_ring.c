@@ -351,6 +351,7 @@ static void reset(struct fz_vbd *f, unsigned cfg_idx, RING_IDX start)
     s->req_event = s->rsp_event = start + 1;
     BACK_RING_ATTACH(&q->ring, (blkif_sring_t *)q->ring_addr, start, XT_PAGE_SIZE * q->nr_ring_pages);
     q->ring.nr_ents = xt_abi_ring_slots(q->vbd->protocol, q->nr_ring_pages);
+    q->rsp_notified = start;
 
     memset(q->rsp, 0, q->nr_reqs * sizeof(*q->rsp));
     q->free_list = NULL;

@@ -246,13 +246,16 @@ static int queue_setup(xt_vbd *v, struct xt_queue *q, const struct xt_ring_param
     if (!q->ring_addr)
         return -EPERM;
     blkif_sring_t *sring = q->ring_addr;
-    /* Attach where the frontend's responses end: requests it produced
-     * before we (re)connected are served, none twice after a clean stop. */
-    RING_IDX start = sring->rsp_prod;
-    BACK_RING_ATTACH(&q->ring, sring, start, XT_PAGE_SIZE * q->nr_ring_pages);
     /* Slot size by ABI; the ring holds a power of two of them after the header. */
     q->entry_size = xt_abi_entry_size(p->protocol);
-    q->ring.nr_ents = xt_abi_ring_slots(p->protocol, q->nr_ring_pages);
+    unsigned nr_ents = xt_abi_ring_slots(p->protocol, q->nr_ring_pages);
+    /* Attach where the frontend's responses end (after finishing an answer
+     * a killed daemon was publishing): requests it produced before we
+     * (re)connected are served, none twice. */
+    RING_IDX start = xt_publish_recover(sring, p->protocol, q->entry_size, nr_ents);
+    BACK_RING_ATTACH(&q->ring, sring, start, XT_PAGE_SIZE * q->nr_ring_pages);
+    q->ring.nr_ents = nr_ents;
+    q->rsp_notified = start;
     q->nr_reqs = RING_SIZE(&q->ring);
 
     int rc = v->t->ops->bind(v->t, p->domid, p->evtchn[q->idx], &q->ev, err);

@@ -214,6 +214,30 @@ struct xt_counters {
 };
 
 /* An answer held until every request taken before it is answered too. */
+/*
+ * The answer being published, kept in the shared ring page's padding
+ * (blkif leaves __pad unused; Linux blkfront zeroes it at init and never
+ * reads it).  An answer is written into its ring slot (over its request)
+ * before rsp_prod moves past it; a daemon killed between the two would leave
+ * a slot that is neither a request nor a visible answer.  The log names the
+ * slot and the answer first, so the next daemon finishes the publication
+ * (xt_publish_recover) instead of reading the answer back as a request.
+ * All fields are 32-bit or smaller: __pad starts 4-byte aligned.
+ */
+struct xt_publish_log {
+    uint32_t check;             /* XT_PUBLISH_MAGIC ^ idx, written last */
+    uint32_t idx;               /* the slot (a RING_IDX) */
+    uint32_t id_lo, id_hi;
+    uint8_t operation, reserved;
+    int16_t status;
+};
+#define XT_PUBLISH_MAGIC 0x78747062u    /* "xtpb" */
+
+/* Finishes a publication a killed daemon left half done; returns the
+ * response producer index to attach at. */
+RING_IDX xt_publish_recover(blkif_sring_t *sring, uint32_t protocol, unsigned entry_size,
+                            unsigned nr_ents);
+
 struct xt_rsp {
     uint64_t id;
     int16_t status;
@@ -239,6 +263,7 @@ struct xt_queue {
     unsigned nr_reqs;
     unsigned entry_size;        /* of a ring slot, by ABI */
     struct xt_rsp *rsp;         /* answers waiting to be published in ring order */
+    RING_IDX rsp_notified;      /* rsp_prod when the guest was last considered for a kick */
     unsigned writes_in_flight;
     struct xt_req *blocker;     /* a flush or barrier waiting for writes to drain */
     bool barrier_running;       /* a barrier holds back later requests */
