@@ -68,6 +68,7 @@ from pathlib import Path
 
 import zmq
 
+from appliance_domu.analysis import Analysis
 from appliance_domu.replica import Replica
 from xentap import keys, wire
 from xentap.structs import derive_struct
@@ -143,7 +144,8 @@ class Receiver:
                  rcvhwm: int = DEFAULT_RCVHWM,
                  max_streams: int = DEFAULT_MAX_STREAMS,
                  sync_threads: int = DEFAULT_SYNC_THREADS,
-                 journal: dict | None = None):
+                 journal: dict | None = None,
+                 analysis: bool = True):
         if not endpoint.startswith(("tcp://", "ipc://")):
             raise ValueError(f"endpoint {endpoint!r}: tcp://HOST:PORT or ipc://PATH expected")
         if curve is None and not insecure:
@@ -172,6 +174,8 @@ class Receiver:
         #: options for engines.journal.Journal.open (retention_seconds, retention_bytes,
         #: segment_bytes)
         self.journal_opts = dict(journal or {})
+        #: the data analyzer, fed every applied message off the ACK path (analysis.py)
+        self.analysis = Analysis() if analysis else None
 
         self.sessions: dict[tuple[bytes, int], Session] = {}
         self.replicas: dict[uuid.UUID, Replica] = {}
@@ -293,7 +297,8 @@ class Receiver:
                     first_seq=j.base_seq, last_seq=j.durable_seq,
                     journal_bytes=j.journal_bytes, warnings=list(j.warnings[-3:]))
         return dict(endpoint=self.endpoint, public_key=self.public_key,
-                    stats=dict(self.stats), vbds=vbds)
+                    stats=dict(self.stats), vbds=vbds,
+                    analysis=self.analysis.status() if self.analysis else None)
 
     @property
     def running(self) -> bool:
@@ -309,6 +314,8 @@ class Receiver:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        if self.analysis is not None:  # its last tags go into the final syncs
+            self.analysis.close()
         for rep in list(self.replicas.values()):
             self._sync_now(rep)
         if self._pool is not None:
@@ -466,6 +473,8 @@ class Receiver:
         if isinstance(msg, wire.Writes):
             st["records"] += len(msg.records)
         st["data_bytes"] += n
+        if self.analysis is not None:  # journaled: hand it to the analyzer (never blocks)
+            self.analysis.submit(rep, msg)
         if rep.dirty_bytes >= self.sync_bytes and not rep.syncing:
             self._sync_async(rep)
 

@@ -15,11 +15,18 @@ def run(*args, **kw):
 
 
 @pytest.mark.slow
-def test_demo_verifies_every_sector(tmp_path):
+def test_demo_verifies_every_sector_then_restores_a_clean_disk_after_ransomware(tmp_path):
     r = run("demo", "--dir", str(tmp_path), "--size", "32M", "--seconds", "1")
     assert r.returncode == 0, r.stderr + r.stdout
-    assert "demo: OK: every sector of the 32 MiB disk read back as written" in r.stdout
+    assert "demo: data path OK: every sector of the 32 MiB disk read back as written" in r.stdout
     assert "IOPS" in r.stderr           # the progress line
+    out = r.stdout
+    assert "demo: filesystem found: ext4 at byte 0" in out
+    assert "filesystem-consistent" in out and "demo: ALARM: mass encryption suspected from write" in out
+    assert "e2fsck -fn after journal replay: clean" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("demo: OK: the restored disk (seq "), last
+    assert "is clean and free of the encrypted data" in last
 
 
 @pytest.mark.slow
