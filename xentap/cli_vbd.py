@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from xentap import protect as P
 from xentap import shim
 from xentap import xs_keys as K
 from xentap.daemon import grant_appliance, read_appliance_status, revoke_appliance
@@ -85,13 +86,33 @@ def _domid(xs: Xs, domain: str) -> int:
               help="With --transport sim: domain N's sim directory is SIM_DIR/N.")
 @click.option("--engine", type=click.Choice(list(shim.ENGINES)), default="auto",
               show_default=True, help="The shim's I/O engine.")
+@click.option("--keys-dir", default=P.DEFAULT_KEYS_DIR, show_default=True, metavar="DIR",
+              help="dom0's CurveZMQ key pair (dom0.key_secret, from `xentap keys`) and the "
+                   "appliance public key (appliance.key) used for endpoints given without one.")
+@click.option("--state-dir", default=P.DEFAULT_STATE_DIR, show_default=True, metavar="DIR",
+              help="dom0 state: protected VBDs spill under DIR/spill/<vbd-uuid>.")
+@click.option("--mirror-ring", default="64M", show_default=True, metavar="SIZE",
+              help="Mirror ring per protected VBD (a power of two).")
+@click.option("--spill-limit", default="1G", show_default=True, metavar="SIZE",
+              help="Spill log bound per protected VBD.")
+@click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=P.DRAIN_TIMEOUT,
+              show_default=True, metavar="SECONDS",
+              help="How long a protected VBD's mirror drains to the appliance when its guest "
+                   "ends, it is detached or the daemon stops (the rest stays in the spill log).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every step.")
 @_xs_option
 @_one_line_errors
-def daemon(transport: str, sim_dir: str | None, engine: str, verbose: bool,
+def daemon(transport: str, sim_dir: str | None, engine: str, keys_dir: str, state_dir: str,
+           mirror_ring: str, spill_limit: str, drain_timeout: float, verbose: bool,
            xenstore_socket: str | None) -> None:
     """Serve every xentap VBD in xenstore until SIGTERM."""
     from xentap.daemon import Daemon
+
+    ring, limit = _size(mirror_ring, "--mirror-ring"), _size(spill_limit, "--spill-limit")
+    if ring & (ring - 1) or ring < 1 << 20:
+        raise VbdCliError(f"--mirror-ring {mirror_ring}: a power of two, at least 1M")
+    if limit < 1 << 20:
+        raise VbdCliError(f"--spill-limit {spill_limit}: at least 1M")
 
     if transport == "sim":
         if not sim_dir:
@@ -105,10 +126,22 @@ def daemon(transport: str, sim_dir: str | None, engine: str, verbose: bool,
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
                         format="xentap: %(message)s")
     d = Daemon(factory, transport_name=transport, xenstore_socket=xenstore_socket,
-               engine=engine)
+               engine=engine, keys_dir=os.path.abspath(keys_dir),
+               state_dir=os.path.abspath(state_dir), mirror_ring=ring, spill_limit=limit,
+               drain_timeout=drain_timeout)
     signal.signal(signal.SIGTERM, lambda *_: d.stop())
     signal.signal(signal.SIGINT, lambda *_: d.stop())
     d.run()
+
+
+def _size(text: str, what: str) -> int:
+    """``64M``, ``1G``, ``4096``... in bytes; VbdCliError when not a size."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    if not num.isdigit() or len(num) > 15:
+        raise VbdCliError(f"{what} {text!r} is not a size (like 64M or 1G)")
+    return int(num) * units[unit]
 
 
 # --- attach / detach -------------------------------------------------------------------
@@ -130,12 +163,35 @@ def check_target(target: str, mode: str) -> str:
     return path
 
 
-def attach_vbd(xs: Xs, domid: int, path: str, vdev: str, mode: str) -> str:
+def protect_keys(xs: Xs, protect: str | None, key_file: str | None) -> dict[str, str]:
+    """The backend keys that make a VBD protected by appliance ``protect``
+    (see xentap.protect; empty without it).  VbdCliError when it names no
+    appliance or the key file is bad."""
+    if protect is None:
+        if key_file:
+            raise VbdCliError("--protect-key goes with --protect")
+        return {}
+    try:
+        return P.check_protect_xs(xs, protect, key_file)
+    except (OSError, ValueError) as e:
+        raise VbdCliError(f"--protect {protect}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def attach_vbd(xs: Xs, domid: int, path: str, vdev: str, mode: str,
+               protect: dict[str, str] | None = None) -> str:
     """Writes the backend and frontend nodes of VBD ``vdev`` of ``domid`` on
     image ``path`` (checked by :func:`check_target`) in one transaction, with
-    libxl's permissions.  Returns the vdev's name; raises VbdCliError when the
-    vdev or the image is in use."""
+    libxl's permissions; ``protect`` (from :func:`protect_keys`) adds the
+    appliance and a fresh ``vbd-uuid``.  Returns the vdev's name; raises
+    VbdCliError when the vdev or the image is in use."""
+    import uuid
+
     devid = K.vdev_to_devid(vdev)
+    extra = dict(protect or {})
+    if extra:
+        if mode != "w":
+            raise VbdCliError(f"{vdev}: a read-only disk has no writes to protect")
+        extra[K.BE_VBD_UUID] = str(uuid.uuid4())
     name = vdev if not vdev.isdigit() else K.devid_to_vdev(devid)
     be, fe = K.backend_path(domid, devid), K.frontend_path(domid, devid)
     vbd_dir = os.path.dirname(fe)
@@ -153,7 +209,8 @@ def attach_vbd(xs: Xs, domid: int, path: str, vdev: str, mode: str) -> str:
         for key, value in ((K.BE_FRONTEND, fe), (K.BE_FRONTEND_ID, domid),
                            (K.BE_ONLINE, 1), (K.STATE, int(XenbusState.INITIALISING)),
                            (K.BE_PARAMS, path), (K.BE_MODE, mode), (K.BE_DEV, name),
-                           (K.BE_TYPE, K.BACKEND_TYPE), (K.BE_DEVICE_TYPE, "disk")):
+                           (K.BE_TYPE, K.BACKEND_TYPE), (K.BE_DEVICE_TYPE, "disk"),
+                           *extra.items()):
             t.write(f"{be}/{key}", value)
         if not t.exists(vbd_dir):
             t.mkdir(vbd_dir)
@@ -175,16 +232,31 @@ def attach_vbd(xs: Xs, domid: int, path: str, vdev: str, mode: str) -> str:
 @click.argument("vdev")
 @click.option("--mode", type=click.Choice(["r", "w"]), default="w", show_default=True,
               help="Read-only or read-write.")
+@click.option("--protect", metavar="APPLIANCE", default=None,
+              help="Mirror every write to APPLIANCE: an appliance domain's name "
+                   "(`xentap appliance-grant`) or tcp://HOST:PORT / ipc:///PATH.")
+@click.option("--protect-key", metavar="FILE", default=None,
+              help="With an endpoint: the appliance's public key file (default: the "
+                   "daemon's KEYS-DIR/appliance.key).")
 @_xs_option
 @_one_line_errors
-def attach(domain: str, target: str, vdev: str, mode: str, xenstore_socket: str | None) -> None:
+def attach(domain: str, target: str, vdev: str, mode: str, protect: str | None,
+           protect_key: str | None, xenstore_socket: str | None) -> None:
     """Give DOMAIN the image TARGET as virtual disk VDEV (xvda, xvdb... or a number)."""
     K.vdev_to_devid(vdev)                       # a bad vdev is refused before anything else
+    if protect is not None:
+        try:
+            P.check_protect(protect)
+        except ValueError as e:
+            raise VbdCliError(f"--protect: {e}") from None
     path = check_target(target, mode)
     with Xs.open(xenstore_socket) as xs:
         domid = _domid(xs, domain)
-        name = attach_vbd(xs, domid, path, vdev, mode)
-    click.echo(f"attached {path} to domain {domid} as {name} ({'read-only' if mode == 'r' else 'read-write'})")
+        extra = protect_keys(xs, protect, protect_key)
+        name = attach_vbd(xs, domid, path, vdev, mode, extra)
+    click.echo(f"attached {path} to domain {domid} as {name} "
+               f"({'read-only' if mode == 'r' else 'read-write'}"
+               + (f", protected by {protect}" if protect else "") + ")")
 
 
 def detach_vbd(xs: Xs, domid: int, devid: int, timeout: float = DETACH_TIMEOUT,
@@ -336,8 +408,51 @@ def read_vbds(xs: Xs) -> list[dict[str, Any]]:
                 "bytes_read": num(K.ST_BYTES_READ),
                 "bytes_written": num(K.ST_BYTES_WRITTEN),
                 "updated": num(K.ST_UPDATED),
+                "protect": r(f"{be}/{K.BE_PROTECT}") or "",
+                "vbd_uuid": r(f"{be}/{K.BE_VBD_UUID}") or "",
+                "mirror": _mirror_row(r, st),
             })
     return out
+
+
+def _mirror_row(r, st: str) -> dict[str, Any] | None:
+    """A protected VBD's mirror figures as the daemon published them (None
+    when it published none)."""
+    state = r(f"{st}/{K.ST_MIRROR}")
+    if state is None:
+        return None
+
+    def num(key: str) -> int:
+        raw = r(f"{st}/{key}")
+        return int(raw) if raw and raw.isdigit() else 0
+
+    lag = r(f"{st}/{K.ST_MIRROR_LAG_MS}") or "0"
+    try:
+        lag_ms = float(lag)
+    except ValueError:
+        lag_ms = 0.0
+    return {"state": state, "appliance": r(f"{st}/{K.ST_MIRROR_APPLIANCE}") or "",
+            "acked_seq": num(K.ST_MIRROR_ACKED_SEQ), "next_seq": num(K.ST_MIRROR_NEXT_SEQ),
+            "pending": num(K.ST_MIRROR_PENDING), "lag_ms": lag_ms,
+            "spill_bytes": num(K.ST_MIRROR_SPILL_BYTES),
+            "ring_bytes": num(K.ST_MIRROR_RING_BYTES),
+            "overflows": num(K.ST_MIRROR_OVERFLOWS), "gaps": num(K.ST_MIRROR_GAPS),
+            "error": r(f"{st}/{K.ST_MIRROR_ERROR}") or ""}
+
+
+def _mirror_cells(rows: list[dict[str, Any]]) -> None:
+    """Adds the table cells of the mirror columns to each row."""
+    for row in rows:
+        m = row["mirror"]
+        if not row["protect"]:
+            row["_m"], row["_lag"], row["_ovf"], row["_spill"] = "-", "-", "-", "-"
+        elif m is None:
+            row["_m"], row["_lag"], row["_ovf"], row["_spill"] = "waiting", "-", "-", "-"
+        else:
+            row["_m"] = f"{m['state']} {m['acked_seq']}/{m['next_seq'] - 1}"
+            row["_lag"] = f"{m['pending']} ({m['lag_ms']:g} ms)"
+            row["_ovf"] = f"{m['overflows']}/{m['gaps']}"
+            row["_spill"] = str(m["spill_bytes"])
 
 
 def _table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
@@ -357,8 +472,10 @@ def list_vbds(as_json: bool, xenstore_socket: str | None) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    for row in rows:
+        row["_p"] = row["protect"] or "-"
     click.echo(_table(rows, [("Domain", "domain"), ("Vdev", "vdev"), ("Mode", "mode"),
-                             ("State", "state"), ("Target", "target")]))
+                             ("State", "state"), ("Target", "target"), ("Protect", "_p")]))
 
 
 @click.command("status")
@@ -384,12 +501,18 @@ def status(as_json: bool, xenstore_socket: str | None) -> None:
     click.echo(f"daemon: {daemon_info['state']}"
                + (f" (pid {daemon_info['pid']}, {daemon_info['transport']})"
                   if daemon_info["pid"] else ""))
+    _mirror_cells(rows)
     click.echo(_table(rows, [("Domain", "domain"), ("Vdev", "vdev"), ("Target", "target"),
                              ("State", "state"), ("Requests", "requests"), ("Bytes", "bytes"),
-                             ("Errors", "errors")]))
+                             ("Errors", "errors"), ("Mirror acked/written", "_m"),
+                             ("Lag", "_lag"), ("Overflows/gaps", "_ovf"),
+                             ("Spill bytes", "_spill")]))
     for r in rows:
         if r["error"]:
             click.echo(f"domain {r['domain']} {r['vdev']}: {r['error']}")
+        if r["mirror"] and r["mirror"]["error"]:
+            click.echo(f"domain {r['domain']} {r['vdev']}: mirror to {r['protect']}: "
+                       f"{r['mirror']['error']}")
     for a in appliances:
         click.echo(f"appliance {a['name'] or '?'} (domain {a['domain']}): "
                    f"{a['state'] or 'no state'}"

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xentap import xs_keys as K
-from xentap.cli_vbd import VbdCliError, attach_vbd, check_target, detach_vbd
+from xentap.protect import load_protect_key
+from xentap.cli_vbd import VbdCliError, attach_vbd, check_target, detach_vbd, protect_keys
 from xentap.xenbus import Xs, XenstoreError
 from xentap.xl_config import XENTAP_DISKS_KEY, ConfigError, XentapDisk, \
     parse_with_overrides, without_keys, xentap_disks
@@ -72,8 +73,17 @@ def load(cfg_path: str, overrides: tuple[str, ...] = ()) -> Plan:
             problems.append(f"{cfg.at(line)}: {XENTAP_DISKS_KEY} entry {n}: "
                             f"{e.format_message()}")
             continue
+        key = disk.protect_key
+        if key is not None:
+            key = os.path.join(os.path.dirname(os.path.abspath(cfg_path)), key)
+            try:
+                load_protect_key(key)
+            except (OSError, ValueError) as e:
+                problems.append(f"{cfg.at(line)}: {XENTAP_DISKS_KEY} entry {n}: protect-key: "
+                                f"{getattr(e, 'strerror', None) or e}")
+                continue
         checked.append(XentapDisk(target=path, vdev=disk.vdev, devid=disk.devid,
-                                  mode=disk.mode))
+                                  mode=disk.mode, protect=disk.protect, protect_key=key))
     if problems:
         raise ConfigError(problems)
     return Plan(name=str(cfg.get("name")), disks=checked,
@@ -139,12 +149,14 @@ def create(cfg_path: str, overrides: tuple[str, ...] = (), *, xl: str = "xl",
     plan = load(cfg_path, overrides)
     if dry_run:
         echo(f"{cfg_path}: ok: domain {plan.name!r}, xentap disks "
-             + ", ".join(f"{d.vdev}={d.target} ({'ro' if d.mode == 'r' else 'rw'})"
+             + ", ".join(f"{d.vdev}={d.target} ({'ro' if d.mode == 'r' else 'rw'}"
+                         + (f", protected by {d.protect}" if d.protect else "") + ")"
                          for d in plan.disks))
         return None
     with Xs.open(xenstore_socket) as xs:
         if not _daemon_running(xs):
             raise CreateError("the xentap daemon is not running (start `xentap daemon`)")
+        protects = [protect_keys(xs, d.protect, d.protect_key) for d in plan.disks]
         with tempfile.TemporaryDirectory(prefix="xentap-create-") as tmp:
             tmp_cfg = os.path.join(tmp, os.path.basename(cfg_path))
             with open(tmp_cfg, "w", encoding="utf-8") as f:
@@ -157,8 +169,8 @@ def create(cfg_path: str, overrides: tuple[str, ...] = (), *, xl: str = "xl",
             if not out.isdigit() or int(out) == K.BACKEND_DOMID:
                 raise CreateError(f"xl domid {plan.name} printed {out!r}")
             domid = int(out)
-            for disk in plan.disks:
-                attach_vbd(xs, domid, disk.target, disk.vdev, disk.mode)
+            for disk, extra in zip(plan.disks, protects):
+                attach_vbd(xs, domid, disk.target, disk.vdev, disk.mode, extra)
                 attached.append(disk)
             for disk in plan.disks:
                 _wait_advertised(xs, domid, disk, wait)

@@ -6,6 +6,14 @@ One thread, one xenstore connection.  Watches on the backend root and
 every second the daemon publishes each VBD's counters under
 ``/local/domain/0/xentap/vbd/<domid>/<devid>`` (see xs_keys).
 
+A protected VBD (``protect`` in its backend node, see xentap.protect) is a
+:class:`ProtectedDevice`: its shim's mirror ring is on before the shim
+connects and a drainer sends the stream to the appliance; its figures are
+published with the counters (``mirror-*``).  When the VBD's shim session ends
+(detach, guest end, daemon stop) the drainer drains for a bounded time and
+keeps the rest in its spill log; the next session, or the next daemon, goes
+on with the same stream (the VBD's ``vbd-uuid`` is in xenstore).
+
 Stopping (SIGTERM) disconnects every ring after answering what is in flight
 and leaves the xenstore states alone: guests stall, they do not see an error,
 and the next daemon reconnects them, as after a crash.  A restarted daemon
@@ -22,16 +30,166 @@ import queue
 import re
 import threading
 import time
+import uuid
 from typing import Any
 
+from xentap import protect as P
+from xentap import shim
 from xentap import xs_keys as K
-from xentap.xenbus import BackendDevice, TransportFactory, Xs, XenstoreError
+from xentap.xenbus import BackendDevice, BackendNode, TransportFactory, Xs, XenstoreError
 
 log = logging.getLogger("xentap.daemon")
 
 _TOKEN_BACKEND = b"xentap-backend"
 _TOKEN_RELEASE = b"xentap-release"
 _TOKEN_FRONTEND = b"xentap-fe:"
+
+
+class ProtectedDevice(BackendDevice):
+    """A VBD whose backend node may name an appliance: mirrored while open.
+
+    Without ``protect`` it is a plain BackendDevice (and publishes no
+    ``mirror-*`` keys)."""
+
+    def __init__(self, xs: Xs, domid: int, devid: int, transports: TransportFactory, *,
+                 engine: str, mirror_opts: dict[str, Any]):
+        super().__init__(xs, domid, devid, transports, engine=engine)
+        self.mirror_opts = mirror_opts
+        self.mirror: P.Mirror | None = None
+        self.protect: str | None = None
+        self.mirror_error = ""
+        self._mirror_base = {k: 0 for k in K.ST_MIRROR_CUMULATIVE}
+        self._last_figures: dict[str, Any] | None = None
+        self._retry_at = 0.0
+
+    # -- the shim session --
+
+    def _open(self, be: BackendNode) -> bool:
+        if not super()._open(be):
+            return False
+        protect = self.xs.read(f"{self.be}/{K.BE_PROTECT}")
+        self.protect = protect
+        if protect is None:
+            self.mirror = None
+            return True
+        try:
+            P.check_protect(protect)
+            vbd_uuid = self._vbd_uuid()
+        except (ValueError, XenstoreError) as e:
+            self._fail(be, errno.EINVAL, f"protect: {e}")
+            return False
+        if self.mirror is None or self.mirror.vbd_uuid != vbd_uuid:
+            self.mirror = P.Mirror(vbd_uuid=vbd_uuid, domid=self.domid, devid=self.devid,
+                                   target=None, keys_dir=self.mirror_opts["keys_dir"],
+                                   state_dir=self.mirror_opts["state_dir"],
+                                   ring_bytes=self.mirror_opts["ring_bytes"],
+                                   spill_limit=self.mirror_opts["spill_limit"])
+        try:
+            self.mirror.enable(self.vbd)            # before the shim connects
+        except OSError as e:
+            self._fail(be, e.errno or errno.EIO, f"mirror ring: {e.strerror or e}")
+            return False
+        self._start_mirror()
+        return True
+
+    def _vbd_uuid(self) -> uuid.UUID:
+        """The VBD's stream uuid from its backend node; made (and written)
+        when the toolstack did not write one."""
+        raw = self.xs.read(f"{self.be}/{K.BE_VBD_UUID}")
+        if raw is not None:
+            try:
+                return uuid.UUID(raw)
+            except ValueError:
+                raise ValueError(f"{K.BE_VBD_UUID} {raw[:40]!r} is not a UUID") from None
+        u = uuid.uuid4()
+        self.xs.write(f"{self.be}/{K.BE_VBD_UUID}", str(u))
+        return u
+
+    def _start_mirror(self) -> None:
+        """Starts the drainer; on failure (appliance not announced yet, dom0
+        keys missing) says why in ``mirror-error`` and retries later.  The
+        ring keeps the writes meanwhile (and overflows into the dirty
+        bitmap, resynced once the drainer runs)."""
+        m = self.mirror
+        if m is None or m.drainer is not None or self.vbd is None:
+            return
+        self._retry_at = time.monotonic() + 2.0
+        try:
+            m.target = P.resolve(self.xs, self.protect, self.xs.read(f"{self.be}/{K.BE_PROTECT_KEY}"),
+                                 self.mirror_opts["keys_dir"])
+            m.start(self.vbd, self.target)
+        except (OSError, ValueError) as e:
+            msg = getattr(e, "strerror", None) or str(e)
+            if msg != self.mirror_error:
+                log.warning("%s: mirror not started: %s", self.name, msg)
+            self.mirror_error = msg
+            return
+        self.mirror_error = ""
+
+    def mirror_retry(self) -> None:
+        """Called every status round: starts a drainer that could not start."""
+        if (self.mirror is not None and self.mirror.drainer is None and self.vbd is not None
+                and time.monotonic() >= self._retry_at):
+            self._start_mirror()
+
+    def release(self) -> None:
+        if self.vbd is not None and self.mirror is not None:
+            if self.connected:
+                self.vbd.disconnect()           # no more writes: then drain
+                self.connected = False
+            if self.mirror.drainer is not None:
+                self._mirror_base[K.ST_MIRROR_GAPS] += self.mirror.drainer.restart_gaps
+                self._last_figures = self.mirror.stop(self.mirror_opts["drain_timeout"])
+            st = self.vbd.mirror_stats() or {}
+            self._mirror_base[K.ST_MIRROR_OVERFLOWS] += st.get("overflows", 0)
+            self._mirror_base[K.ST_MIRROR_GAPS] += st.get("gaps", 0)
+        super().release()
+
+    def resume_counters(self, published: dict[str, str | None]) -> None:
+        super().resume_counters(published)
+        self._mirror_base = {k: int(v) if (v := published.get(k)) and v.isdigit() and len(v) < 20
+                             else 0 for k in K.ST_MIRROR_CUMULATIVE}
+
+    # -- status --
+
+    def status(self) -> dict[str, Any]:
+        st = super().status()
+        if self.protect is None and self.mirror is None:
+            for k in K.ST_MIRROR_KEYS:
+                st[k] = ""
+            return st
+        m = self.mirror
+        d = m.drainer if m is not None else None
+        fig = d.stats() if d is not None else self._last_figures
+        live = self.vbd.mirror_stats() if self.vbd is not None else None
+        err = self.mirror_error
+        if d is not None and d.error is not None:
+            err = f"drainer failed: {d.error}"
+        if err:
+            state = "error"
+        elif d is None:
+            state = "stopped" if fig is not None else "starting"
+        else:
+            state = fig["state"]
+        st[K.ST_MIRROR] = state
+        st[K.ST_MIRROR_ERROR] = err
+        st[K.ST_MIRROR_APPLIANCE] = m.target.endpoint if m and m.target else ""
+        st[K.ST_MIRROR_UUID] = str(m.vbd_uuid) if m else ""
+        for k in (K.ST_MIRROR_ACKED_SEQ, K.ST_MIRROR_NEXT_SEQ, K.ST_MIRROR_PENDING,
+                  K.ST_MIRROR_LAG_MS, K.ST_MIRROR_SPILL_BYTES, K.ST_MIRROR_RING_BYTES):
+            st[k] = ""                          # none yet: no stale figures either
+        if fig is not None:
+            st[K.ST_MIRROR_ACKED_SEQ] = fig["acked_seq"]
+            st[K.ST_MIRROR_NEXT_SEQ] = fig["next_seq"]
+            st[K.ST_MIRROR_PENDING] = max(0, fig["next_seq"] - 1 - fig["acked_seq"])
+            st[K.ST_MIRROR_LAG_MS] = f"{fig['lag_ms']['p99']:.1f}"
+            st[K.ST_MIRROR_SPILL_BYTES] = fig["spill_bytes"]
+            st[K.ST_MIRROR_RING_BYTES] = fig["ring_used_bytes"] if d is not None else 0
+        now = {K.ST_MIRROR_OVERFLOWS: live["overflows"] if live else 0,
+               K.ST_MIRROR_GAPS: (live["gaps"] if live else 0) + (d.restart_gaps if d else 0)}
+        for k in K.ST_MIRROR_CUMULATIVE:
+            st[k] = self._mirror_base[k] + now[k]
+        return st
 
 
 class Daemon:
@@ -44,12 +202,21 @@ class Daemon:
 
     def __init__(self, transports: TransportFactory, *, transport_name: str = "xen",
                  xenstore_socket: str | None = None, status_interval: float = 1.0,
-                 engine: str = "auto"):
+                 engine: str = "auto", keys_dir: str = P.DEFAULT_KEYS_DIR,
+                 state_dir: str = P.DEFAULT_STATE_DIR,
+                 mirror_ring: int = shim.DEFAULT_MIRROR_RING,
+                 spill_limit: int = P.DEFAULT_SPILL_LIMIT,
+                 drain_timeout: float = P.DRAIN_TIMEOUT):
+        """``keys_dir`` holds dom0's Curve key pair (dom0.key_secret) and the
+        default appliance public key; protected VBDs spill under
+        ``<state_dir>/spill/<vbd-uuid>``."""
         self.transports = transports
         self.transport_name = transport_name
         self.xenstore_socket = xenstore_socket
         self.status_interval = status_interval
         self.engine = engine
+        self.mirror_opts = dict(keys_dir=keys_dir, state_dir=state_dir, ring_bytes=mirror_ring,
+                                spill_limit=spill_limit, drain_timeout=drain_timeout)
         self.devices: dict[tuple[int, int], BackendDevice] = {}
         self._stop = threading.Event()
         self._xs: Xs | None = None
@@ -171,10 +338,12 @@ class Daemon:
     def _add(self, domid: int, devid: int) -> BackendDevice | None:
         if not self._xs.exists(K.backend_path(domid, devid)):
             return None
-        dev = BackendDevice(self._xs, domid, devid, self.transports, engine=self.engine)
+        dev = ProtectedDevice(self._xs, domid, devid, self.transports, engine=self.engine,
+                              mirror_opts=self.mirror_opts)
         st = K.status_path(domid, devid)
         if self._xs.exists(st):                 # a previous daemon's counters: go on from them
-            dev.resume_counters({k: self._xs.read(f"{st}/{k}") for k in K.ST_CUMULATIVE})
+            dev.resume_counters({k: self._xs.read(f"{st}/{k}")
+                                 for k in K.ST_CUMULATIVE + K.ST_MIRROR_CUMULATIVE})
         self.devices[(domid, devid)] = dev
         token = _TOKEN_FRONTEND + f"{domid}:{devid}".encode()
         self._xs.watch(self._monitor, f"{dev.fe}/{K.STATE}", token)
@@ -241,6 +410,8 @@ class Daemon:
         """Writes every VBD's status and the daemon's heartbeat."""
         xs = self._xs
         now = f"{time.time():.0f}"
+        for d in self.devices.values():
+            d.mirror_retry()
         samples: list[tuple[str, dict[str, Any]]] = [
             (K.status_path(d.domid, d.devid), d.status()) for d in self.devices.values()]
 

@@ -14,12 +14,31 @@ when it reaches one.
 Memory: the ring is fixed; the drainer holds at most one batch besides a
 bounded sample of lag figures.  Nothing grows with the write rate or with
 the appliance's absence.
+
+A stream outlives the shim that feeds it (the daemon restarts, the guest
+reconnects): the shim numbers its records from 1, and the drainer adds
+``seq_base`` so that the stream's seqs go on where the previous drainer's
+ended.  :meth:`Drainer.close` ends a drainer so that the next one can take
+over: it drains to the appliance for a bounded time, moves what is left in
+the ring to the spill log, and records the stream's last seq and epoch in
+``<spill_dir>/stream`` (:func:`read_stream_state`).
+
+A drainer that did not end that way (the daemon was killed) took with it
+what its ring held unacknowledged, and the seqs it gave out are unknown.
+Its successor (``unclean=True``) takes nothing from the ring until the
+appliance tells it the stream's high water H in the first session; then the
+stream goes on after max(H, the spill log's end) with GAP(RESTART), a
+RESYNC of every chunk of the disk read from the image, RESYNC_END, and only
+then the ring's records: the appliance knows exactly which window of
+history is not write-ordered, and its replica equals the disk again.
 """
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
@@ -37,7 +56,55 @@ HEARTBEAT_EVERY = 1.0           # seconds
 DEAD_AFTER = 3.0                # no word from the appliance: reconnect
 HELLO_EVERY = 1.0
 SPILL_AT = 0.25                 # ring fill above which a slow appliance means spill
+RESYNC_CHUNK = 1 << 20          # bytes per RESYNC of a takeover's full resync
 LAG_SAMPLES = 65536
+STREAM_STATE = "stream"         # in the spill dir: {"last_seq": ..., "epoch": ...}
+_SEQ = struct.Struct("<Q")
+_REC_LEN_FLAGS = struct.Struct("<II")
+_NO_DATA = int(wire.NO_DATA_FLAGS)
+
+
+def read_stream_state(spill_dir: str) -> dict:
+    """What the last drainer of this spill dir recorded: ``last_seq`` (the
+    stream's last seq, acknowledged or in the spill log), ``epoch`` and
+    ``clean`` (it ended by :meth:`Drainer.close` with nothing lost); zeros
+    and clean when there is no record (a new stream), unclean when the record
+    is damaged."""
+    path = os.path.join(spill_dir, STREAM_STATE)
+    if not os.path.exists(path):
+        return {"last_seq": 0, "epoch": 0, "clean": True}
+    try:
+        with open(path, encoding="ascii") as f:
+            raw = json.load(f)
+        out = {k: int(raw[k]) for k in ("last_seq", "epoch")}
+        if all(0 <= v < 1 << 63 for v in out.values()):
+            out["clean"] = raw.get("clean") is True
+            return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return {"last_seq": 0, "epoch": 0, "clean": False}
+
+
+def _write_stream_state(spill_dir: str, last_seq: int, epoch: int, clean: bool) -> None:
+    path = os.path.join(spill_dir, STREAM_STATE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        json.dump({"last_seq": last_seq, "epoch": epoch, "clean": clean}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rebased(records, count: int, base: int) -> bytearray:
+    """A copy of `count` ring records with `base` added to each seq."""
+    buf = bytearray(records)
+    off = 0
+    for _ in range(count):
+        seq, = _SEQ.unpack_from(buf, off)
+        _SEQ.pack_into(buf, off, seq + base)
+        length, flags = _REC_LEN_FLAGS.unpack_from(buf, off + 24)
+        off += wire.RECORD_HEADER_SIZE + (0 if flags & _NO_DATA else length)
+    return buf
 
 
 @dataclass(frozen=True)
@@ -75,9 +142,14 @@ class Drainer:
 
     def __init__(self, vbd: shim.Vbd, ident: VbdIdentity, endpoint: str, *, image_path: str,
                  spill_dir: str, spill_limit: int, socket_setup=None,
-                 context: zmq.Context | None = None, batch_bytes: int = BATCH_BYTES):
+                 context: zmq.Context | None = None, batch_bytes: int = BATCH_BYTES,
+                 seq_base: int = 0, epoch: int = 0, unclean: bool = False):
         """`socket_setup(sock)` configures CurveZMQ on the DEALER (xentap.keys);
-        None means plain TCP/IPC, which callers allow only with --insecure."""
+        None means plain TCP/IPC, which callers allow only with --insecure.
+        `seq_base` is added to the shim's seqs (at least the spill log's last
+        seq); `epoch` is the last one this stream used (the next is above);
+        `unclean`: the previous drainer of this stream did not close (see
+        the module's docstring)."""
         self.vbd = vbd
         self.ident = ident
         self.endpoint = endpoint
@@ -85,12 +157,19 @@ class Drainer:
         self.ctx = context or zmq.Context.instance()
         self.batch_bytes = batch_bytes
         self.spill = SpillLog(spill_dir, spill_limit)
+        self.spill_dir = spill_dir
+        self.seq_base = max(seq_base, self.spill.last_seq)
         self.image_fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
         self.ring_size = vbd.mirror_stats()["ring_bytes"]
+        self.size_bytes = ident.size_bytes
+        #: After an unclean end: no ring records before the first session.
+        self.takeover = unclean
+        self.resync_first = self.resync_last = 0     # GAP .. RESYNC_END of a takeover
+        self.restart_gaps = 0
         self.wake_fd = vbd.mirror_wake_fd()
         # the stream
-        self.epoch = int(time.time())   # strictly greater at every (re)start
-        self.acked_seq = self.spill.first_seq - 1 if self.spill else 0
+        self.epoch = max(int(time.time()), epoch)   # strictly greater at every (re)start
+        self.acked_seq = self.spill.first_seq - 1 if self.spill else self.seq_base
         self.sent_seq = self.acked_seq
         self.credit = wire.CreditWindow()
         self.in_session = False
@@ -110,6 +189,8 @@ class Drainer:
         self._sock: zmq.Socket | None = None
         self._last_heard = self._last_hello = self._last_beat = 0.0
         self.error: BaseException | None = None
+        _write_stream_state(spill_dir, max(self.seq_base, self.spill.last_seq), self.epoch,
+                            False)     # until close(): a crash leaves it unclean
 
     # ---- life ----
 
@@ -126,6 +207,39 @@ class Drainer:
         self.spill.close()
         os.close(self.image_fd)
 
+    def close(self, drain_timeout: float = 5.0) -> bool:
+        """Ends this drainer so that a later one can take the stream over
+        (call after the shim stopped taking writes, e.g. disconnected): waits
+        up to `drain_timeout` for the appliance to acknowledge everything,
+        stops, moves what the ring still holds to the spill log, and records
+        the stream's last seq and epoch.  Returns whether everything was
+        acknowledged."""
+        try:
+            acked = self.wait_acked(drain_timeout)
+        except BaseException:   # noqa: BLE001 - the drainer failed: keep what the ring has
+            acked = False
+        self._stop.set()
+        if self._thread:
+            self._thread.join(10.0)
+        if not acked and not self.takeover:
+            while self.vbd.mirror_stats()["used_bytes"] and self._spill_from_ring():
+                pass
+        left = self.vbd.mirror_stats()["used_bytes"]
+        if left:
+            log.warning("%s: %d mirror bytes neither acknowledged nor spilled (%s): the "
+                        "next drainer resyncs the disk", self.ident.vdev, left,
+                        "no session since an unclean restart" if self.takeover
+                        else "spill log full")
+        clean = not left and not self.takeover and self.sent_seq >= self.resync_last
+        last = max(self.acked_seq, self.spill.last_seq, self.resync_last)
+        if clean:
+            last = max(last, self.seq_base + self.vbd.mirror_stats()["next_seq"] - 1)
+        self.spill.sync()
+        _write_stream_state(self.spill_dir, last, self.epoch, clean)
+        self.spill.close()
+        os.close(self.image_fd)
+        return acked
+
     def wait_acked(self, timeout: float) -> bool:
         """Waits until everything written so far is acknowledged by the appliance."""
         deadline = time.monotonic() + timeout
@@ -133,7 +247,7 @@ class Drainer:
             st = self.vbd.mirror_stats()
             if st["used_bytes"] == 0 and not self.spill and st["dirty_chunks"] == 0 \
                     and not st["gap_pending"] and not st["resyncing"] \
-                    and self.acked_seq >= st["next_seq"] - 1:
+                    and self.acked_seq >= self.seq_base + st["next_seq"] - 1:
                 return True
             if self.error:
                 raise self.error
@@ -153,9 +267,9 @@ class Drainer:
         return {
             "state": "connected" if self.in_session else "disconnected",
             "acked_seq": self.acked_seq, "sent_seq": self.sent_seq,
-            "next_seq": st.get("next_seq", 0), "ring_used_bytes": st.get("used_bytes", 0),
+            "next_seq": self.seq_base + st.get("next_seq", 1), "ring_used_bytes": st.get("used_bytes", 0),
             "spill_bytes": self.spill.size, "overflows": st.get("overflows", 0),
-            "gaps": st.get("gaps", 0), "resyncs": st.get("resyncs", 0),
+            "gaps": st.get("gaps", 0) + self.restart_gaps, "resyncs": st.get("resyncs", 0),
             "dirty_chunks": st.get("dirty_chunks", 0), "frames_sent": self.frames_sent,
             "bytes_sent": self.bytes_sent, "sessions": self.sessions,
             "lag_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": round(lags[-1], 3) if lags else 0.0},
@@ -280,6 +394,8 @@ class Drainer:
         self.credit = wire.CreditWindow()
         self.acked_seq = max(self.acked_seq, ack.acked_seq)
         self.sent_seq = self.acked_seq
+        if self.takeover:
+            self._plan_takeover(ack.acked_seq)
         self.ring_sent_bytes = 0
         self.ring_sent.clear()
         self.spill_cursor = None
@@ -300,15 +416,68 @@ class Drainer:
             self.spill.trim(self.acked_seq)
             self.spill_full = False
 
+    def _plan_takeover(self, high_water: int) -> None:
+        """The stream goes on after what the appliance and the spill log hold:
+        GAP(RESTART), a RESYNC per chunk of the disk, RESYNC_END, then the ring."""
+        start = max(high_water, self.spill.last_seq) + 1
+        chunks = -(-self.size_bytes // RESYNC_CHUNK)
+        self.resync_first, self.resync_last = start, start + chunks + 1
+        self.seq_base = self.resync_last
+        self.takeover = False
+        self.restart_gaps += 1
+        log.warning("%s: the previous drainer ended uncleanly: resyncing the whole disk "
+                    "(GAP at seq %d, %d chunks, ring records from seq %d)", self.ident.vdev,
+                    start, chunks, self.seq_base + 1)
+
+    def _resync_frame(self, seq: int) -> tuple[bytes, int]:
+        """The takeover's frame of `seq` (GAP, RESYNC or RESYNC_END) and its data bytes."""
+        sid, ep, ts = self.ident.stream_id, self.epoch, _now_ns()
+        chunks = self.resync_last - self.resync_first - 1
+        if seq == self.resync_first:
+            return wire.encode(wire.Gap(stream_id=sid, epoch=ep, seq=seq, timestamp_ns=ts,
+                                        reason=wire.GapReason.RESTART,
+                                        dirty_regions=chunks)), 0
+        if seq == self.resync_last:
+            return wire.encode(wire.ResyncEnd(stream_id=sid, epoch=ep, seq=seq, timestamp_ns=ts,
+                                              regions=chunks)), 0
+        off = (seq - self.resync_first - 1) * RESYNC_CHUNK
+        data = os.pread(self.image_fd, min(RESYNC_CHUNK, self.size_bytes - off), off)
+        return wire.encode(wire.Resync(stream_id=sid, epoch=ep, seq=seq,
+                                       sector=off // wire.SECTOR_SIZE, length=len(data),
+                                       flags=0, data=data)), len(data)
+
+    def _send_resync(self) -> bool:
+        """Sends the takeover's frames after sent_seq, within credit."""
+        did = False
+        for _ in range(8):
+            seq = self.sent_seq + 1
+            if not self.resync_first <= seq <= self.resync_last:
+                break
+            frame, nbytes = self._resync_frame(seq)
+            if not self.credit.allows(seq, nbytes) or not self._send(frame):
+                break
+            self.credit.sent(seq, nbytes)
+            self._sent(seq, len(frame), _now_ns(), seq)
+            did = True
+        return did
+
+    def _resync_unsent(self) -> bool:
+        return self.resync_last > self.sent_seq
+
     # ---- moving the stream ----
 
     def _step(self) -> bool:
         """Moves what can be moved now; True if it did anything."""
         busy = self._resync()
-        if self.in_session:
-            busy |= self._send_spilled()
-            if not self._spill_unsent():
-                busy |= self._send_from_ring()
+        if self.in_session:     # in seq order: spilled, a takeover's frames, spilled, ring
+            if self._resync_unsent() and self.sent_seq + 1 >= self.resync_first:
+                busy |= self._send_resync()
+            else:
+                busy |= self._send_spilled()
+                if not self._spill_unsent() and not self._resync_unsent():
+                    busy |= self._send_from_ring()
+        if self.takeover or self._resync_unsent():
+            return busy     # the ring's seqs follow the takeover's frames: nothing to spill yet
         st_used = self.vbd.mirror_stats()["used_bytes"]
         if (not self.in_session and st_used) or st_used > SPILL_AT * self.ring_size:
             busy |= self._spill_from_ring()
@@ -330,30 +499,32 @@ class Drainer:
         """(frame, last_seq, payload bytes, oldest timestamp) for a ring batch;
         with `parts`, a WRITES frame comes as a list of buffers (for writev)."""
         sid, ep = self.ident.stream_id, self.epoch
-        last = b.first_seq + b.count - 1
+        first = b.first_seq + self.seq_base
+        last = first + b.count - 1
         if b.kind == shim.MK_WRITES:
             ts = int.from_bytes(b.data[8:16], "little")
             make = wire.writes_raw_parts if parts else wire.encode_writes_raw
-            return make(sid, ep, b.first_seq, b.count, b.data), last, b.data_bytes, ts
+            data = _rebased(b.data, b.count, self.seq_base) if self.seq_base else b.data
+            return make(sid, ep, first, b.count, data), last, b.data_bytes, ts
         ts = b.timestamp_ns
         if b.kind == shim.MK_FLUSH:
-            msg = wire.Flush(stream_id=sid, epoch=ep, seq=b.first_seq, timestamp_ns=ts)
+            msg = wire.Flush(stream_id=sid, epoch=ep, seq=first, timestamp_ns=ts)
         elif b.kind == shim.MK_GAP:
             dirty = int.from_bytes(b.payload()[:8], "little")
             reason = wire.GapReason.SPILL_OVERFLOW if self.spill_full else wire.GapReason.RING_OVERFLOW
-            msg = wire.Gap(stream_id=sid, epoch=ep, seq=b.first_seq, timestamp_ns=ts,
+            msg = wire.Gap(stream_id=sid, epoch=ep, seq=first, timestamp_ns=ts,
                            reason=reason, dirty_regions=dirty)
         elif b.kind == shim.MK_RESYNC:
             length = int.from_bytes(b.payload()[:8], "little")
             data = os.pread(self.image_fd, length, b.sector * wire.SECTOR_SIZE)
-            msg = wire.Resync(stream_id=sid, epoch=ep, seq=b.first_seq, sector=b.sector,
+            msg = wire.Resync(stream_id=sid, epoch=ep, seq=first, sector=b.sector,
                               length=len(data), flags=0, data=data)
             return wire.encode(msg), last, len(data), ts
         elif b.kind == shim.MK_RESYNC_END:
-            msg = wire.ResyncEnd(stream_id=sid, epoch=ep, seq=b.first_seq, timestamp_ns=ts,
+            msg = wire.ResyncEnd(stream_id=sid, epoch=ep, seq=first, timestamp_ns=ts,
                                  regions=int.from_bytes(b.payload()[:8], "little"))
         elif b.kind == shim.MK_CHECKPOINT:
-            msg = wire.Checkpoint(stream_id=sid, epoch=ep, seq=b.first_seq, timestamp_ns=ts,
+            msg = wire.Checkpoint(stream_id=sid, epoch=ep, seq=first, timestamp_ns=ts,
                                   kind=wire.CheckpointKind.USER,
                                   label=b.payload().decode(errors="replace"))
         else:
@@ -376,6 +547,9 @@ class Drainer:
                 self.spill_cursor = None
                 break
             payload = len(frame)
+            if self._resync_unsent() and first >= self.resync_first:
+                self.spill_cursor = None        # the takeover's frames come first
+                break
             if not self.credit.allows(last, payload):
                 self.spill_cursor = self.spill.frames_after(self.sent_seq)
                 break
@@ -399,7 +573,7 @@ class Drainer:
             self.credit.sent(last, payload)
             self.ring_sent.append((last, b.nbytes, b.count))
             self.ring_sent_bytes += b.nbytes
-            self._sent(last, len(frame), ts, b.first_seq)
+            self._sent(last, len(frame), ts, b.first_seq + self.seq_base)
             did = True
         return did
 
@@ -427,7 +601,7 @@ class Drainer:
             if b is None:
                 break
             frame, last, _, _ = self._frame(b, parts=True)
-            if not self.spill.append(frame, b.first_seq, last):
+            if not self.spill.append(frame, b.first_seq + self.seq_base, last):
                 self.spill_full = True
                 break
             if self.ring_sent:

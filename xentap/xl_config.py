@@ -19,6 +19,10 @@ comma-separated ``key=value`` items, ::
 contain commas when it is the last item.  ``vdev`` (required) ``xvdX`` or a
 device number.  ``access`` (or ``mode``) ``rw``/``w`` (default) or
 ``ro``/``r``.  ``format`` only ``raw``; ``devtype`` only ``disk``.
+``protect`` (optional) mirrors the disk to an appliance: an appliance
+domain's name or ``tcp://HOST:PORT`` / ``ipc:///PATH`` (as ``xentap attach
+--protect``, see xentap.protect); ``protect-key`` that endpoint's public key
+file.
 """
 from __future__ import annotations
 
@@ -295,9 +299,12 @@ class XentapDisk:
     vdev: str
     devid: int
     mode: str           # "r" or "w"
+    protect: str | None = None          # the appliance (xentap.protect)
+    protect_key: str | None = None      # its public key file, with an endpoint
 
 
-_DISK_KEYS = ("target", "vdev", "access", "mode", "format", "devtype")
+_DISK_KEYS = ("target", "vdev", "access", "mode", "format", "devtype", "protect",
+              "protect-key")
 _ACCESS = {"rw": "w", "w": "w", "ro": "r", "r": "r"}
 
 
@@ -343,7 +350,17 @@ def parse_disk_spec(spec: str) -> XentapDisk:
     if not target.isascii() or any(c < " " for c in target):
         raise ValueError(f"target {target!r} must be printable ASCII")
     devid = K.vdev_to_devid(items["vdev"])           # ValueError with its reason
-    return XentapDisk(target=target, vdev=items["vdev"], devid=devid, mode=_ACCESS[access])
+    protect = items.get("protect")
+    if protect is not None:
+        from xentap.protect import check_protect
+
+        check_protect(protect)                       # ValueError with its reason
+        if _ACCESS[access] != "w":
+            raise ValueError("protect= on a read-only disk (no writes to protect)")
+    elif "protect-key" in items:
+        raise ValueError("protect-key= without protect=")
+    return XentapDisk(target=target, vdev=items["vdev"], devid=devid, mode=_ACCESS[access],
+                      protect=protect, protect_key=items.get("protect-key"))
 
 
 def _xl_disk_vdevs(spec: str) -> set[str]:

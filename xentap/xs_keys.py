@@ -11,7 +11,7 @@ Layout
 
     /local/domain/0/backend/xentap/<domid>/<devid>/    backend node   (n0 r<domid>)
         frontend, frontend-id, online, state, params, mode, dev, type,
-        device-type                                     written by the toolstack (attach)
+        device-type, [protect, protect-key], vbd-uuid   written by the toolstack (attach)
         sectors, sector-size, physical-sector-size, info, feature-*,
         max-ring-page-order, multi-queue-max-queues, state, error
                                                         written by the daemon
@@ -23,8 +23,8 @@ Layout
                                                         written by the guest: UNTRUSTED
     /local/domain/0/xentap/                             xentap's own subtree (n0)
         daemon/{pid, state, transport, heartbeat}       the daemon
-        vbd/<domid>/<devid>/{state, ...counters}        per-VBD status, every second;
-                                                        kept after the guest ends, until detach
+        vbd/<domid>/<devid>/{state, ...counters,        per-VBD status, every second;
+                             mirror-*}                  kept after the guest ends, until detach
         appliance/<domid>/                              an appliance domain (n0 r<domid>)
             name                                        written by dom0
             status/{state, endpoint, public-key, heartbeat,
@@ -152,6 +152,19 @@ BE_DEV = "dev"
 BE_TYPE = "type"
 #: ``disk`` (or ``cdrom``).
 BE_DEVICE_TYPE = "device-type"
+
+#: Mirroring: the appliance that protects this VBD, as the administrator
+#: named it (``xentap attach --protect``, ``protect=`` in xentap_disks): an
+#: appliance domain's name (its node under APPLIANCE_ROOT, whose status gives
+#: endpoint and public key) or an endpoint ``tcp://HOST:PORT`` / ``ipc:///PATH``.
+#: Absent: not mirrored.
+BE_PROTECT = "protect"
+#: With an endpoint: the appliance's CurveZMQ public key (40 Z85 characters);
+#: absent, the daemon uses ``<keys-dir>/appliance.key``.
+BE_PROTECT_KEY = "protect-key"
+#: The VBD's stream identity (a UUID), written at attach and kept for the
+#: VBD's life: the appliance's journal and the dom0 spill log are named by it.
+BE_VBD_UUID = "vbd-uuid"
 
 # --- backend node: written by the backend (read by blkfront) ------------------
 
@@ -315,6 +328,29 @@ ST_INDIRECT = "indirect"          # requests that came as BLKIF_OP_INDIRECT
 ST_NR_QUEUES = "queues"
 ST_UPDATED = "updated"            # unix time of this sample
 ST_ERROR = "error"                # the last handshake error, if any
+#: Mirroring (protected VBDs only; absent otherwise).  ``mirror`` is
+#: ``connected`` (a session with the appliance), ``disconnected`` (spilling,
+#: reconnecting), ``stopped`` (the guest is gone, the stream is drained or
+#: spilled) or ``error``.
+ST_MIRROR = "mirror"
+ST_MIRROR_APPLIANCE = "mirror-appliance"    # the endpoint it sends to
+ST_MIRROR_UUID = "mirror-uuid"              # the stream's VBD uuid
+ST_MIRROR_ACKED_SEQ = "mirror-acked-seq"    # the appliance holds every seq up to this
+ST_MIRROR_NEXT_SEQ = "mirror-next-seq"      # the seq the next write gets
+ST_MIRROR_PENDING = "mirror-pending"        # seqs written, not yet acknowledged
+ST_MIRROR_LAG_MS = "mirror-lag-ms"          # p99 write-to-ack lag of the recent sample
+ST_MIRROR_SPILL_BYTES = "mirror-spill-bytes"
+ST_MIRROR_RING_BYTES = "mirror-ring-bytes"  # bytes waiting in the mirror ring
+ST_MIRROR_OVERFLOWS = "mirror-overflows"    # writes that missed the ring (dirty bitmap)
+ST_MIRROR_GAPS = "mirror-gaps"              # GAPs sent (history not write-ordered)
+ST_MIRROR_ERROR = "mirror-error"
+#: Mirror counters that add up over the VBD's life, like ST_CUMULATIVE.
+ST_MIRROR_CUMULATIVE = (ST_MIRROR_OVERFLOWS, ST_MIRROR_GAPS)
+#: Every mirror status key (removed when a VBD is not protected).
+ST_MIRROR_KEYS = (ST_MIRROR, ST_MIRROR_APPLIANCE, ST_MIRROR_UUID, ST_MIRROR_ACKED_SEQ,
+                  ST_MIRROR_NEXT_SEQ, ST_MIRROR_PENDING, ST_MIRROR_LAG_MS,
+                  ST_MIRROR_SPILL_BYTES, ST_MIRROR_RING_BYTES, ST_MIRROR_OVERFLOWS,
+                  ST_MIRROR_GAPS, ST_MIRROR_ERROR)
 #: The counters that add up over the VBD's life (since attach, across
 #: reconnections and daemon restarts); the rest are the current sample.
 ST_CUMULATIVE = (ST_REQUESTS, ST_BYTES, ST_ERRORS, ST_READS, ST_WRITES, ST_FLUSHES,

@@ -1,0 +1,199 @@
+"""Protection: which appliance a VBD is mirrored to, and the mirror of one VBD
+in the daemon.
+
+An administrator names the appliance in one string (``xentap attach
+--protect APPLIANCE``, ``protect=APPLIANCE`` in ``xentap_disks``):
+
+- ``NAME``: an appliance domain made one by ``xentap appliance-grant`` (its
+  node's ``name``); the daemon takes the endpoint and public key that domain
+  publishes in its status node, validated, when the mirror starts.
+- ``tcp://HOST:PORT`` or ``ipc:///PATH``: an appliance at that endpoint (e.g.
+  ``xentap appliance serve`` in dom0, or a remote one); its CurveZMQ public
+  key comes from ``--protect-key FILE`` (stored in the backend node) or else
+  from the daemon's ``<keys-dir>/appliance.key``.
+
+Both go in the VBD's backend node (``protect``, ``protect-key``), written by
+the toolstack in dom0 only, with the VBD's stream ``vbd-uuid``.
+
+:class:`Mirror` is the daemon's side of one protected VBD: it turns the
+shim's mirror ring on before the shim connects, runs a
+:class:`~xentap.drainer.Drainer` with a spill log under
+``<state-dir>/spill/<vbd-uuid>``, and ends it cleanly (bounded drain, the rest
+to the spill log, the stream's last seq recorded) so that the next shim
+session or the next daemon goes on with the same stream.  After a daemon
+that was killed, the next drainer finds the stream unclean and resyncs the
+whole disk after a GAP (xentap.drainer).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from xentap import keys as keys_mod
+from xentap import shim
+from xentap import xs_keys as K
+from xentap.drainer import Drainer, VbdIdentity, read_stream_state
+
+log = logging.getLogger("xentap.protect")
+
+DEFAULT_STATE_DIR = "/var/lib/xentap"
+DEFAULT_KEYS_DIR = "/etc/xentap/keys"
+DEFAULT_SPILL_LIMIT = 1 << 30
+DRAIN_TIMEOUT = 5.0      # seconds a stopping mirror waits for the appliance
+
+ENDPOINT_RE = re.compile(r"^(tcp://[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}|ipc:///[!-~]{1,200})$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+
+
+def is_endpoint(value: str) -> bool:
+    return value.startswith(("tcp://", "ipc://"))
+
+
+def check_protect(value: str) -> str:
+    """An APPLIANCE value's syntax; raises ValueError (one line) when bad."""
+    if is_endpoint(value):
+        if not ENDPOINT_RE.match(value):
+            raise ValueError(f"appliance endpoint {value!r} is not tcp://HOST:PORT or "
+                             f"ipc:///PATH")
+        if value.startswith("tcp://"):
+            port = int(value.rsplit(":", 1)[1])
+            if not 0 < port < 65536:
+                raise ValueError(f"appliance endpoint {value}: port {port} out of range")
+        return value
+    if not _NAME_RE.match(value):
+        raise ValueError(f"appliance {value!r} is neither an appliance domain's name nor "
+                         f"tcp://HOST:PORT or ipc:///PATH")
+    return value
+
+
+def is_z85_key(value: str) -> bool:
+    return len(value) == 40 and all(c in _Z85 for c in value)
+
+
+def load_protect_key(path: str) -> str:
+    """The Z85 public key in file ``path``; OSError/ValueError with the path."""
+    return keys_mod.load_public(path).decode("ascii")
+
+
+def find_appliance(xs, name: str) -> int | None:
+    """The domid of the appliance domain called ``name`` (or numbered so)."""
+    for d in xs.ls(K.APPLIANCE_ROOT) or []:
+        if not d.isdigit():
+            continue
+        if d == name or xs.read(f"{K.appliance_path(int(d))}/{K.AP_NAME}") == name:
+            return int(d)
+    return None
+
+
+def check_protect_xs(xs, value: str, key_file: str | None) -> dict[str, str]:
+    """The backend keys that protect a VBD with appliance ``value`` (and
+    ``key_file`` for an endpoint); raises ValueError (one line) when
+    ``value`` names no appliance or the key file is bad."""
+    check_protect(value)
+    out = {K.BE_PROTECT: value}
+    if is_endpoint(value):
+        if key_file:
+            out[K.BE_PROTECT_KEY] = load_protect_key(key_file)
+    else:
+        if key_file:
+            raise ValueError(f"--protect-key goes with an endpoint; appliance domain "
+                             f"{value} publishes its own key")
+        if find_appliance(xs, value) is None:
+            raise ValueError(f"no appliance domain named {value!r} (make one with "
+                             f"'xentap appliance-grant', or give tcp://HOST:PORT)")
+    return out
+
+
+@dataclass
+class Target:
+    """Where a mirror sends: an endpoint and the appliance's public key."""
+
+    endpoint: str
+    public_key: bytes
+
+
+def resolve(xs, protect: str, key: str | None, keys_dir: str) -> Target:
+    """The endpoint and key of appliance ``protect`` now; ValueError/OSError
+    (one line) when it cannot be reached yet or is misconfigured."""
+    from xentap.daemon import read_appliance_status
+
+    check_protect(protect)
+    if is_endpoint(protect):
+        if key is not None:
+            if not is_z85_key(key):
+                raise ValueError(f"{K.BE_PROTECT_KEY} is not a 40-character Z85 key")
+            return Target(protect, key.encode())
+        path = keys_mod.paths(keys_dir, keys_mod.APPLIANCE_NAME)[0]
+        return Target(protect, keys_mod.load_public(path))
+    domid = find_appliance(xs, protect)
+    if domid is None:
+        raise ValueError(f"no appliance domain named {protect!r}")
+    st = read_appliance_status(xs, domid)
+    if st["endpoint"] is None or st["public_key"] is None:
+        why = ", ".join(st["problems"]) or "no endpoint or public key published yet"
+        raise ValueError(f"appliance {protect} (domain {domid}): {why}")
+    return Target(st["endpoint"], st["public_key"].encode())
+
+
+class Mirror:
+    """The mirror of one protected VBD (see the module's docstring)."""
+
+    def __init__(self, *, vbd_uuid: uuid.UUID, domid: int, devid: int, target: Target,
+                 keys_dir: str, state_dir: str, ring_bytes: int = shim.DEFAULT_MIRROR_RING,
+                 spill_limit: int = DEFAULT_SPILL_LIMIT):
+        self.vbd_uuid = vbd_uuid
+        self.domid, self.devid = domid, devid
+        self.target = target
+        self.keys_dir = keys_dir
+        self.ring_bytes = ring_bytes
+        self.spill_limit = spill_limit
+        self.spill_dir = os.path.join(state_dir, "spill", str(vbd_uuid))
+        self.drainer: Drainer | None = None
+        self.stopped = False
+
+    def enable(self, vbd: shim.Vbd) -> None:
+        """Turns the shim's mirror ring on (before it connects)."""
+        vbd.mirror_enable(self.ring_bytes)
+
+    def start(self, vbd: shim.Vbd, image_path: str) -> None:
+        """Starts draining ``vbd``'s ring, going on with the stream where the
+        previous drainer of this VBD left it.  OSError/ValueError when dom0's
+        keys are missing."""
+        pub, sec = keys_mod.load_secret(keys_mod.paths(self.keys_dir, keys_mod.DOM0_NAME)[1])
+        client = keys_mod.CurveClient(pub, sec, self.target.public_key)
+        prev = read_stream_state(self.spill_dir)
+        info = vbd.info()
+        ident = VbdIdentity(vbd_uuid=self.vbd_uuid, domid=self.domid, devid=self.devid,
+                            vdev=K.devid_to_vdev(self.devid),
+                            size_bytes=vbd.sectors * 512,
+                            logical_sector_size=info.get("sector_size", 512),
+                            physical_sector_size=info.get("physical_sector_size", 512))
+        self.drainer = Drainer(vbd, ident, self.target.endpoint, image_path=image_path,
+                               spill_dir=self.spill_dir, spill_limit=self.spill_limit,
+                               socket_setup=lambda s: keys_mod.configure_client(s, client),
+                               seq_base=prev["last_seq"], epoch=prev["epoch"],
+                               unclean=not prev["clean"]).start()
+        self.stopped = False
+        log.info("dom%d %s: mirroring to %s (stream %s from seq %d%s)", self.domid,
+                 K.devid_to_vdev(self.devid), self.target.endpoint, self.vbd_uuid,
+                 self.drainer.acked_seq + 1, "" if prev["clean"] else
+                 "; the last drainer ended uncleanly: full resync")
+
+    def stop(self, drain_timeout: float = DRAIN_TIMEOUT) -> dict[str, Any] | None:
+        """Ends the drainer (after the shim stopped taking writes); returns
+        its last figures."""
+        d, self.drainer = self.drainer, None
+        if d is None:
+            return None
+        acked = d.close(drain_timeout)
+        st = d.stats()
+        self.stopped = True
+        log.info("dom%d %s: mirror stopped, %s (acked seq %d, %d bytes spilled)", self.domid,
+                 K.devid_to_vdev(self.devid), "all acknowledged" if acked else
+                 "the rest kept in the spill log", st["acked_seq"], st["spill_bytes"])
+        return st
