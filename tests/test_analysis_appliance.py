@@ -191,7 +191,7 @@ def test_analysis_that_falls_behind_skips_and_says_so_without_blocking(tmp_path)
     real_feed = r.analysis._feed
 
     def slow_feed(v, msg):
-        hold.wait(10)
+        hold.wait(120)  # until the test releases it (a timeout here would let it run early under load)
         real_feed(v, msg)
 
     r.analysis._feed = slow_feed
