@@ -454,3 +454,30 @@ def test_daemon_sigkilled_mid_stream_the_next_one_resyncs_after_a_gap(tmp_path, 
         print(log.read())
         log.close()
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_guest_end_stops_the_mirror_with_every_write_acknowledged(env):
+    """The guest finishes and its domain dies: the VBD closes, the mirror
+    drains and stops; status keeps its final figures; the stream is clean."""
+    from tests.blkfront_test import release_domain
+
+    env.guest(GUEST)
+    img = env.image(size=16 * MiB)
+    r = env.cli("attach", str(GUEST), img, "xvda", *protect_args(env, "endpoint"))
+    assert r.exit_code == 0, r.output
+    vbd_uuid = env.xs.read(f"{K.backend_path(GUEST, 51712)}/{K.BE_VBD_UUID}")
+    f = env.front(GUEST, "xvda", follow_backend=False)
+    res = f.run(block_size=4096, queue_depth=4, max_ios=2000, flush_every=32, verify=True)
+    assert res["errors"] == 0
+    f.stop_io()
+    release_domain(env.dom0, GUEST)
+    be = K.backend_path(GUEST, 51712)
+    env.wait_for(lambda: env.xs.read(f"{be}/{K.STATE}") == "6", what="Closed")
+    m = env.wait_for(lambda: (m := env.mirror()) and m["state"] == "stopped" and m, 30,
+                     "the mirror to stop")
+    assert m["pending"] == 0 and m["spill_bytes"] == 0 and m["error"] == "", m
+    assert m["acked_seq"] == m["next_seq"] - 1 > 0 and m["overflows"] == 0 == m["gaps"]
+    assert digest(env.appliance.replica(vbd_uuid)) == digest(open(img, "rb").read())
+    st = read_stream_state(str(env.state_dir / "spill" / vbd_uuid))
+    assert st["clean"] and st["last_seq"] == m["acked_seq"]
