@@ -11,10 +11,12 @@
 #     not mirror yet) over the vif with CurveZMQ until all are acknowledged
 #   `xentap appliance destroy` (clean shutdown); the journal disk, read in
 #     dom0 with debugfs, holds a replica equal to the guest's disk
+#   `xentap journal restore` (in dom0, from the journal disk) at the last
+#     checkpoint equals the guest's disk
 #   a second `xentap appliance create` on the same journal disk: no new
 #     format, the same public key, ready again; then `destroy --force`
 # METRIC lines: boot time (create to ready), image size, memory, mirror MiB/s.
-# xt-timeout: 600
+# xt-timeout: 1200
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
 name=xentap-appliance
@@ -93,6 +95,20 @@ debugfs -R "dump /data/$vbd/replica.img $XT_WORK/replica.img" "$journal" 2>/dev/
 got=$(sha256sum < "$XT_WORK/replica.img" | cut -d' ' -f1)
 [ "$got" = "$want" ] || fail "the appliance's replica hashes $got, the guest's disk $want"
 log "the journal disk's replica equals the guest's disk ($want)"
+# The journal: restored at its last checkpoint (the one the writer tagged
+# after its last write), the disk again.
+rm -rf "$XT_WORK/data"; mkdir -p "$XT_WORK/data"
+debugfs -R "rdump /data/$vbd $XT_WORK/data" "$journal" 2>/dev/null
+"$XENTAP" journal checkpoints "$vbd" --data-dir "$XT_WORK/data" --last 1 --json > "$XT_WORK/cp.json" ||
+    fail "xentap journal checkpoints"
+cp_id=$(python3.11 -c 'import json,sys; c=json.load(open(sys.argv[1]))[-1]; assert c["label"] == "appliance-domu-end", c; print(c["id"])' "$XT_WORK/cp.json") ||
+    fail "the last checkpoint is not the writer's: $(cat "$XT_WORK/cp.json")"
+"$XENTAP" journal restore "$vbd" --data-dir "$XT_WORK/data" --checkpoint "$cp_id" --to "$XT_WORK/restored.img" ||
+    fail "xentap journal restore"
+got=$(sha256sum < "$XT_WORK/restored.img" | cut -d' ' -f1)
+[ "$got" = "$want" ] || fail "restore at checkpoint $cp_id hashes $got, the guest's disk $want"
+log "restore at the last checkpoint ($cp_id) equals the guest's disk"
+rm -rf "$XT_WORK/data" "$XT_WORK/restored.img" "$XT_WORK/replica.img"
 
 # --- second boot on the same journal disk: no format, the same key
 appliance_up
