@@ -10,8 +10,9 @@ writes, then runs 4 KiB random writes with flushes; everything must be
 acknowledged (durable in the appliance's journal).  Prints
 ``VBD <uuid> <sha256 of the image>`` and ``METRIC`` lines; exit 0 on success.
 
-(The Xen transport's daemon does not mirror yet, so the writing guest is the
-shim's simulated one; the appliance side, the vif and the keys are real.)
+(The writing guest is the shim's simulated one, written before the daemon
+could mirror a Xen guest's disk (`xentap attach --protect`); the appliance
+side, the vif and the keys are real.)
 """
 from __future__ import annotations
 
