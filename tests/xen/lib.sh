@@ -77,17 +77,18 @@ XENTAP=$XT_REPO/.venv/bin/xentap
 XT_XS_ROOT=/local/domain/0/xentap
 xentap_daemon_pid=
 
-# xentap_daemon_start LOG: starts `xentap daemon --transport xen` and waits
-# until it says in xenstore that it runs.  xentap_daemon_stop stops it (a
-# case must not leave it to the next one: `trap xentap_daemon_stop EXIT`).
+# xentap_daemon_start LOG [DAEMON ARGS...]: starts `xentap daemon --transport
+# xen` and waits until it says in xenstore that it runs.  xentap_daemon_stop
+# stops it (a case must not leave it to the next one: `trap xentap_daemon_stop
+# EXIT`).
 xentap_daemon_start() {
-    local dlog=$1 t0=$SECONDS
+    local dlog=$1 t0=$SECONDS; shift
     for d in /dev/xen/gntdev /dev/xen/evtchn; do
         [ -c "$d" ] || fail "$d is missing"
     done
     [ -x "$XENTAP" ] || fail "$XENTAP is missing"
-    log "starting xentap daemon (log: ${dlog#$XT_OUT/})"
-    "$XENTAP" daemon --transport xen -v > "$dlog" 2>&1 &
+    log "starting xentap daemon $* (log: ${dlog#$XT_OUT/})"
+    "$XENTAP" daemon --transport xen -v "$@" > "$dlog" 2>&1 &
     xentap_daemon_pid=$!
     until [ "$(xenstore-read $XT_XS_ROOT/daemon/state 2>/dev/null)" = running ] &&
           [ "$(xenstore-read $XT_XS_ROOT/daemon/pid 2>/dev/null)" = "$xentap_daemon_pid" ]; do
@@ -106,6 +107,43 @@ xentap_daemon_stop() {
     kill -KILL "$xentap_daemon_pid" 2>/dev/null
     wait "$xentap_daemon_pid" 2>/dev/null
     xentap_daemon_pid=
+}
+
+# xentap_appliance_start DIR LOG: the appliance in dom0, as an administrator
+# runs it: `xentap keys` makes dom0's and the appliance's key pairs in DIR/keys
+# (dom0's public key allowed in DIR/keys/allowed), `xentap appliance serve`
+# listens on $XT_APPLIANCE_ENDPOINT with its journals in DIR/data.
+# xentap_appliance_stop stops it (SIGTERM: journals closed cleanly).
+XT_APPLIANCE_ENDPOINT=tcp://127.0.0.1:7788
+xentap_appliance_pid=
+xentap_appliance_start() {
+    local dir=$1 alog=$2 t0=$SECONDS
+    mkdir -p "$dir/keys/allowed" "$dir/data" || fail "cannot make $dir"
+    # dom0's init leaves lo down: binding 127.0.0.1 still works, connecting never does.
+    ip link set lo up || fail "cannot bring lo up"
+    "$XENTAP" keys --dir "$dir/keys" --role dom0 > /dev/null || fail "xentap keys --role dom0"
+    "$XENTAP" keys --dir "$dir/keys" --role appliance > /dev/null || fail "xentap keys --role appliance"
+    cp "$dir/keys/dom0.key" "$dir/keys/allowed/" || fail "cannot allow dom0's key"
+    log "starting xentap appliance serve on $XT_APPLIANCE_ENDPOINT (log: ${alog#$XT_OUT/})"
+    "$XENTAP" appliance serve --listen "$XT_APPLIANCE_ENDPOINT" --data-dir "$dir/data" \
+        --keys "$dir/keys" --allow "$dir/keys/allowed" -v > "$alog" 2>&1 &
+    xentap_appliance_pid=$!
+    until grep -q 'listening on' "$alog" 2>/dev/null; do
+        kill -0 "$xentap_appliance_pid" 2>/dev/null ||
+            { cat "$alog"; xentap_appliance_pid=; fail "xentap appliance exited"; }
+        [ $((SECONDS - t0)) -lt 90 ] || { cat "$alog"; fail "appliance not listening after 90s"; }
+        sleep 0.5
+    done
+    log "xentap appliance listening after $((SECONDS - t0))s"
+}
+
+xentap_appliance_stop() {
+    [ -n "$xentap_appliance_pid" ] || return 0
+    kill -TERM "$xentap_appliance_pid" 2>/dev/null
+    for _ in $(seq 30); do kill -0 "$xentap_appliance_pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL "$xentap_appliance_pid" 2>/dev/null
+    wait "$xentap_appliance_pid" 2>/dev/null
+    xentap_appliance_pid=
 }
 
 # xentap_guest_create NAME WORKLOAD VCPUS "EXTRA" DISK_SPEC...: boots the

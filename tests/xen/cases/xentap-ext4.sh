@@ -9,12 +9,21 @@
 # files' checksums via debugfs), `xentap status`, and prints what blkfront
 # negotiated as METRIC lines.
 #
+# Protection (on in xentap-ext4, XT_XENTAP_PROTECT=1|0 to choose): the
+# appliance runs in dom0 (`xentap appliance serve`, keys from `xentap keys`),
+# the disk spec says protect=<its endpoint> with its public key, and the
+# daemon (--keys-dir, --state-dir) mirrors every write to it.  After the guest
+# ends: `xentap status` shows the mirror stopped with everything acknowledged,
+# no error, no overflow, no gap; the appliance's journal verifies (checksums,
+# every seq in order from the empty disk up to the last acknowledged one); restoring at its last
+# checkpoint gives an image equal to the disk (cmp).
+#
 # cases/xentap-negotiate.sh sources this file with
 #   XT_XENTAP_GUEST_EXTRA  more guest kernel arguments (xen_blkfront.* options)
 #   XT_XENTAP_GUEST_VCPUS  the guest's vcpus (blkfront makes at most one queue per cpu)
 #   XT_XENTAP_EXPECT_FE    "key=value ..." the frontend node must hold once connected
 #   XT_XENTAP_EXPECT_GUEST "key=value ..." the guest's XT-BLKINFO line must hold
-# xt-timeout: 450
+# xt-timeout: 600
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
 name=$XT_CASE
@@ -22,11 +31,13 @@ extra=${XT_XENTAP_GUEST_EXTRA:-}
 vcpus=${XT_XENTAP_GUEST_VCPUS:-1}
 expect_fe=${XT_XENTAP_EXPECT_FE:-}
 expect_guest=${XT_XENTAP_EXPECT_GUEST:-}
+protect=${XT_XENTAP_PROTECT:-}
+[ -n "$protect" ] || { [ "$name" = xentap-ext4 ] && protect=1 || protect=0; }
 img=$XT_WORK/disk.img
 dlog=$XT_OUT/cases/$name.daemon.log
 devid=51712                                  # xvda
 ROOT=$XT_XS_ROOT
-trap 'xentap_daemon_stop' EXIT               # run-cases.sh runs the next case
+trap 'xentap_daemon_stop; xentap_appliance_stop' EXIT   # run-cases.sh runs the next case
 
 # kv FILE KEY: the value of KEY (a path relative to the node) in a
 # `xenstore-ls -f` dump of that node, or "absent".
@@ -38,13 +49,21 @@ kv() {
 
 rm -f "$img"
 truncate -s 256M "$img" || fail "cannot make $img"
-xentap_daemon_start "$dlog"
+disk="vdev=xvda, access=rw, target=$img"
+daemon_args=()
+if [ "$protect" = 1 ]; then
+    ap=$XT_WORK/appliance
+    xentap_appliance_start "$ap" "$XT_OUT/cases/$name.appliance.log"
+    daemon_args=(--keys-dir "$ap/keys" --state-dir "$XT_WORK/state" --drain-timeout 120)
+    disk="vdev=xvda, access=rw, protect=$XT_APPLIANCE_ENDPOINT, protect-key=$ap/keys/appliance.key, target=$img"
+fi
+xentap_daemon_start "$dlog" "${daemon_args[@]}"
 daemon_pid=$xentap_daemon_pid
 
 # --- the guest, through xentap create (it returns once the guest runs)
 start=$(date +%s)
 t0=$SECONDS
-xentap_guest_create "$name" blkinfo-ext4 "$vcpus" "$extra" "vdev=xvda, access=rw, target=$img" ||
+xentap_guest_create "$name" blkinfo-ext4 "$vcpus" "$extra" "$disk" ||
     { tail -n 30 "$dlog"; fail "xentap create"; }
 log "xentap create took $((SECONDS - t0))s"
 be=/local/domain/0/backend/xentap/$domid/$devid
@@ -127,9 +146,21 @@ if [ "$(kv "$XT_WORK/be.ls" feature-max-indirect-segments)" != absent ] &&
     [ "$(st indirect)" -gt 0 ] 2>/dev/null || fail "blkfront says indirect is on, the daemon counted $(st indirect)"
 fi
 kill -0 "$daemon_pid" 2>/dev/null || { xentap_daemon_pid=; fail "xentap daemon died"; }
+if [ "$protect" = 1 ]; then
+    # The guest is gone: the mirror drains what is left (bounded) and stops.
+    t0=$SECONDS
+    until "$XENTAP" status --json | python3.11 -c 'import json, sys
+m = [r["mirror"] for r in json.load(sys.stdin)["vbds"] if r["domain"] == int(sys.argv[1])]
+sys.exit(0 if m and m[0] and m[0]["state"] in ("stopped", "error") else 1)' "$domid"; do
+        [ $((SECONDS - t0)) -lt 150 ] || break      # the daemon drains for up to 120 s
+        sleep 1
+    done
+    log "mirror stopped $((SECONDS - t0))s after the guest ended"
+fi
 "$XENTAP" status --json > "$XT_WORK/status.json" || fail "xentap status --json"
 cat "$XT_WORK/status.json"
-python3.11 - "$XT_WORK/status.json" "$domid" <<'EOF' || fail "xentap status --json shows a problem"
+"$XENTAP" status | sed 's/^/xentap status: /'
+python3.11 - "$XT_WORK/status.json" "$domid" "$protect" "$name" <<'EOF' || fail "xentap status --json shows a problem"
 import json, sys
 s = json.load(open(sys.argv[1]))
 bad = []
@@ -145,6 +176,24 @@ for r in rows:
         bad.append(f"{r['vdev']}: backend {r['state']} after the guest ended")
     if r["requests"] == 0 or r["bytes_written"] == 0:   # the final counters stay
         bad.append(f"{r['vdev']}: counters gone after the guest ended: {r}")
+    m = r["mirror"]
+    if sys.argv[3] == "1":
+        if not m:
+            bad.append(f"{r['vdev']}: protected, but no mirror status")
+        else:
+            if m["state"] != "stopped" or m["error"]:
+                bad.append(f"{r['vdev']}: mirror {m['state']} {m['error']!r}")
+            if m["overflows"] or m["gaps"]:
+                bad.append(f"{r['vdev']}: mirror overflows {m['overflows']} gaps {m['gaps']}")
+            if m["pending"] or m["spill_bytes"] or m["acked_seq"] != m["next_seq"] - 1 \
+                    or m["acked_seq"] == 0:
+                bad.append(f"{r['vdev']}: mirror not all acknowledged: {m}")
+            print(f"METRIC {sys.argv[4]} mirror acked_seq={m['acked_seq']} "
+                  f"lag_p99_ms={m['lag_ms']} overflows={m['overflows']} gaps={m['gaps']} "
+                  f"spill_bytes={m['spill_bytes']}")
+            open(sys.argv[1] + ".mirror", "w").write(f"{r['vbd_uuid']} {m['acked_seq']}\n")
+    elif m is not None:
+        bad.append(f"{r['vdev']}: not protected, but mirror status {m}")
 print("status:", "; ".join(bad) or "ok")
 sys.exit(1 if bad else 0)
 EOF
@@ -156,4 +205,31 @@ grep -q Traceback "$dlog" && fail "the daemon logged a traceback"
 
 # --- the image, in dom0
 verify_image "$img" "$XT_WORK/guest.log" 4
+
+# --- the appliance's journal: every write in order; the last checkpoint is the disk
+if [ "$protect" = 1 ]; then
+    read -r vbd acked < "$XT_WORK/status.json.mirror" || fail "no mirror figures"
+    xentap_appliance_stop
+    data=$ap/data
+    "$XENTAP" journal verify "$vbd" --data-dir "$data" --json > "$XT_WORK/verify.json" ||
+        { cat "$XT_WORK/verify.json"; fail "xentap journal verify $vbd"; }
+    "$XENTAP" journal checkpoints "$vbd" --data-dir "$data" --json > "$XT_WORK/cps.json" ||
+        fail "xentap journal checkpoints $vbd"
+    read -r first last frames cps cp < <(python3.11 -c 'import json, sys
+v = json.load(open(sys.argv[1])); c = json.load(open(sys.argv[2]))
+print(v["first_seq"], v["last_seq"], v["frames"], len(c), c[-1]["id"] if c else "none")' \
+        "$XT_WORK/verify.json" "$XT_WORK/cps.json") || fail "cannot read the journal's figures"
+    log "journal of $vbd: seqs $first..$last in $frames frames, $cps checkpoints, the last $cp"
+    echo "METRIC $name journal first_seq=$first last_seq=$last frames=$frames checkpoints=$cps"
+    # first_seq is the journal's base: 0, the empty disk before write 1.
+    [ "$first" = 0 ] && [ "$last" = "$acked" ] ||
+        fail "the journal holds seqs $first..$last, the daemon had $acked acknowledged"
+    [ "$cp" != none ] || fail "the journal has no checkpoint"
+    "$XENTAP" journal restore "$vbd" --checkpoint "$cp" --to "$XT_WORK/restored.img" \
+        --data-dir "$data" || fail "xentap journal restore $vbd --checkpoint $cp"
+    cmp "$XT_WORK/restored.img" "$img" ||
+        fail "the image restored at the last checkpoint ($cp) differs from the disk"
+    log "restored at the last checkpoint ($cp of $last): equal to the disk"
+    rm -rf "$XT_WORK/restored.img" "$ap" "$XT_WORK/state"
+fi
 rm -f "$img"
