@@ -216,7 +216,9 @@ def test_analysis_that_falls_behind_skips_and_says_so_without_blocking(tmp_path)
     finally:
         r.stop()
     st = an.read_state(tmp_path / "appliance" / str(vbd))
-    assert st["status"]["skipped"] > 0 and st["status"]["restarts"] == 1
+    # How many separate runs of skipped messages there were (each ends in a
+    # restart) depends on when the worker dequeued relative to the sender.
+    assert st["status"]["skipped"] > 0 and st["status"]["restarts"] >= 1
     assert st["status"]["analysed_seq"] == s.seq - 1 and st["skipped_ranges"]
     # relearned from the replica: the filesystem is known again
     assert st["state"]["filesystems"][0]["type"] == "ext4"
