@@ -49,6 +49,8 @@ from pathlib import Path
 
 from engines import journal as journal_mod
 from xentap import wire
+from xentap.durable import fsync_dir
+from xentap.durable import write_atomically as write_state_atomically  # tests patch this name
 
 log = logging.getLogger(__name__)
 
@@ -151,29 +153,6 @@ class ReplicaState:
         except (ValueError, TypeError) as e:
             raise ReplicaError(errno.EINVAL, f"corrupt replica state {path}: {e}") from None
         return st
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_state_atomically(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename + fsync of the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        mv = memoryview(data)
-        while mv:
-            mv = mv[os.write(fd, mv):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class Replica:
@@ -327,7 +306,7 @@ class Replica:
             rep.close()
             raise
         rep.begin_session(hello)  # writes state.json (the replica exists from here)
-        _fsync_dir(data_dir)
+        fsync_dir(data_dir)
         return rep
 
     def close(self) -> None:

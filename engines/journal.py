@@ -62,6 +62,7 @@ import xxhash
 import zstandard
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
+from xentap.durable import fsync_dir, write_atomically
 from xentap.structs import derive_struct
 
 log = logging.getLogger(__name__)
@@ -192,24 +193,6 @@ class OutOfWindow(JournalError):
 
 def _seg_name(first_seq: int) -> str:
     return f"seg-{first_seq:016x}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -395,7 +378,7 @@ class Journal:
         finally:
             os.close(fd)
         os.rename(tmp, base)
-        _write_atomically(d / "meta.json", json.dumps(dict(
+        write_atomically(d / "meta.json", json.dumps(dict(
             format=FORMAT_VERSION, vbd_uuid=str(vbd_uuid), base_seq=base_seq, base_ts=base_ts,
             base_in_resync=False, size_bytes=size_bytes, applying=0)).encode())
         return cls.open(d, writable=True, **kw)
@@ -454,7 +437,7 @@ class Journal:
         return meta
 
     def _write_meta(self, applying: int = 0) -> None:
-        _write_atomically(self.dir / "meta.json", json.dumps(dict(
+        write_atomically(self.dir / "meta.json", json.dumps(dict(
             format=FORMAT_VERSION, vbd_uuid=self.vbd_uuid, base_seq=self.base_seq,
             base_ts=self.base_ts, base_in_resync=self.base_in_resync,
             size_bytes=self.size_bytes, applying=applying)).encode())
@@ -552,8 +535,8 @@ class Journal:
             with open(tail.xjs, "r+b") as f:
                 f.truncate(good)
                 os.fsync(f.fileno())
-        _write_atomically(tail.idx, b"".join(idx))
-        _write_atomically(tail.ckp, b"".join(ckps))
+        write_atomically(tail.idx, b"".join(idx))
+        write_atomically(tail.ckp, b"".join(ckps))
         tail.nbytes = good
         if idx:
             e0, e1 = IDX.unpack(idx[0]), IDX.unpack(idx[-1])
@@ -847,7 +830,7 @@ class Journal:
         os.close(fd)
         for p in (s.idx, s.ckp):
             open(p, "wb").close()
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         s.nbytes = SEG_HDR.size
         self.segments.append(s)
         self._open_tail(s)
@@ -1036,7 +1019,7 @@ class Journal:
                 p.unlink()
             except FileNotFoundError:
                 pass
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     # ------------------------------------------------------------------ reading
     def window(self) -> dict:

@@ -40,6 +40,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from xentap.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 PUBLIC_SUFFIX = ".key"
@@ -99,20 +101,12 @@ def create(directory: str | os.PathLike, name: str, *, force: bool = False) -> t
                 raise FileExistsError(
                     f"secret key {sec} exists; not overwriting it (use --force)") from None
         os.replace(tpub, pub)
-        _fsync_dir(d)
+        fsync_dir(d)
     finally:
         for f in Path(tmp).iterdir():
             f.unlink()
         os.rmdir(tmp)
     return pub, sec
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read(path: Path, what: str) -> bytes:
