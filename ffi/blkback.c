@@ -13,6 +13,7 @@
 #include <sys/ioctl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "xt_internal.h"
@@ -530,6 +531,70 @@ static void consume(struct xt_queue *q)
     }
 }
 
+/* ---- polling ---- */
+
+/*
+ * Adaptive polling, as KVM's halt polling: before sleeping, a queue thread
+ * watches its ring and its completions for up to q->poll_ns.  On a virtual
+ * machine, a thread that sleeps pays for its CPU's halt and wake-up, tens of
+ * microseconds each, and a guest's round trip has two such sleeps besides the
+ * disk's (measured, 4 KiB random write QD32, shim/fio: 0.70 sleeping, 0.9-1.0
+ * polling up to 100-300 us).  The window grows while the sleeps it did not
+ * avoid were short (polling a little longer would have caught the event) and
+ * shrinks while they are long, so an idle ring costs no CPU.
+ */
+#define POLL_START_NS 10000u
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static bool has_requests(const struct xt_queue *q)
+{
+    const volatile RING_IDX *prod = &q->ring.sring->req_prod;
+    return !paused(q) && *prod != q->ring.req_cons;
+}
+
+/* True as soon as there is something to do; false after q->poll_ns. */
+static bool poll_for_work(struct xt_queue *q)
+{
+    uint64_t end = now_ns() + q->poll_ns;
+    for (unsigned i = 1;; i++) {
+        if (q->engine.ops->ready(&q->engine) || has_requests(q))
+            return true;
+        cpu_relax();
+        if (i % 32 == 0 && now_ns() > end)
+            return false;
+    }
+}
+
+/* After a sleep of slept_ns that polling did not avoid. */
+static void poll_adjust(struct xt_queue *q, uint64_t slept_ns)
+{
+    uint64_t max = q->vbd->poll_max_ns;
+    if (slept_ns > max) {
+        q->poll_ns /= 2;
+        if (q->poll_ns < POLL_START_NS)
+            q->poll_ns = 0;
+    } else if (q->poll_ns < max) {
+        q->poll_ns = q->poll_ns ? q->poll_ns * 2 : POLL_START_NS;
+        if (q->poll_ns > max)
+            q->poll_ns = max;
+    }
+}
+
 bool xt_queue_step(struct xt_queue *q, bool may_block)
 {
     struct xt_io *done[REAP_BATCH];
@@ -546,8 +611,17 @@ bool xt_queue_step(struct xt_queue *q, bool may_block)
     if (!paused(q))
         RING_FINAL_CHECK_FOR_REQUESTS(&q->ring, more);
 
+    bool block = may_block && !more;
+    bool polling = block && q->vbd->poll_max_ns && q->engine.ops->ready;
+    if (polling && q->poll_ns && poll_for_work(q)) {
+        block = false;
+        polling = false;
+    }
+    uint64_t t0 = polling ? now_ns() : 0;
     unsigned woken = 0;
-    int n = q->engine.ops->wait(&q->engine, done, REAP_BATCH, &woken, may_block && !more);
+    int n = q->engine.ops->wait(&q->engine, done, REAP_BATCH, &woken, block);
+    if (polling)
+        poll_adjust(q, now_ns() - t0);
     for (int i = 0; i < n; i++) {
         struct xt_req *req = (struct xt_req *)((uint8_t *)done[i] - offsetof(struct xt_req, io));
         complete(q, req);

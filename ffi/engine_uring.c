@@ -82,8 +82,10 @@ static int uring_init(struct xt_engine *e, int fd, unsigned depth,
     unsigned entries = depth + URING_MAX_WAKE * 2;
     struct io_uring_params params;
     memset(&params, 0, sizeof(params));
-    /* Not SINGLE_ISSUER: the ring is made here and used by the queue thread. */
-    params.flags = IORING_SETUP_COOP_TASKRUN;
+    /* Not SINGLE_ISSUER: the ring is made here and used by the queue thread.
+     * TASKRUN_FLAG lets a polling thread see completions waiting to be
+     * posted (uring_ready) without a syscall. */
+    params.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
     int rc = io_uring_queue_init_params(entries, &p->ring, &params);
     if (rc == -EINVAL) {    /* an older kernel: plain flags */
         memset(&params, 0, sizeof(params));
@@ -126,6 +128,10 @@ static int uring_wait(struct xt_engine *e, struct xt_io **done, unsigned max,
         rc = io_uring_submit_and_wait(&p->ring, 1);
     else
         rc = io_uring_submit(&p->ring);
+    /* Completions the kernel holds as task work until we enter it (with
+     * nothing to submit, io_uring_submit does not). */
+    if (rc >= 0 && (IO_URING_READ_ONCE(*p->ring.sq.kflags) & IORING_SQ_TASKRUN))
+        rc = io_uring_get_events(&p->ring);
     if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
         xt_log("io_uring submit: %s", strerror(-rc));
 
@@ -168,6 +174,13 @@ static int uring_wait(struct xt_engine *e, struct xt_io **done, unsigned max,
     return (int)n;
 }
 
+static bool uring_ready(struct xt_engine *e)
+{
+    struct uring_priv *p = e->priv;
+    return io_uring_cq_ready(&p->ring) ||
+           (IO_URING_READ_ONCE(*p->ring.sq.kflags) & IORING_SQ_TASKRUN);
+}
+
 static void uring_fini(struct xt_engine *e)
 {
     struct uring_priv *p = e->priv;
@@ -192,5 +205,6 @@ const struct xt_engine_ops xt_engine_uring = {
     .init = uring_init,
     .submit = uring_submit,
     .wait = uring_wait,
+    .ready = uring_ready,
     .fini = uring_fini,
 };

@@ -159,6 +159,7 @@ int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
     v->direct = cfg->direct != 0;
     v->is_blockdev = S_ISBLK(st.st_mode);
     v->max_indirect = cfg->max_indirect_segments;
+    v->poll_max_ns = (uint64_t)cfg->poll_us * 1000;
     v->engine_ops = engine;
     if (!v->readonly)
         probe_discard(v, &st);

@@ -25,6 +25,7 @@ enum {
     XT_MAX_RING_PAGES = 16,     /* 1 << XT_MAX_RING_ORDER */
     XT_MAX_INDIRECT_SEGMENTS = 256, /* feature-max-indirect-segments */
     XT_SECTOR_SIZE = 512,       /* blkif sector numbers are always 512 B */
+    XT_DEFAULT_POLL_US = 200,   /* a queue thread's polling window, at most (xt_vbd_config.poll_us) */
 };
 
 /* I/O engines. */
@@ -71,6 +72,8 @@ struct xt_vbd_config {
     uint32_t max_indirect_segments; /* 0: no indirect; max XT_MAX_INDIRECT_SEGMENTS */
     uint32_t sector_size;       /* logical: 512 or 4096; 0: the device's (files: 512) */
     uint32_t physical_sector_size;  /* 0: the device's (files: their block size) */
+    uint32_t poll_us;           /* adaptive polling before a queue thread sleeps, at most
+                                   this long (io_uring engine); 0: never poll */
 };
 
 /* What a VBD can do: the source of every feature key the backend writes. */

@@ -164,6 +164,9 @@ struct xt_engine_ops {
      * I/Os stored in done[], and a bit per readable wake fd in *woken. */
     int (*wait)(struct xt_engine *e, struct xt_io **done, unsigned max,
                 unsigned *woken, bool block);
+    /* Optional, for polling: true if wait() has something to report now.
+     * Cheap and syscall-free. */
+    bool (*ready)(struct xt_engine *e);
     void (*fini)(struct xt_engine *e);
 };
 
@@ -270,6 +273,7 @@ struct xt_queue {
     bool ring_dead;             /* protocol violation: no more service */
     bool stopping;
     unsigned errors_logged;
+    uint64_t poll_ns;           /* current polling window (adaptive, <= vbd->poll_max_ns) */
     struct blkif_request_segment ind_segs[XT_MAX_INDIRECT_SEGMENTS];
     struct xt_copy copies[XT_MAX_INDIRECT_SEGMENTS];
     struct xt_counters c;
@@ -283,6 +287,7 @@ struct xt_vbd {
     bool direct;
     bool is_blockdev;
     uint32_t max_indirect;
+    uint64_t poll_max_ns;       /* 0: queue threads never poll */
     uint32_t sector_size, physical_sector_size;
     uint32_t discard_granularity;   /* 0: no discard */
     uint32_t discard_alignment;

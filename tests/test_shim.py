@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from xentap.shim import (MAX_INDIRECT_SEGMENTS, RingParams, SimDomain, SimFront, Transport,
+from xentap.shim import (DEFAULT_POLL_US, MAX_INDIRECT_SEGMENTS, RingParams, SimDomain, SimFront, Transport,
                          Vbd, VbdBusyError)
 
 MiB = 1 << 20
@@ -27,10 +27,11 @@ class Guest:
     """A sim domain with its blkfront, served by a VBD on `image`."""
 
     def __init__(self, tmp_path, image, *, domid=3, queues=1, order=0,
-                 indirect=MAX_INDIRECT_SEGMENTS, engine="auto", direct=False, readonly=False):
+                 indirect=MAX_INDIRECT_SEGMENTS, engine="auto", direct=False, readonly=False,
+                 poll_us=DEFAULT_POLL_US):
         self.dom = SimDomain(tmp_path / f"dom{domid}", domid=domid)
         self.vbd = Vbd(image, engine=engine, direct=direct, readonly=readonly,
-                       max_indirect_segments=indirect)
+                       max_indirect_segments=indirect, poll_us=poll_us)
         self.transport = Transport.sim(self.dom.path)
         self.front = SimFront(self.dom.path, sectors=self.vbd.sectors, nr_queues=queues,
                               ring_order=order, max_indirect_segments=indirect)
@@ -81,6 +82,36 @@ def test_random_mixed_workload_reads_back_what_it_wrote(guest_factory, engine, q
     st = g.vbd.stats()
     assert st["err_bad_request"] == st["err_io"] == st["err_grant"] == 0
     assert st["in_flight"] == 0
+
+
+@pytest.mark.parametrize("poll_us", [0, 50, DEFAULT_POLL_US])
+def test_sleeping_and_polling_queues_serve_the_same(guest_factory, poll_us):
+    g = guest_factory(engine="io_uring", queues=2, poll_us=poll_us)
+    for qd in (1, 32):
+        res = g.front.run(block_size=4096, queue_depth=qd, read_pct=50, size=8 * MiB,
+                          max_ios=4000, verify=True, flush_every=100, seed=qd)
+        assert_clean(res)
+
+
+def test_an_idle_polling_queue_sleeps(guest_factory):
+    """After a busy spell has grown the polling window, an idle ring stops
+    costing CPU: the queue threads poll at most one window, then sleep."""
+    import resource
+    g = guest_factory(engine="io_uring", queues=2)
+    res = g.front.run(block_size=4096, queue_depth=32, read_pct=0, size=8 * MiB, max_ios=20000)
+    assert_clean(res)
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    import time
+    before = cpu()
+    time.sleep(1.0)
+    assert cpu() - before < 0.05
+    res = g.front.run(block_size=4096, queue_depth=4, read_pct=50, size=8 * MiB, max_ios=1000,
+                      verify=True)
+    assert_clean(res)
 
 
 def test_ring_wraps_around_many_times(guest_factory):
@@ -226,6 +257,8 @@ def test_unknown_engine_and_bad_limits(image):
         Vbd(image, engine="aio")
     with pytest.raises(OSError, match="over the limit"):
         Vbd(image, max_indirect_segments=100000)
+    with pytest.raises(ValueError, match="poll_us"):
+        Vbd(image, poll_us=-1)
 
 
 def test_bad_ring_params_are_refused(tmp_path, image):

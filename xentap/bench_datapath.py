@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -56,6 +57,12 @@ def _rss_anon_kib() -> int:
     return 0
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (the shim's queue threads; the guest is a child)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def run_fio(path: str, job: Job, size: int, seconds: float) -> dict:
     cmd = ["fio", "--name=bench", f"--filename={path}", "--ioengine=io_uring", "--direct=1",
            f"--rw={job.rw}", f"--bs={job.bs}", f"--iodepth={job.qd}", f"--size={size}",
@@ -64,7 +71,8 @@ def run_fio(path: str, job: Job, size: int, seconds: float) -> dict:
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     j = json.loads(out[out.index("{"):])["jobs"][0]
     side = j["read"] if job.read_pct else j["write"]
-    return {"iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6}
+    return {"iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6,
+            "cpu": (j["usr_cpu"] + j["sys_cpu"]) / 100}
 
 
 def _guest(simdir: str, sectors: int, conn) -> None:
@@ -106,14 +114,17 @@ class ShimSide:
     def run(self, job: Job, size: int, seconds: float) -> dict:
         w = shim.Workload(block_size=job.bs, queue_depth=job.qd, read_pct=job.read_pct,
                           sequential=job.sequential, size=size, seconds=seconds)
+        cpu0 = _cpu_seconds()
         self.conn.send(w)
         r = self.conn.recv()
+        cpu = _cpu_seconds() - cpu0
         if isinstance(r, Exception):
             raise r
         if r["errors"]:
             raise RuntimeError(f"{r['errors']} I/O errors through the shim")
         nbytes = r["bytes_read"] + r["bytes_written"]
         return {"iops": r["ios"] / r["seconds"], "mb_s": nbytes / r["seconds"] / 1e6,
+                "cpu": cpu / r["seconds"],
                 "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"]}
 
     def rss_mib(self) -> tuple[float, float]:
@@ -179,6 +190,8 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
                     "fio_mb_s": round(statistics.median(r["mb_s"] for r in fio_runs), 1),
                     "shim_mb_s": round(statistics.median(r["mb_s"] for r in shim_runs), 1),
                     "shim_lat_us_p99": statistics.median(r["lat_us_p99"] for r in shim_runs),
+                    "fio_cpu": round(statistics.median(r["cpu"] for r in fio_runs), 2),
+                    "shim_cpu": round(statistics.median(r["cpu"] for r in shim_runs), 2),
                     "ratio": round(s_iops / f_iops, 3) if f_iops else 0.0,
                 }
             grown, buffers = side.rss_mib()
@@ -187,6 +200,7 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
         results["rss_mib_per_vbd"] = round(max(grown - buffers, 0.0), 2)
         results["request_buffers_mib"] = round(buffers, 2)
         results["engine"] = "io_uring, O_DIRECT"
+        results["poll_us"] = shim.DEFAULT_POLL_US
         results["seconds_per_run"] = seconds
         results["repeat"] = repeat
         results["image_mib"] = size // MiB
@@ -196,15 +210,17 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
 
 
 def format_table(r: dict) -> str:
-    lines = [f"{'workload':<30} {'fio':>16} {'shim':>16} {'shim/fio':>9}"]
+    lines = [f"{'workload':<30} {'fio':>16} {'shim':>16} {'shim/fio':>9} {'CPU fio/shim':>13}"]
     for job in JOBS:
         x = r[job.name]
         unit = "MB/s" if job.bs >= MiB else "IOPS"
         f = x["fio_mb_s"] if unit == "MB/s" else x["fio_iops"]
         s = x["shim_mb_s"] if unit == "MB/s" else x["shim_iops"]
-        lines.append(f"{job.label:<30} {f:>11,.0f} {unit:<4} {s:>11,.0f} {unit:<4} {x['ratio']:>9.3f}")
+        lines.append(f"{job.label:<30} {f:>11,.0f} {unit:<4} {s:>11,.0f} {unit:<4} {x['ratio']:>9.3f}"
+                     f" {x['fio_cpu']:>6.2f}/{x['shim_cpu']:<6.2f}")
     lines.append(f"shim resident memory per VBD: {r['rss_mib_per_vbd']:.2f} MiB "
                  f"(beyond {r['request_buffers_mib']:.2f} MiB of request buffers)")
     lines.append(f"({r['engine']}; {r['image_mib']} MiB image; median of {r['repeat']} "
-                 f"alternating runs of {r['seconds_per_run']} s each)")
+                 f"alternating runs of {r['seconds_per_run']} s each; CPU in cores: fio's process, "
+                 f"the shim's queue threads with polling up to {r['poll_us']} us, not the guest's)")
     return "\n".join(lines)

@@ -40,6 +40,7 @@ MAX_RING_ORDER = lib.XT_MAX_RING_ORDER
 MAX_RING_PAGES = lib.XT_MAX_RING_PAGES
 MAX_INDIRECT_SEGMENTS = lib.XT_MAX_INDIRECT_SEGMENTS
 SECTOR_SIZE = lib.XT_SECTOR_SIZE
+DEFAULT_POLL_US = lib.XT_DEFAULT_POLL_US
 
 ENGINES = {"auto": lib.XT_ENGINE_AUTO, "io_uring": lib.XT_ENGINE_URING,
            "threads": lib.XT_ENGINE_THREADS, "sync": lib.XT_ENGINE_SYNC}
@@ -224,9 +225,14 @@ class Vbd:
 
     def __init__(self, path: str | os.PathLike, *, engine: str = "auto", direct: bool = False,
                  readonly: bool = False, max_indirect_segments: int = MAX_INDIRECT_SEGMENTS,
-                 sector_size: int = 0, physical_sector_size: int = 0):
+                 sector_size: int = 0, physical_sector_size: int = 0,
+                 poll_us: int = DEFAULT_POLL_US):
+        """`poll_us`: how long a queue thread may poll its ring and completions
+        before sleeping (adaptive, at most this; 0 never polls)."""
         if engine not in ENGINES:
             raise ValueError(f"unknown I/O engine {engine!r} (choose from {', '.join(ENGINES)})")
+        if not 0 <= poll_us <= 1_000_000:
+            raise ValueError(f"poll_us {poll_us} out of range 0..1000000")
         self.path = os.fspath(path)
         self.readonly = readonly
         self.max_indirect_segments = max_indirect_segments
@@ -239,6 +245,7 @@ class Vbd:
         cfg.max_indirect_segments = max_indirect_segments
         cfg.sector_size = sector_size
         cfg.physical_sector_size = physical_sector_size
+        cfg.poll_us = poll_us
         out = ffi.new("xt_vbd **")
         err = _errbuf()
         _check(lib.xt_vbd_open(cfg, out, err), err)
