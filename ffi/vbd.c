@@ -53,6 +53,26 @@ static void probe_discard(xt_vbd *v, const struct stat *st)
                                                                    : v->sector_size;
 }
 
+/* Does the image take direct I/O of one logical sector at any sector
+ * boundary?  (Alignment is what O_DIRECT can refuse; a guest's requests are
+ * aligned to sectors, not pages, and buffers here are page-aligned.)  The
+ * kernel says so where it can; otherwise a direct read of one sector at a
+ * boundary that is not a page boundary is tried (a read of a hole may pass
+ * where a write would not: the kernel's answer is preferred). */
+static bool direct_io_works(int fd, uint32_t lss, uint64_t bytes)
+{
+    long align = xt_dio_offset_align(fd);
+    if (align >= 0)
+        return align > 0 && lss % (uint64_t)align == 0;
+    void *buf;
+    if (posix_memalign(&buf, XT_PAGE_SIZE, lss) != 0)
+        return false;
+    off_t off = bytes >= 2ull * lss ? (off_t)lss : 0;
+    ssize_t n = pread(fd, buf, lss, off);
+    free(buf);
+    return n == (ssize_t)lss;
+}
+
 int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
 {
     if (!cfg->path || !cfg->path[0])
@@ -80,8 +100,15 @@ int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
         return xt_fail(err, EINVAL, "unknown I/O engine %d", cfg->engine);
     }
 
-    int flags = (cfg->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | (cfg->direct ? O_DIRECT : 0);
-    int fd = open(cfg->path, flags);
+    if (cfg->direct != XT_DIRECT_OFF && cfg->direct != XT_DIRECT_ON && cfg->direct != XT_DIRECT_AUTO)
+        return xt_fail(err, EINVAL, "unknown direct I/O mode %d", cfg->direct);
+    int flags = (cfg->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+    bool direct = cfg->direct != XT_DIRECT_OFF;
+    int fd = open(cfg->path, flags | (direct ? O_DIRECT : 0));
+    if (fd < 0 && errno == EINVAL && cfg->direct == XT_DIRECT_AUTO) {
+        direct = false;     /* the filesystem has no O_DIRECT */
+        fd = open(cfg->path, flags);
+    }
     if (fd < 0)
         return xt_fail(err, errno, "cannot open image %s: %s", cfg->path, strerror(errno));
     int rc;
@@ -144,6 +171,18 @@ int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
         rc = xt_fail(err, EINVAL, "image %s is smaller than one %u-byte sector", cfg->path, lss);
         goto fail;
     }
+    if (direct && !direct_io_works(fd, lss, bytes)) {
+        if (cfg->direct == XT_DIRECT_ON) {
+            rc = xt_fail(err, EINVAL, "image %s does not take direct I/O of %u-byte sectors",
+                         cfg->path, lss);
+            goto fail;
+        }
+        direct = false;
+        if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT) < 0) {
+            rc = xt_fail(err, errno, "cannot turn off O_DIRECT on %s: %s", cfg->path, strerror(errno));
+            goto fail;
+        }
+    }
 
     xt_vbd *v = calloc(1, sizeof(*v));
     if (!v || !(v->path = strdup(cfg->path))) {
@@ -156,7 +195,7 @@ int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err)
     v->physical_sector_size = pss;
     v->sectors = bytes / lss * (lss / XT_SECTOR_SIZE);     /* whole logical sectors */
     v->readonly = cfg->readonly != 0;
-    v->direct = cfg->direct != 0;
+    v->direct = direct;
     v->is_blockdev = S_ISBLK(st.st_mode);
     v->max_indirect = cfg->max_indirect_segments;
     v->poll_max_ns = (uint64_t)cfg->poll_us * 1000;
@@ -194,6 +233,7 @@ void xt_vbd_info(const xt_vbd *v, struct xt_vbd_info *out)
     out->max_indirect_segments = v->max_indirect;
     out->max_ring_order = XT_MAX_RING_ORDER;
     out->max_queues = XT_MAX_QUEUES;
+    out->direct = v->direct;
 }
 
 const char *xt_vbd_engine_name(const xt_vbd *v)

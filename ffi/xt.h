@@ -31,6 +31,11 @@ enum {
 /* I/O engines. */
 enum { XT_ENGINE_AUTO = 0, XT_ENGINE_URING = 1, XT_ENGINE_THREADS = 2, XT_ENGINE_SYNC = 3 };
 
+/* O_DIRECT on the image (xt_vbd_config.direct).  AUTO uses it where the
+ * image takes direct I/O of one logical sector, and the page cache elsewhere
+ * (tmpfs, some network filesystems, a device with larger sectors). */
+enum { XT_DIRECT_OFF = 0, XT_DIRECT_ON = 1, XT_DIRECT_AUTO = 2 };
+
 /* Ring ABIs (the frontend's `protocol` key: "x86_64-abi" is native here). */
 enum { XT_PROTO_NATIVE = 0, XT_PROTO_X86_32 = 1 };
 
@@ -67,7 +72,7 @@ typedef struct xt_vbd xt_vbd;
 struct xt_vbd_config {
     const char *path;           /* raw image file or block device */
     int engine;                 /* XT_ENGINE_* */
-    int direct;                 /* open with O_DIRECT */
+    int direct;                 /* XT_DIRECT_* */
     int readonly;               /* refuse writes */
     uint32_t max_indirect_segments; /* 0: no indirect; max XT_MAX_INDIRECT_SEGMENTS */
     uint32_t sector_size;       /* logical: 512 or 4096; 0: the device's (files: 512) */
@@ -92,6 +97,7 @@ struct xt_vbd_info {
     uint32_t max_indirect_segments;
     uint32_t max_ring_order;
     uint32_t max_queues;
+    uint32_t direct;            /* 1: I/O bypasses the page cache (O_DIRECT) */
 };
 
 /* What the frontend published: ring pages and event channel per queue. */

@@ -111,6 +111,13 @@ int xt_simdom_path(char *out, size_t len, const char *dir, const char *leaf);
 int xt_simdom_evtchn_path(char *out, size_t len, const char *dir,
                           uint32_t port, char side);
 
+/* ---- direct I/O (dio.c) ---- */
+
+/* The file offset alignment direct I/O needs on fd: > 0 as the kernel
+ * reports it, 0 if the file takes no direct I/O, -1 if the kernel does not
+ * say (before Linux 6.1, or a filesystem that does not report it). */
+long xt_dio_offset_align(int fd);
+
 /* ---- ring ABIs (abi.c) ---- */
 
 /* A request as read from the ring, whatever the ABI. */

@@ -325,3 +325,66 @@ def test_replay_rejects_ops_past_the_disk_or_not_whole_sectors(guest_factory):
     with pytest.raises(OSError, match="whole sectors"):
         g.front.replay([("write", 0, b"x" * 100)])
     assert g.front.replay([("write", 0, b"y" * 512), ("flush", 0, b"")])["writes"] == 1
+
+
+@pytest.fixture
+def mount_4k_sectors(tmp_path):
+    """An ext4 filesystem on a loop device with 4096-byte logical sectors:
+    direct I/O of 512-byte sectors is refused there (EINVAL)."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or not shutil.which("losetup") or not shutil.which("mkfs.ext4"):
+        pytest.skip("needs root, losetup and mkfs.ext4")
+    backing = tmp_path / "fs.img"
+    with open(backing, "wb") as f:
+        f.truncate(64 * MiB)
+    p = subprocess.run(["losetup", "-f", "--show", "-b", "4096", str(backing)],
+                       capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"no loop device: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            if subprocess.run(["umount", str(mnt)], check=False).returncode:
+                subprocess.run(["umount", "-l", str(mnt)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_direct_auto_falls_back_where_sector_sized_direct_io_is_refused(tmp_path, mount_4k_sectors):
+    img = mount_4k_sectors / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(16 * MiB)
+    with pytest.raises(OSError, match="does not take direct I/O of 512-byte sectors"):
+        Vbd(img, direct=True)
+    with Vbd(img, direct="auto") as v:
+        assert v.info()["direct"] == 0
+    # Where the guest's sectors are as large as the device's, direct I/O is used.
+    with Vbd(img, direct="auto", sector_size=4096) as v:
+        assert v.info()["direct"] == 1
+    with Vbd(img, direct=False) as v:
+        assert v.info()["direct"] == 0
+
+
+def test_direct_auto_serves_a_guest(tmp_path, mount_4k_sectors):
+    img = mount_4k_sectors / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(32 * MiB)
+    g = Guest(tmp_path, img, direct="auto")
+    try:
+        res = g.front.run(block_size=4096, queue_depth=8, read_pct=50, size=8 * MiB,
+                          max_ios=2000, verify=True, flush_every=50)
+        assert_clean(res)
+    finally:
+        g.close()
+
+
+def test_unknown_direct_mode_is_refused(image):
+    with pytest.raises(ValueError, match="direct must be"):
+        Vbd(image, direct="sometimes")

@@ -41,6 +41,7 @@ MAX_RING_PAGES = lib.XT_MAX_RING_PAGES
 MAX_INDIRECT_SEGMENTS = lib.XT_MAX_INDIRECT_SEGMENTS
 SECTOR_SIZE = lib.XT_SECTOR_SIZE
 DEFAULT_POLL_US = lib.XT_DEFAULT_POLL_US
+DIRECT_MODES = {False: lib.XT_DIRECT_OFF, True: lib.XT_DIRECT_ON, "auto": lib.XT_DIRECT_AUTO}
 
 ENGINES = {"auto": lib.XT_ENGINE_AUTO, "io_uring": lib.XT_ENGINE_URING,
            "threads": lib.XT_ENGINE_THREADS, "sync": lib.XT_ENGINE_SYNC}
@@ -223,11 +224,14 @@ _STAT_FIELDS = ("nr_queues", "sectors", "reqs_read", "reqs_write", "reqs_flush",
 class Vbd:
     """A virtual block device served from an image file or block device."""
 
-    def __init__(self, path: str | os.PathLike, *, engine: str = "auto", direct: bool = False,
+    def __init__(self, path: str | os.PathLike, *, engine: str = "auto",
+                 direct: bool | str = False,
                  readonly: bool = False, max_indirect_segments: int = MAX_INDIRECT_SEGMENTS,
                  sector_size: int = 0, physical_sector_size: int = 0,
                  poll_us: int = DEFAULT_POLL_US):
-        """`poll_us`: how long a queue thread may poll its ring and completions
+        """`direct`: O_DIRECT on the image (True), the page cache (False), or
+        "auto": O_DIRECT where the image takes it (`info()["direct"]` says).
+        `poll_us`: how long a queue thread may poll its ring and completions
         before sleeping (adaptive, at most this; 0 never polls)."""
         if engine not in ENGINES:
             raise ValueError(f"unknown I/O engine {engine!r} (choose from {', '.join(ENGINES)})")
@@ -240,7 +244,9 @@ class Vbd:
         cfg = ffi.new("struct xt_vbd_config *")
         cfg.path = self._cpath
         cfg.engine = ENGINES[engine]
-        cfg.direct = int(direct)
+        if direct not in DIRECT_MODES:
+            raise ValueError(f"direct must be True, False or 'auto', not {direct!r}")
+        cfg.direct = DIRECT_MODES[direct]
         cfg.readonly = int(readonly)
         cfg.max_indirect_segments = max_indirect_segments
         cfg.sector_size = sector_size
@@ -269,7 +275,7 @@ class Vbd:
         return {k: getattr(i, k) for k in (
             "sectors", "sector_size", "physical_sector_size", "readonly", "is_blockdev",
             "feature_flush", "feature_barrier", "feature_discard", "discard_granularity",
-            "discard_alignment", "discard_secure", "max_indirect_segments", "max_ring_order",
+            "discard_alignment", "discard_secure", "max_indirect_segments", "max_ring_order", "direct",
             "max_queues")}
 
     def connect(self, transport: Transport, params: RingParams) -> None:
