@@ -177,12 +177,17 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
             for job in JOBS:
                 fio_runs, shim_runs = [], []
                 for i in range(repeat):
-                    progress(f"{job.label}: fio run {i + 1}/{repeat}")
-                    fio_runs.append(run_fio(path, job, size, seconds))
-                    progress(f"{job.label}: shim run {i + 1}/{repeat}")
-                    shim_runs.append(side.run(job, size, seconds))
+                    # A pair back to back, in alternating order, so that the
+                    # machine's drift (a VM's neighbours) falls on both sides.
+                    for name in (("fio", "shim") if i % 2 == 0 else ("shim", "fio")):
+                        progress(f"{job.label}: {name} run {i + 1}/{repeat}")
+                        if name == "fio":
+                            fio_runs.append(run_fio(path, job, size, seconds))
+                        else:
+                            shim_runs.append(side.run(job, size, seconds))
                 f_iops = statistics.median(r["iops"] for r in fio_runs)
                 s_iops = statistics.median(r["iops"] for r in shim_runs)
+                pair_ratios = [s["iops"] / f["iops"] for f, s in zip(fio_runs, shim_runs) if f["iops"]]
                 results[job.name] = {
                     "label": job.label,
                     "fio_iops": round(f_iops),
@@ -192,7 +197,10 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
                     "shim_lat_us_p99": statistics.median(r["lat_us_p99"] for r in shim_runs),
                     "fio_cpu": round(statistics.median(r["cpu"] for r in fio_runs), 2),
                     "shim_cpu": round(statistics.median(r["cpu"] for r in shim_runs), 2),
-                    "ratio": round(s_iops / f_iops, 3) if f_iops else 0.0,
+                    # The median of the pairs' ratios: each pair ran under the same conditions.
+                    "ratio": round(statistics.median(pair_ratios), 3) if pair_ratios else 0.0,
+                    "ratio_min": round(min(pair_ratios), 3) if pair_ratios else 0.0,
+                    "ratio_max": round(max(pair_ratios), 3) if pair_ratios else 0.0,
                 }
             grown, buffers = side.rss_mib()
         finally:
@@ -210,17 +218,20 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
 
 
 def format_table(r: dict) -> str:
-    lines = [f"{'workload':<30} {'fio':>16} {'shim':>16} {'shim/fio':>9} {'CPU fio/shim':>13}"]
+    lines = [f"{'workload':<30} {'fio':>16} {'shim':>16} {'shim/fio':>9} {'(pairs)':>13} "
+             f"{'CPU fio/shim':>13}"]
     for job in JOBS:
         x = r[job.name]
         unit = "MB/s" if job.bs >= MiB else "IOPS"
         f = x["fio_mb_s"] if unit == "MB/s" else x["fio_iops"]
         s = x["shim_mb_s"] if unit == "MB/s" else x["shim_iops"]
+        pairs = f"{x['ratio_min']:.2f}-{x['ratio_max']:.2f}"
         lines.append(f"{job.label:<30} {f:>11,.0f} {unit:<4} {s:>11,.0f} {unit:<4} {x['ratio']:>9.3f}"
-                     f" {x['fio_cpu']:>6.2f}/{x['shim_cpu']:<6.2f}")
+                     f" {pairs:>13} {x['fio_cpu']:>8.2f}/{x['shim_cpu']:<4.2f}")
     lines.append(f"shim resident memory per VBD: {r['rss_mib_per_vbd']:.2f} MiB "
                  f"(beyond {r['request_buffers_mib']:.2f} MiB of request buffers)")
-    lines.append(f"({r['engine']}; {r['image_mib']} MiB image; median of {r['repeat']} "
-                 f"alternating runs of {r['seconds_per_run']} s each; CPU in cores: fio's process, "
-                 f"the shim's queue threads with polling up to {r['poll_us']} us, not the guest's)")
+    lines.append(f"({r['engine']}; {r['image_mib']} MiB image; {r['repeat']} pairs of runs of "
+                 f"{r['seconds_per_run']} s, back to back in alternating order; shim/fio is the median "
+                 f"of the pairs' ratios, IOPS and MB/s the medians of each side; CPU in cores: fio's "
+                 f"process, the shim's queue threads polling up to {r['poll_us']} us, not the guest's)")
     return "\n".join(lines)
