@@ -325,3 +325,28 @@ if sys.argv[1] == "destroy":
     assert r.exit_code == 0, r.output
     assert "did not shut down in time" in r.output
     assert log.read_text() == f"shutdown {APP}\ndestroy {APP}\n"
+
+
+def test_create_clears_the_journal_vbd_of_a_destroyed_appliance(xenstore, tmp_path):
+    """`xl destroy` leaves the dead appliance's journal VBD (Closed) and its
+    node behind: the next create removes them, and nothing else."""
+    journal = str(tmp_path / "journal.img")
+    other = str(tmp_path / "other.img")
+    with Client(unix_socket_path=xenstore.socket_path) as dom0:
+        make_domain(dom0, 12, "guest12")            # running: its VBD stays
+    with Xs.open(xenstore.socket_path) as xs:
+        grant_appliance(xs, APP, "xentap-appliance")
+        for domid, target in ((APP, journal), (APP, None), (12, journal), (13, other)):
+            devid = 51712 if target is not None else 51728
+            be = K.backend_path(domid, devid)
+            xs.write(f"{be}/{K.STATE}", "6")
+            if target is not None:
+                xs.write(f"{be}/{K.BE_PARAMS}", target)
+        removed = ad.clear_stale_journal(xs, journal)
+        assert removed == [(APP, 51712)]
+        assert not xs.exists(K.backend_path(APP, 51712))
+        assert xs.exists(K.backend_path(APP, 51728))      # not the journal: left alone
+        assert xs.exists(K.backend_path(12, 51712))        # its domain runs
+        assert xs.exists(K.backend_path(13, 51712))        # another image
+        assert not xs.exists(K.appliance_path(APP))
+        assert ad.clear_stale_journal(xs, journal) == []

@@ -344,6 +344,9 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
     with Xs.open(xenstore_socket) as xs:
         if find_domain(xs, view["name"]) is not None:
             raise ApplianceDomainError(f"domain {view['name']} is already running")
+        for domid, devid in clear_stale_journal(xs, view["journal"]):
+            echo(f"removed the journal VBD {devid} of domain {domid}, which is gone "
+                 f"(an appliance destroyed with xl destroy)")
     if ensure_journal(view["journal"], journal_size):
         echo(f"made the journal disk {view['journal']} ({journal_size >> 20} MiB, sparse)")
     try:
@@ -365,6 +368,37 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
             st = wait_for_ready(xs, domid, wait_ready)
             echo(f"appliance ready: {st['endpoint']} (public key {st['public_key'] or 'none'})")
     return domid
+
+
+def clear_stale_journal(xs, journal: str) -> list[tuple[int, int]]:
+    """Detaches the xentap VBDs that serve ``journal`` to a domain that is
+    gone (an appliance ended by ``xl destroy`` or a crash leaves its journal
+    VBD behind, Closed) and drops the appliance nodes of such domains, so
+    that ``create`` after ``xl destroy`` starts the appliance again without
+    a by-hand ``xentap detach``.  A VBD of a running domain is left alone
+    (``xentap create`` then refuses the image, which is in use).  Returns
+    the (domid, devid) pairs removed."""
+    from xentap import xs_keys as K
+    from xentap.cli_vbd import detach_vbd
+
+    removed = []
+    for d in xs.ls(K.BACKEND_ROOT) or []:
+        if not d.isdigit() or xs.exists(f"/local/domain/{d}"):
+            continue
+        for v in xs.ls(f"{K.BACKEND_ROOT}/{d}") or []:
+            if not v.isdigit():
+                continue
+            params = xs.read(f"{K.backend_path(int(d), int(v))}/{K.BE_PARAMS}")
+            if params is not None and os.path.abspath(params) == os.path.abspath(journal):
+                detach_vbd(xs, int(d), int(v), timeout=5.0, force=True)
+                removed.append((int(d), int(v)))
+        if removed and removed[-1][0] == int(d):
+            try:
+                from xentap.daemon import revoke_appliance
+                revoke_appliance(xs, int(d))
+            except ImportError:   # pragma: no cover
+                pass
+    return removed
 
 
 def wait_for_ready(xs, domid: int, timeout: float, poll: float = 0.5) -> dict[str, Any]:
