@@ -75,6 +75,22 @@ else
     fi
 fi
 
+# --------------------------------------------------------------- up to date --
+# The inputs: this directory, the project's packages (and the built shim),
+# the pinned wheels, the kernel and the interpreter.  The same inputs make the
+# same image (see above), so a build whose inputs did not change is skipped
+# (XT_APPLIANCE_REBUILD=1 forces one).
+INPUTS=$( { (cd "$HERE" && find . -type f ! -name '*.swp' | sort | xargs sha256sum)
+            (cd "$REPO" && find xentap appliance_domu engines analyzer \( -name '*.py' -o -name '_shim_c*.so' \) \
+                 ! -path 'appliance_domu/image/*' | sort | xargs sha256sum)
+            echo "$KVER $SOURCE_DATE_EPOCH"; dpkg-query -W python3.11 busybox-static e2fsprogs; } |
+          sha256sum | cut -c1-16)
+if [ "${XT_APPLIANCE_REBUILD:-0}" != 1 ] && [ "$(cat "$OUT/.inputs" 2>/dev/null)" = "$INPUTS" ] &&
+   (cd "$OUT" && sha256sum --quiet -c SHA256SUMS 2>/dev/null); then
+    echo "appliance-image: $OUT is up to date (inputs $INPUTS): $(stat -c %s "$OUT/appliance.cpio.gz") bytes"
+    exit 0
+fi
+
 # ------------------------------------------------------------------ wheels --
 WHEELS=$CACHE/wheels
 REQ=$HERE/requirements.txt
@@ -170,6 +186,11 @@ done
 rm -rf "$SP"/*.dist-info/RECORD "$SP"/zmq/tests "$SP"/*/tests "$SP"/zmq/*.pxd "$SP"/zmq/*/*.pxd \
        "$SP"/zmq/utils/*.h "$SP"/zmq/backend/cffi "$SP"/zstandard/*.pyi "$SP"/cffi/*.h \
        "$SP"/zstandard/_cffi.* "$SP"/zstandard/backend_cffi.py
+# numpy: its tests, headers, type stubs, f2py and the typing/testing helpers
+# are not imported by a server.
+rm -rf "$SP"/numpy/*/tests "$SP"/numpy/_core/include "$SP"/numpy/f2py "$SP"/numpy/testing \
+       "$SP"/numpy/typing "$SP"/numpy/_pyinstaller "$SP"/numpy/doc "$SP"/numpy/distutils
+find "$SP/numpy" \( -name '*.pyi' -o -name '*.pxd' -o -name '*.h' \) -delete 2>/dev/null || true
 # Extension modules ship with symbols (zstandard's is 11 MiB, 1 MiB stripped);
 # the libraries auditwheel bundled (*.libs/) are left as they are.
 find "$SP" -name '*.so' ! -path '*.libs/*' -exec strip --strip-unneeded {} +
@@ -228,6 +249,7 @@ mv "$OUT/appliance.cpio.gz.tmp" "$OUT/appliance.cpio.gz"
 cp "$KROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 echo "$KVER" > "$OUT/kernel-version"
 (cd "$OUT" && sha256sum vmlinuz appliance.cpio.gz > SHA256SUMS)
+echo "$INPUTS" > "$OUT/.inputs"
 
 unpacked=$(du -sb "$R" | cut -f1)
 root=$(stat -c %s "$OUT/appliance.cpio.gz")
