@@ -30,12 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .entropy import BLOCK, BlockStats, starts_with_signature
+from .entropy import BLOCK, SAMPLE, BlockStats, starts_with_signature
 
 UNKNOWN, STRUCTURED, RANDOM, ZERO = 0, 1, 2, 3
 _CHUNK_SHIFT = 20  # state map chunks of 1 Mi blocks (4 GiB of disk, 1 MiB of memory)
 _CHUNK_MASK = (1 << _CHUNK_SHIFT) - 1
 _MAX_RUNS = 256
+_V32 = np.dtype((np.void, 32))
 
 
 @dataclass
@@ -75,6 +76,15 @@ class Suspicion:
     overwrite_blocks: int
 
 
+def _classify(st: BlockStats, random: np.ndarray | None = None) -> np.ndarray:
+    """Per-block state (uint8): ZERO, RANDOM, STRUCTURED or UNKNOWN (in between)."""
+    random = st.random if random is None else random
+    state = st.structured.view(np.uint8) * np.uint8(STRUCTURED)
+    state[random] = RANDOM
+    state[st.zero] = ZERO
+    return state
+
+
 class EncryptionDetector:
     def __init__(self, config: DetectorConfig | None = None, read_old=None):
         """``read_old(byte_offset, length) -> bytes`` returns what the disk held
@@ -84,7 +94,9 @@ class EncryptionDetector:
         self.cfg.validate()
         self.read_old = read_old
         self._state: OrderedDict[int, np.ndarray] = OrderedDict()  # LRU; evicted blocks are unknown again
-        self._bufs: list[bytes] = []
+        # the 512-byte samples of the queued blocks (the only bytes of a write the
+        # statistics read), taken when the write is queued: nothing holds the write
+        self._grow(self.cfg.batch_blocks + 64)
         self._meta: list[tuple[int, int, int, int, bool]] = []  # seq, time, first block, nblocks, sig-continued
         self._nblocks = 0
         self._runs: dict[int, None] = {}  # byte offsets where a signature run ends
@@ -113,6 +125,13 @@ class EncryptionDetector:
         i = bisect_right(self._excl_starts, off) - 1
         return i >= 0 and off < self._excl[i][1]
 
+    def _grow(self, blocks: int) -> None:
+        old = getattr(self, "_samp", None)
+        self._samp = np.empty((blocks, SAMPLE), dtype=np.uint8)
+        self._samp32 = self._samp.reshape(-1).view(_V32)
+        if old is not None:
+            self._samp[:len(old)] = old
+
     # ----- input
     def add(self, seq: int, time_ns: int, offset: int, data) -> Suspicion | None:
         """Queue one write; returns a Suspicion when this call raised the alarm."""
@@ -133,9 +152,15 @@ class EncryptionDetector:
             self._runs[offset + nb * BLOCK] = None
             if len(self._runs) > _MAX_RUNS:
                 self._runs.pop(next(iter(self._runs)))
-        self._bufs.append(data if len(data) == nb * BLOCK else data[:nb * BLOCK])
+        n0 = self._nblocks
+        if n0 + nb > len(self._samp):
+            self._grow(max(2 * len(self._samp), n0 + nb))
+        # the first 32 bytes of every 256 (copied as 32-byte items: numpy copies
+        # those several times faster than 32 single bytes)
+        chunks = np.frombuffer(data, dtype=_V32, count=nb * (BLOCK // 32))
+        self._samp32[n0 * 16:(n0 + nb) * 16] = chunks[::8]
         self._meta.append((seq, time_ns, offset // BLOCK, nb, cont))
-        self._nblocks += nb
+        self._nblocks = n0 + nb
         if self._nblocks >= self.cfg.batch_blocks:
             return self.process()
         return None
@@ -144,57 +169,77 @@ class EncryptionDetector:
         """Analyse the queued writes now (also done by add when a batch is full)."""
         if not self._nblocks:
             return None
-        bufs, meta, n = self._bufs, self._meta, self._nblocks
-        self._bufs, self._meta, self._nblocks = [], [], 0
-        blocks = np.frombuffer(b"".join(bufs), dtype=np.uint8).reshape(n, BLOCK)
-        st = BlockStats(blocks)
+        meta, n = self._meta, self._nblocks
+        self._meta, self._nblocks = [], 0
+        st = BlockStats.of_sample(self._samp[:n])
         # per block: its write, block number on disk, sig-continuation of its write
-        counts = np.fromiter((m[3] for m in meta), dtype=np.intp, count=len(meta))
+        nw = len(meta)
+        counts = np.fromiter((m[3] for m in meta), dtype=np.intp, count=nw)
+        first_blk = np.fromiter((m[2] for m in meta), dtype=np.int64, count=nw)
         starts = np.cumsum(counts) - counts
-        widx = np.repeat(np.arange(len(meta)), counts)
-        first_blk = np.fromiter((m[2] for m in meta), dtype=np.int64, count=len(meta))
-        bno = first_blk[widx] + (np.arange(n) - starts[widx])
-        cont = np.fromiter((m[4] for m in meta), dtype=bool, count=len(meta))
-        # a signature covers the rest of its write; a continued write is covered whole
         pos = np.arange(n)
-        mark = np.where(st.signature, pos, -1)
-        covered = np.maximum.accumulate(mark) >= starts[widx]
-        covered |= cont[widx]
-        last = starts + counts - 1
-        for i in np.nonzero(covered[last])[0]:
-            end = (int(first_blk[i]) + int(counts[i])) * BLOCK
-            self._runs[end] = None
-            if len(self._runs) > _MAX_RUNS:
-                self._runs.pop(next(iter(self._runs)))
+        bno = pos + np.repeat(first_blk - starts, counts)
+        # a signature covers the rest of its write; a continued write is covered whole
+        covered = None
+        if st.signature.any() or any(m[4] for m in meta):
+            widx = np.repeat(np.arange(nw), counts)
+            cont = np.fromiter((m[4] for m in meta), dtype=bool, count=nw)
+            mark = np.where(st.signature, pos, -1)
+            covered = np.maximum.accumulate(mark) >= starts[widx]
+            covered |= cont[widx]
+            last = starts + counts - 1
+            for i in np.nonzero(covered[last])[0]:
+                end = (int(first_blk[i]) + int(counts[i])) * BLOCK
+                self._runs[end] = None
+                if len(self._runs) > _MAX_RUNS:
+                    self._runs.pop(next(iter(self._runs)))
+            if not covered.any():
+                covered = None
 
         random = st.random
-        structured = st.structured
-        zero = st.zero_frac > 0.9
-        new_state = np.where(zero, ZERO, np.where(random, RANDOM, np.where(structured, STRUCTURED, UNKNOWN)))
+        new_state = _classify(st, random)
         prior = self._lookup(bno)
+        partial = None
         if self.read_old is not None:
-            self._fill_unknown(prior, bno, random | st.partial)
-        inter = st.intermittent & ~covered
+            partial = st.partial
+            self._fill_unknown(prior, bno, random | partial)
         was_structured = prior == STRUCTURED
-        overwrite = random & was_structured & ~covered
-        partial = st.partial & was_structured & ~covered & ~random
-        susp = overwrite | inter | partial
+        inter = st.intermittent
+        overwrite = random & was_structured
+        if was_structured.any():
+            partial = (st.partial if partial is None else partial) & was_structured & ~random
+        else:
+            partial = None
+        random_new = random & ~was_structured
+        if covered is not None:
+            free = ~covered
+            inter &= free
+            overwrite &= free
+            random_new &= free
+            if partial is not None:
+                partial &= free
+        susp = overwrite | inter
+        if partial is not None:
+            susp |= partial
         self._store(bno, new_state)
 
         t = self.totals
+        def cnt(a: np.ndarray) -> int:
+            return int(np.count_nonzero(a))
+        n_inter, n_over = cnt(inter), cnt(overwrite)
         t["blocks"] += n
-        t["random"] += int(random.sum()) * BLOCK
-        t["random_new"] += int((random & ~was_structured & ~covered).sum()) * BLOCK
-        t["overwrite"] += int(overwrite.sum()) * BLOCK
-        t["intermittent"] += int(inter.sum()) * BLOCK
-        t["partial"] += int(partial.sum()) * BLOCK
-        t["signature"] += int(covered.sum()) * BLOCK
-        nsusp = int(susp.sum())
+        t["random"] += cnt(random) * BLOCK
+        t["random_new"] += cnt(random_new) * BLOCK
+        t["overwrite"] += n_over * BLOCK
+        t["intermittent"] += n_inter * BLOCK
+        t["partial"] += (0 if partial is None else cnt(partial)) * BLOCK
+        t["signature"] += (0 if covered is None else cnt(covered)) * BLOCK
+        nsusp = cnt(susp)
         if nsusp and self._first is None:
             k = int(np.argmax(susp))
-            m = meta[int(widx[k])]
+            m = meta[int(np.searchsorted(starts, k, side="right")) - 1]
             self._first = (m[0], m[1], int(bno[k]) * (BLOCK // 512))
-        return self._account(n * BLOCK, nsusp * BLOCK, meta[-1], int(inter.sum()), int(overwrite.sum()))
+        return self._account(n * BLOCK, nsusp * BLOCK, meta[-1], n_inter, n_over)
 
     # ----- window, baseline, alarm
     def _account(self, data: int, susp: int, last_meta, n_inter: int, n_over: int) -> Suspicion | None:
@@ -239,8 +284,15 @@ class EncryptionDetector:
 
     # ----- per disk-block state
     def _lookup(self, bno: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(bno), dtype=np.uint8)
         ch = bno >> _CHUNK_SHIFT
+        c0 = int(ch[0])
+        if (ch == c0).all():  # the usual case: the whole batch is in one 4 GiB region
+            arr = self._state.get(c0)
+            if arr is None:
+                return np.zeros(len(bno), dtype=np.uint8)
+            self._state.move_to_end(c0)
+            return arr[bno & _CHUNK_MASK]
+        out = np.zeros(len(bno), dtype=np.uint8)
         for c in np.unique(ch):
             arr = self._state.get(int(c))
             if arr is not None:
@@ -249,16 +301,23 @@ class EncryptionDetector:
                 out[sel] = arr[bno[sel] & _CHUNK_MASK]
         return out
 
+    def _chunk(self, c: int) -> np.ndarray:
+        arr = self._state.get(c)
+        if arr is None:
+            arr = self._state[c] = np.zeros(1 << _CHUNK_SHIFT, dtype=np.uint8)
+            while len(self._state) > self.cfg.state_chunks:
+                self._state.popitem(last=False)
+        return arr
+
     def _store(self, bno: np.ndarray, state: np.ndarray) -> None:
         ch = bno >> _CHUNK_SHIFT
+        c0 = int(ch[0])
+        if (ch == c0).all():
+            self._chunk(c0)[bno & _CHUNK_MASK] = state
+            return
         for c in np.unique(ch):
-            arr = self._state.get(int(c))
-            if arr is None:
-                arr = self._state[int(c)] = np.zeros(1 << _CHUNK_SHIFT, dtype=np.uint8)
-                while len(self._state) > self.cfg.state_chunks:
-                    self._state.popitem(last=False)
             sel = ch == c
-            arr[bno[sel] & _CHUNK_MASK] = state[sel]
+            self._chunk(int(c))[bno[sel] & _CHUNK_MASK] = state[sel]
 
     def _fill_unknown(self, prior: np.ndarray, bno: np.ndarray, want: np.ndarray) -> None:
         """Classify the replica's old content of blocks we never saw written."""
@@ -270,5 +329,4 @@ class EncryptionDetector:
             b = self.read_old(int(bno[i]) * BLOCK, BLOCK)
             old.append(b if b is not None and len(b) == BLOCK else bytes(BLOCK))
         st = BlockStats(np.frombuffer(b"".join(old), dtype=np.uint8).reshape(len(idx), BLOCK))
-        zero = st.zero_frac > 0.9
-        prior[idx] = np.where(zero, ZERO, np.where(st.random, RANDOM, np.where(st.structured, STRUCTURED, UNKNOWN)))
+        prior[idx] = _classify(st)

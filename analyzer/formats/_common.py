@@ -76,3 +76,78 @@ def flag_names(flags: int, table: dict[int, str]) -> frozenset[str]:
         if flags & m:
             out.add(table.get(m, f"bit_{bit}"))
     return frozenset(out)
+
+
+class FastStruct:
+    """A fixed-size construct ``Struct`` of plain fields parsed with one
+    ``struct.unpack``: the same declaration, ~50x less time, for headers
+    parsed on the analyzer's hot path (XFS log records in every log write).
+
+    Supports integer fields of either byte order (mixed in one struct),
+    ``Const`` integers (a mismatch gives None, as construct's ConstError),
+    ``Bytes(n)``, ``Array(n, integer)`` and ``Padding(n)``.  ``parse`` returns
+    a namespace with the construct field names, or None."""
+
+    def __init__(self, con) -> None:
+        import struct
+
+        from construct import Array, Bytes, Const, FormatField, Padded, Pass, Renamed
+
+        fmt = ">"
+        plan: list[tuple] = []  # (name, kind, count, extra)
+        for sc in con.subcons:
+            inner = sc.subcon if isinstance(sc, Renamed) else sc
+            name = sc.name
+            const = None
+            if isinstance(inner, Const):
+                const = inner.value
+                inner = inner.subcon
+            if isinstance(inner, FormatField):
+                order, ch = inner.fmtstr[0], inner.fmtstr[1:]
+                size = struct.calcsize(">" + ch)
+                if order == "<" and size > 1:
+                    fmt += f"{size}s"
+                    plan.append((name, "le", 1, (ch, const)))
+                else:
+                    fmt += ch
+                    plan.append((name, "int", 1, const))
+            elif isinstance(inner, Bytes) and isinstance(inner.length, int):
+                fmt += f"{inner.length}s"
+                plan.append((name, "bytes", 1, None))
+            elif (isinstance(inner, Array) and isinstance(inner.count, int)
+                  and isinstance(inner.subcon, FormatField) and inner.subcon.fmtstr[0] == ">"):
+                fmt += f"{inner.count}{inner.subcon.fmtstr[1:]}"
+                plan.append((name, "array", inner.count, None))
+            elif isinstance(inner, Padded) and inner.subcon is Pass and isinstance(inner.length, int):
+                fmt += f"{inner.length}x"
+            else:  # pragma: no cover - a declaration this helper does not support
+                raise TypeError(f"{sc!r} is not a plain fixed-size field")
+        self._st = struct.Struct(fmt)
+        self._plan = plan
+        self.size = self._st.size
+        assert self.size == con.sizeof(), (fmt, con)
+
+    def parse(self, buf, offset: int = 0):
+        import struct
+        from types import SimpleNamespace
+
+        if offset < 0 or len(buf) - offset < self.size:
+            return None
+        vals = self._st.unpack_from(buf, offset)
+        out = {}
+        i = 0
+        for name, kind, count, extra in self._plan:
+            if kind == "array":
+                v = list(vals[i:i + count])
+                i += count
+            else:
+                v = vals[i]
+                i += 1
+                if kind == "le":
+                    v = struct.unpack("<" + extra[0], v)[0]
+                    extra = extra[1]
+                if kind in ("int", "le") and extra is not None and v != extra:
+                    return None
+            if name:
+                out[name] = v
+        return SimpleNamespace(**out)

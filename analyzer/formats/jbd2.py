@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from construct import Array, Bytes, Const, Int8ub, Int16ub, Int32sb, Int32ub, Int64ub, Padding, Struct
 
-from ._common import crc32c_raw, flag_names, safe_parse, uuid_be
+from ._common import FastStruct, crc32c_raw, flag_names, safe_parse, uuid_be
 
 MAGIC = 0xC03B3998
 
@@ -108,6 +108,8 @@ Tag = Struct(
     "t_flags" / Int16ub,
     "t_blocknr_high" / Int32ub,  # only present with the 64bit feature
 )
+# the same declarations, parsed with one struct.unpack (every journal block is looked at)
+_HEADER, _TAG3, _TAG = FastStruct(Header), FastStruct(Tag3), FastStruct(Tag)
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ def _valid_blocksize(bs: int) -> bool:
 
 def parse_header(buf: bytes, offset: int = 0):
     """(blocktype, sequence) of a journal block, or ``None`` without magic."""
-    c = safe_parse(Header, buf, offset)
+    c = _HEADER.parse(buf, offset)
     return None if c is None else (c.h_blocktype, c.h_sequence)
 
 
@@ -279,10 +281,10 @@ def _parse_descriptor(block: bytes, seq: int, jsb: JournalSuperblock) -> Descrip
     pos = 12
     while pos + tag_bytes <= end:
         if jsb.csum_v3:
-            t = Tag3.parse(block[pos:pos + 16])
+            t = _TAG3.parse(block, pos)
             flags, csum = t.t_flags, t.t_checksum
         else:
-            t = Tag.parse(block[pos:pos + 12].ljust(12, b"\0"))
+            t = _TAG.parse(block[pos:pos + 12].ljust(12, b"\0"))
             flags, csum = t.t_flags, t.t_checksum
         nr = t.t_blocknr | ((t.t_blocknr_high << 32) if jsb.is_64bit else 0)
         pos += tag_bytes

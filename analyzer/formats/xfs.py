@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from construct import Array, Bytes, Const, Int8ub, Int16ub, Int32ub, Int32ul, Int64ub, Struct
 
-from ._common import crc32c, cstr, safe_parse, uuid_be
+from ._common import FastStruct, crc32c, cstr, safe_parse, uuid_be
 
 SB_MAGIC = b"XFSB"
 LOG_MAGIC = 0xFEEDBABE
@@ -91,6 +91,7 @@ LogRecordHeader = Struct(
     "h_size" / Int32ub,  # 320
 )
 assert LogRecordHeader.sizeof() == 324
+_LOG_HEADER = FastStruct(LogRecordHeader)  # parsed for every record of every log write
 LOG_CRC_OFF = 32
 EXT_HEADER_SIZE = 4 + 4 * (HEADER_CYCLE_SIZE // BBSIZE)  # xlog_rec_ext_header
 MAX_LOG_RECORD = 256 * 1024  # XLOG_MAX_RECORD_BSIZE
@@ -242,7 +243,7 @@ def parse_log_record(buf: bytes, offset: int = 0) -> LogRecord | None:
     means "not checksummed" (mkfs.xfs writes such headers) and gives
     ``crc_ok`` None, as the kernel only warns about those.
     """
-    c = safe_parse(LogRecordHeader, buf, offset)
+    c = _LOG_HEADER.parse(buf, offset)
     if c is None or c.h_version not in (1, 2) or c.h_len > MAX_LOG_RECORD:
         return None
     hblks = 1
