@@ -426,14 +426,16 @@ def _mirror_row(r, st: str) -> dict[str, Any] | None:
         raw = r(f"{st}/{key}")
         return int(raw) if raw and raw.isdigit() else 0
 
-    lag = r(f"{st}/{K.ST_MIRROR_LAG_MS}") or "0"
-    try:
-        lag_ms = float(lag)
-    except ValueError:
-        lag_ms = 0.0
+    def ms(key: str) -> float:
+        try:
+            return float(r(f"{st}/{key}") or "0")
+        except ValueError:
+            return 0.0
+
     return {"state": state, "appliance": r(f"{st}/{K.ST_MIRROR_APPLIANCE}") or "",
             "acked_seq": num(K.ST_MIRROR_ACKED_SEQ), "next_seq": num(K.ST_MIRROR_NEXT_SEQ),
-            "pending": num(K.ST_MIRROR_PENDING), "lag_ms": lag_ms,
+            "pending": num(K.ST_MIRROR_PENDING), "lag_ms": ms(K.ST_MIRROR_LAG_MS),
+            "ack_p99_ms": ms(K.ST_MIRROR_ACK_P99_MS),
             "spill_bytes": num(K.ST_MIRROR_SPILL_BYTES),
             "ring_bytes": num(K.ST_MIRROR_RING_BYTES),
             "overflows": num(K.ST_MIRROR_OVERFLOWS), "gaps": num(K.ST_MIRROR_GAPS),
@@ -450,7 +452,7 @@ def _mirror_cells(rows: list[dict[str, Any]]) -> None:
             row["_m"], row["_lag"], row["_ovf"], row["_spill"] = "waiting", "-", "-", "-"
         else:
             row["_m"] = f"{m['state']} {m['acked_seq']}/{m['next_seq'] - 1}"
-            row["_lag"] = f"{m['pending']} ({m['lag_ms']:g} ms)"
+            row["_lag"] = f"{m['pending']} ({m['lag_ms']:g} ms)"     # writes, the oldest's age
             row["_ovf"] = f"{m['overflows']}/{m['gaps']}"
             row["_spill"] = str(m["spill_bytes"])
 
@@ -505,7 +507,7 @@ def status(as_json: bool, xenstore_socket: str | None) -> None:
     click.echo(_table(rows, [("Domain", "domain"), ("Vdev", "vdev"), ("Target", "target"),
                              ("State", "state"), ("Requests", "requests"), ("Bytes", "bytes"),
                              ("Errors", "errors"), ("Mirror acked/written", "_m"),
-                             ("Lag", "_lag"), ("Overflows/gaps", "_ovf"),
+                             ("Lag: pending (oldest)", "_lag"), ("Overflows/gaps", "_ovf"),
                              ("Spill bytes", "_spill")]))
     for r in rows:
         if r["error"]:

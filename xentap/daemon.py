@@ -45,26 +45,127 @@ _TOKEN_RELEASE = b"xentap-release"
 _TOKEN_FRONTEND = b"xentap-fe:"
 
 
+class DrainJob:
+    """The end of one protected shim session, off the daemon's main loop.
+
+    The shim is disconnected (no more writes); in a thread of its own the
+    drainer drains to the appliance for up to ``timeout`` and keeps the rest
+    in its spill log (:meth:`xentap.protect.Mirror.stop`), then the image is
+    closed.  A slow or absent appliance thus delays only this VBD: until the
+    job is done it holds the image (and its lock), and a new session on the
+    image waits for it (:meth:`ProtectedDevice._open`).
+    """
+
+    def __init__(self, name: str, mirror: P.Mirror, vbd: shim.Vbd, target: str | None,
+                 timeout: float):
+        self.name = name
+        self.mirror = mirror
+        self.target = target
+        self.drainer = mirror.drainer
+        self.figures: dict[str, Any] | None = None
+        self.overflows = self.gaps = 0
+        self._vbd: shim.Vbd | None = vbd
+        self._lock = threading.Lock()        # the image is closed under it
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(timeout,), daemon=True,
+                                        name=f"drain-{mirror.vbd_uuid}")
+        self._thread.start()
+
+    def _run(self, timeout: float) -> None:
+        try:
+            self.figures = self.mirror.stop(timeout)
+        except Exception as e:  # noqa: BLE001 - one VBD's failure, said, must not stop others
+            log.error("%s: stopping the mirror: %s", self.name, e)
+        finally:
+            with self._lock:
+                vbd, self._vbd = self._vbd, None
+                st = vbd.mirror_stats() or {}
+                self.overflows, self.gaps = st.get("overflows", 0), st.get("gaps", 0)
+                vbd.close()
+            self.done.set()
+
+    def live(self) -> tuple[dict[str, Any] | None, dict[str, int] | None]:
+        """The drainer's figures and the shim's mirror stats while it drains
+        (then its last figures, and None)."""
+        with self._lock:
+            if self._vbd is None:
+                return self.figures, None
+            return self.drainer.stats(), self._vbd.mirror_stats()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+
+class DrainJobs:
+    """The daemon's running DrainJobs."""
+
+    def __init__(self) -> None:
+        self.jobs: list[DrainJob] = []
+
+    def start(self, name: str, mirror: P.Mirror, vbd: shim.Vbd, target: str | None,
+              timeout: float) -> DrainJob:
+        job = DrainJob(name, mirror, vbd, target, timeout)
+        self.jobs.append(job)
+        return job
+
+    def holding(self, target: str | None) -> bool:
+        """Whether a job still holds image ``target``."""
+        return any(j.target == target and not j.done.is_set() for j in self.jobs)
+
+    def finished(self) -> list[DrainJob]:
+        """Takes the jobs that are done off the list."""
+        done = [j for j in self.jobs if j.done.is_set()]
+        self.jobs = [j for j in self.jobs if not j.done.is_set()]
+        return done
+
+    def wait_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for j in self.jobs:
+            if not j.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("%s: the mirror did not stop in time", j.name)
+
+
 class ProtectedDevice(BackendDevice):
     """A VBD whose backend node may name an appliance: mirrored while open.
 
     Without ``protect`` it is a plain BackendDevice (and publishes no
-    ``mirror-*`` keys)."""
+    ``mirror-*`` keys).  When a session ends its mirror is handed to a
+    :class:`DrainJob`; the next session waits for that job.  A VBD that
+    names an appliance domain follows it when it announces another endpoint
+    or key (:meth:`mirror_follow`)."""
 
     def __init__(self, xs: Xs, domid: int, devid: int, transports: TransportFactory, *,
-                 engine: str, mirror_opts: dict[str, Any]):
+                 engine: str, mirror_opts: dict[str, Any], drains: DrainJobs):
         super().__init__(xs, domid, devid, transports, engine=engine)
         self.mirror_opts = mirror_opts
+        self.drains = drains
         self.mirror: P.Mirror | None = None
         self.protect: str | None = None
         self.mirror_error = ""
+        #: The job draining this VBD's last session, until the daemon reaps it.
+        self.drain: DrainJob | None = None
+        self._drain_wait = False
+        self._drain_timeout: float | None = None     # for the next hand-over; None: the option
         self._mirror_base = {k: 0 for k in K.ST_MIRROR_CUMULATIVE}
         self._last_figures: dict[str, Any] | None = None
+        self._last_lag = 0.0
+        self._age = P.UnackedAge()
         self._retry_at = 0.0
+
+    @property
+    def wants_retry(self) -> bool:
+        return super().wants_retry or self._drain_wait
 
     # -- the shim session --
 
     def _open(self, be: BackendNode) -> bool:
+        if self.drain is not None or self.drains.holding(be.params):
+            if not self._drain_wait:
+                log.info("%s: waiting for the mirror of the previous session on %s to stop",
+                         self.name, be.params)
+            self._drain_wait = True
+            return False
+        self._drain_wait = False
         if not super()._open(be):
             return False
         protect = self.xs.read(f"{self.be}/{K.BE_PROTECT}")
@@ -132,18 +233,56 @@ class ProtectedDevice(BackendDevice):
                 and time.monotonic() >= self._retry_at):
             self._start_mirror()
 
-    def release(self) -> None:
-        if self.vbd is not None and self.mirror is not None:
-            if self.connected:
-                self.vbd.disconnect()           # no more writes: then drain
-                self.connected = False
-            if self.mirror.drainer is not None:
-                self._mirror_base[K.ST_MIRROR_GAPS] += self.mirror.drainer.restart_gaps
-                self._last_figures = self.mirror.stop(self.mirror_opts["drain_timeout"])
-            st = self.vbd.mirror_stats() or {}
+    def mirror_follow(self) -> bool:
+        """Called every status round: when the appliance domain this VBD
+        names now announces another endpoint or key (it restarted with a new
+        address), ends the shim session, what the appliance did not
+        acknowledge going to the spill log at once, and returns True: the
+        daemon steps the VBD, which reconnects to the guest's rings as a
+        restarted daemon does, and its new drainer sends the spill log and
+        the stream to the new endpoint.  The guest waits meanwhile; it sees
+        no error.  While the appliance announces nothing usable the drainer
+        goes on (spilling)."""
+        m = self.mirror
+        if (m is None or m.drainer is None or not self.connected or self.protect is None
+                or P.is_endpoint(self.protect)):
+            return False
+        try:
+            now = P.resolve(self.xs, self.protect, None, self.mirror_opts["keys_dir"])
+        except (OSError, ValueError):
+            return False
+        if now == m.target:
+            return False
+        log.info("%s: appliance %s moved from %s to %s%s: following it", self.name,
+                 self.protect, m.target.endpoint if m.target else "?", now.endpoint,
+                 " (new key)" if m.target and now.public_key != m.target.public_key else "")
+        self._drain_timeout = 0.0               # the old endpoint is gone: spill, do not wait
+        self.release()
+        return True
+
+    def _close_image(self, vbd: shim.Vbd) -> None:
+        m = self.mirror
+        if m is not None and m.drainer is not None:
+            timeout = (self.mirror_opts["drain_timeout"] if self._drain_timeout is None
+                       else self._drain_timeout)
+            self._drain_timeout = None
+            self._mirror_base[K.ST_MIRROR_GAPS] += m.drainer.restart_gaps
+            self.drain = self.drains.start(self.name, m, vbd, self.target, timeout)
+            return
+        if m is not None:                       # mirrored, but no drainer ever started
+            st = vbd.mirror_stats() or {}
             self._mirror_base[K.ST_MIRROR_OVERFLOWS] += st.get("overflows", 0)
             self._mirror_base[K.ST_MIRROR_GAPS] += st.get("gaps", 0)
-        super().release()
+        vbd.close()
+
+    def drain_done(self, job: DrainJob) -> None:
+        """The daemon reaped ``job``: its final figures become this VBD's."""
+        if self.drain is not job:
+            return
+        self.drain = None
+        self._last_figures = job.figures
+        self._mirror_base[K.ST_MIRROR_OVERFLOWS] += job.overflows
+        self._mirror_base[K.ST_MIRROR_GAPS] += job.gaps
 
     def resume_counters(self, published: dict[str, str | None]) -> None:
         super().resume_counters(published)
@@ -154,19 +293,27 @@ class ProtectedDevice(BackendDevice):
 
     def status(self) -> dict[str, Any]:
         st = super().status()
-        if self.protect is None and self.mirror is None:
+        job = self.drain
+        if self.protect is None and self.mirror is None and job is None:
             for k in K.ST_MIRROR_KEYS:
                 st[k] = ""
             return st
-        m = self.mirror
-        d = m.drainer if m is not None else None
-        fig = d.stats() if d is not None else self._last_figures
-        live = self.vbd.mirror_stats() if self.vbd is not None else None
+        m = job.mirror if job is not None else self.mirror
+        d = m.drainer if (m is not None and job is None and self.vbd is not None) else None
+        if job is not None:
+            fig, live = job.live()
+            drainer = job.drainer
+        else:
+            fig = d.stats() if d is not None else self._last_figures
+            live = self.vbd.mirror_stats() if self.vbd is not None else None
+            drainer = d
         err = self.mirror_error
         if d is not None and d.error is not None:
             err = f"drainer failed: {d.error}"
         if err:
             state = "error"
+        elif job is not None:
+            state = "draining" if live is not None else "stopped"
         elif d is None:
             state = "stopped" if fig is not None else "starting"
         else:
@@ -176,15 +323,21 @@ class ProtectedDevice(BackendDevice):
         st[K.ST_MIRROR_APPLIANCE] = m.target.endpoint if m and m.target else ""
         st[K.ST_MIRROR_UUID] = str(m.vbd_uuid) if m else ""
         for k in (K.ST_MIRROR_ACKED_SEQ, K.ST_MIRROR_NEXT_SEQ, K.ST_MIRROR_PENDING,
-                  K.ST_MIRROR_LAG_MS, K.ST_MIRROR_SPILL_BYTES, K.ST_MIRROR_RING_BYTES):
+                  K.ST_MIRROR_LAG_MS, K.ST_MIRROR_ACK_P99_MS, K.ST_MIRROR_SPILL_BYTES,
+                  K.ST_MIRROR_RING_BYTES):
             st[k] = ""                          # none yet: no stale figures either
         if fig is not None:
             st[K.ST_MIRROR_ACKED_SEQ] = fig["acked_seq"]
             st[K.ST_MIRROR_NEXT_SEQ] = fig["next_seq"]
             st[K.ST_MIRROR_PENDING] = max(0, fig["next_seq"] - 1 - fig["acked_seq"])
-            st[K.ST_MIRROR_LAG_MS] = f"{fig['lag_ms']['p99']:.1f}"
+            if drainer is not None and (live is not None or d is not None):
+                self._last_lag = self._age.ms(drainer, fig["acked_seq"], fig["next_seq"])
+            elif st[K.ST_MIRROR_PENDING] == 0:
+                self._last_lag = 0.0
+            st[K.ST_MIRROR_LAG_MS] = f"{self._last_lag:.1f}"   # when stopped: as it stopped
+            st[K.ST_MIRROR_ACK_P99_MS] = f"{fig['lag_ms']['p99']:.1f}"
             st[K.ST_MIRROR_SPILL_BYTES] = fig["spill_bytes"]
-            st[K.ST_MIRROR_RING_BYTES] = fig["ring_used_bytes"] if d is not None else 0
+            st[K.ST_MIRROR_RING_BYTES] = fig["ring_used_bytes"] if live is not None else 0
         now = {K.ST_MIRROR_OVERFLOWS: live["overflows"] if live else 0,
                K.ST_MIRROR_GAPS: (live["gaps"] if live else 0) + (d.restart_gaps if d else 0)}
         for k in K.ST_MIRROR_CUMULATIVE:
@@ -217,7 +370,8 @@ class Daemon:
         self.engine = engine
         self.mirror_opts = dict(keys_dir=keys_dir, state_dir=state_dir, ring_bytes=mirror_ring,
                                 spill_limit=spill_limit, drain_timeout=drain_timeout)
-        self.devices: dict[tuple[int, int], BackendDevice] = {}
+        self.devices: dict[tuple[int, int], ProtectedDevice] = {}
+        self.drains = DrainJobs()
         self._stop = threading.Event()
         self._xs: Xs | None = None
         self._monitor = None
@@ -241,6 +395,7 @@ class Daemon:
                 self.rescan()
                 self._prune_status()
                 self._prune_appliances()
+                self._prune_spill()
                 self._publish_daemon(xs, "running")
                 log.info("xentap daemon running (pid %d, %s transport)", os.getpid(),
                          self.transport_name)
@@ -261,6 +416,7 @@ class Daemon:
         while not self._stop.is_set():
             if not self._xs.connected:
                 raise XenstoreError(errno.ECONNRESET, "lost the connection to xenstored")
+            self._reap_drains()
             timeout = max(0.0, min(0.2, next_status - time.monotonic()))
             try:
                 event = self._monitor.events.get(timeout=timeout)
@@ -335,11 +491,11 @@ class Daemon:
             if xs.ls(f"{K.STATUS_ROOT}/{d}") == []:
                 xs.rm(f"{K.STATUS_ROOT}/{d}")
 
-    def _add(self, domid: int, devid: int) -> BackendDevice | None:
+    def _add(self, domid: int, devid: int) -> ProtectedDevice | None:
         if not self._xs.exists(K.backend_path(domid, devid)):
             return None
         dev = ProtectedDevice(self._xs, domid, devid, self.transports, engine=self.engine,
-                              mirror_opts=self.mirror_opts)
+                              mirror_opts=self.mirror_opts, drains=self.drains)
         st = K.status_path(domid, devid)
         if self._xs.exists(st):                 # a previous daemon's counters: go on from them
             dev.resume_counters({k: self._xs.read(f"{st}/{k}")
@@ -350,7 +506,7 @@ class Daemon:
         self._watched.add((domid, devid))
         return dev
 
-    def _step(self, dev: BackendDevice) -> None:
+    def _step(self, dev: ProtectedDevice) -> None:
         try:
             alive = dev.step()
         except XenstoreError as e:   # e.g. the node vanished between two reads
@@ -359,7 +515,7 @@ class Daemon:
         if not alive:
             self._drop(dev)
 
-    def _drop(self, dev: BackendDevice) -> None:
+    def _drop(self, dev: ProtectedDevice) -> None:
         dev.release()
         key = (dev.domid, dev.devid)
         self.devices.pop(key, None)
@@ -375,6 +531,61 @@ class Daemon:
         if self._xs.ls(parent) == []:
             self._xs.rm(parent)
         log.info("%s: detached", dev.name)
+        m = dev.mirror
+        if m is not None and dev.drain is None:
+            self._forget_stream(m.vbd_uuid, dev.name)   # else once its DrainJob is done
+
+    # -- the mirrors of sessions that ended --
+
+    def _reap_drains(self) -> None:
+        """Gives each finished DrainJob's figures to its VBD; the stream of
+        a VBD that was detached meanwhile is forgotten."""
+        for job in self.drains.finished():
+            owners = [d for d in self.devices.values() if d.drain is job]
+            for dev in owners:
+                dev.drain_done(job)
+            if not owners:
+                self._forget_stream(job.mirror.vbd_uuid, job.name)
+
+    def _streams_in_use(self) -> set[str]:
+        """The vbd-uuids that backend nodes name, and those of running mirrors."""
+        xs = self._xs
+        used = {str(j.mirror.vbd_uuid) for j in self.drains.jobs}
+        used |= {str(d.mirror.vbd_uuid) for d in self.devices.values() if d.mirror is not None}
+        for d in xs.ls(K.BACKEND_ROOT) or []:
+            for v in xs.ls(f"{K.BACKEND_ROOT}/{d}") or []:
+                u = xs.read(f"{K.BACKEND_ROOT}/{d}/{v}/{K.BE_VBD_UUID}")
+                if u is not None:
+                    used.add(u)
+        return used
+
+    def _forget_stream(self, vbd_uuid: uuid.UUID, name: str) -> None:
+        """A detached VBD's stream never goes on (the next attach makes a
+        new vbd-uuid): its spill dir goes once every write is acknowledged."""
+        try:
+            if str(vbd_uuid) in self._streams_in_use():
+                return
+        except XenstoreError as e:
+            log.warning("%s: %s", name, e.strerror)
+            return
+        P.remove_spill_dir(P.spill_dir(self.mirror_opts["state_dir"], vbd_uuid),
+                           f"{name} detached")
+
+    def _prune_spill(self) -> None:
+        """At start: spill dirs of VBDs detached while no daemon ran."""
+        root = P.spill_root(self.mirror_opts["state_dir"])
+        try:
+            names = os.listdir(root)
+        except OSError:
+            return
+        used = self._streams_in_use()
+        for name in names:
+            try:
+                u = uuid.UUID(name)
+            except ValueError:
+                continue
+            if str(u) == name and name not in used:
+                P.remove_spill_dir(os.path.join(root, name), f"stream {name} (detached)")
 
     # -- status --
 
@@ -410,8 +621,10 @@ class Daemon:
         """Writes every VBD's status and the daemon's heartbeat."""
         xs = self._xs
         now = f"{time.time():.0f}"
-        for d in self.devices.values():
+        for d in list(self.devices.values()):
             d.mirror_retry()
+            if d.mirror_follow():
+                self._step(d)
         samples: list[tuple[str, dict[str, Any]]] = [
             (K.status_path(d.domid, d.devid), d.status()) for d in self.devices.values()]
 
@@ -436,7 +649,8 @@ class Daemon:
         if connected:
             self.publish_status()                   # the last counters
         for dev in list(self.devices.values()):
-            dev.release()
+            dev.release()                           # the mirrors stop in parallel
+        self.drains.wait_all(self.mirror_opts["drain_timeout"] + 30.0)
         if connected:
             try:
                 self._monitor.close()

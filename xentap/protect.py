@@ -26,15 +26,20 @@ whole disk after a GAP (xentap.drainer).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
+import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from construct import ConstructError
+
 from xentap import keys as keys_mod
-from xentap import shim
+from xentap import shim, wire
 from xentap import xs_keys as K
 from xentap.drainer import Drainer, VbdIdentity, read_stream_state
 
@@ -152,7 +157,7 @@ class Mirror:
         self.keys_dir = keys_dir
         self.ring_bytes = ring_bytes
         self.spill_limit = spill_limit
-        self.spill_dir = os.path.join(state_dir, "spill", str(vbd_uuid))
+        self.spill_dir = spill_dir(state_dir, vbd_uuid)
         self.drainer: Drainer | None = None
         self.stopped = False
 
@@ -197,3 +202,130 @@ class Mirror:
                  K.devid_to_vdev(self.devid), "all acknowledged" if acked else
                  "the rest kept in the spill log", st["acked_seq"], st["spill_bytes"])
         return st
+
+
+# --- the spill directories of streams that ended -----------------------------------------
+
+def spill_root(state_dir: str) -> str:
+    return os.path.join(state_dir, "spill")
+
+
+def spill_dir(state_dir: str, vbd_uuid: uuid.UUID | str) -> str:
+    return os.path.join(spill_root(state_dir), str(vbd_uuid))
+
+
+def spill_segments(directory: str) -> list[str]:
+    """The spill log's segment files in ``directory`` (xentap.spill names them)."""
+    try:
+        return [n for n in os.listdir(directory) if n.startswith("spill-") and n.endswith(".log")]
+    except FileNotFoundError:
+        return []
+
+
+def spill_drained(directory: str) -> bool:
+    """Whether a stream's spill dir holds nothing the appliance lacks: its
+    last drainer closed cleanly (nothing lost) and left no spill segment
+    (the segments of acknowledged writes are deleted as acks come), so
+    every write of the stream was acknowledged."""
+    return read_stream_state(directory)["clean"] and not spill_segments(directory)
+
+
+def spilled_bytes(directory: str) -> int:
+    total = 0
+    for name in spill_segments(directory):
+        try:
+            total += os.path.getsize(os.path.join(directory, name))
+        except OSError:
+            pass
+    return total
+
+
+def remove_spill_dir(directory: str, why: str) -> None:
+    """Removes the spill dir of a stream that will never go on (its VBD was
+    detached) once it is drained; keeps one that still holds writes the
+    appliance has not acknowledged, and says so."""
+    if not os.path.isdir(directory):
+        return
+    if spill_drained(directory):
+        shutil.rmtree(directory, ignore_errors=True)
+        log.info("%s: removed %s (every write acknowledged)", why, directory)
+    else:
+        log.warning("%s: keeping %s: %d bytes of writes the appliance has not acknowledged%s",
+                    why, directory, spilled_bytes(directory),
+                    "" if read_stream_state(directory)["clean"]
+                    else " (its drainer ended uncleanly)")
+
+
+# --- how far behind the appliance is ------------------------------------------------------
+
+def _frame_time_ns(frame: bytes) -> int | None:
+    """The completion time of the first write a spilled frame carries (None
+    for frames without one, or one torn by a concurrent append)."""
+    try:
+        msg = wire.decode(frame)
+    except wire.WireError:
+        return None
+    if isinstance(msg, wire.Writes):
+        return msg.records[0].timestamp_ns if msg.records else None
+    return getattr(msg, "timestamp_ns", None)
+
+
+class UnackedAge:
+    """The age of the oldest write the appliance has not acknowledged: how
+    far behind the appliance is right now (``mirror-lag-ms``).
+
+    The drainer dates what it sent and has not had acknowledged
+    (``pending_ts``: last seq and completion time of each frame in flight)
+    and the spill log keeps its frames with the writes' completion times.  A
+    write still in the mirror ring and never sent is dated by when this
+    clock first saw its seq (:meth:`ms` runs once per status round, so it is
+    never older than it is, and at most one round younger).  The oldest of
+    these dates is the oldest unacknowledged write's.
+    """
+
+    MAX_SAMPLES = 4096
+
+    def __init__(self) -> None:
+        #: (next seq, time) each time the stream's next seq moved: at that
+        #: time every seq below it existed.
+        self._seen: collections.deque[tuple[int, int]] = collections.deque()
+
+    def ms(self, drainer: Drainer | None, acked_seq: int, next_seq: int,
+           now_ns: int | None = None) -> float:
+        now = time.time_ns() if now_ns is None else now_ns
+        oldest = acked_seq + 1
+        if oldest >= next_seq:                  # nothing unacknowledged
+            self._seen.clear()
+            return 0.0
+        if not self._seen or self._seen[-1][0] != next_seq:
+            if len(self._seen) >= self.MAX_SAMPLES:     # coarser, never wrong in the oldest
+                del self._seen[len(self._seen) // 2]
+            self._seen.append((next_seq, now))
+        while self._seen[0][0] <= oldest:       # the last one is above oldest
+            self._seen.popleft()
+        dates = [self._seen[0][1]]
+        if drainer is not None:
+            try:
+                last, ts = drainer.pending_ts[0]     # the drainer's thread pops it meanwhile
+                if last >= oldest:
+                    dates.append(ts)
+            except IndexError:
+                pass
+            dates += self._spilled(drainer, acked_seq)
+        return round(max(0, now - min(dates)) / 1e6, 1)
+
+    @staticmethod
+    def _spilled(drainer: Drainer, acked_seq: int) -> list[int]:
+        """The date of the first spilled frame after ``acked_seq`` (read while
+        the drainer's thread appends and trims: a vanished segment or a torn
+        frame is simply not a date)."""
+        spill = drainer.spill
+        try:
+            if spill.last_seq <= acked_seq:
+                return []
+            for _first, _last, frame in spill.frames_after(acked_seq):
+                ts = _frame_time_ns(frame)
+                return [] if ts is None else [ts]
+        except (OSError, ValueError, IndexError, ConstructError) as e:
+            log.debug("reading the spill log for the lag: %s", e)
+        return []

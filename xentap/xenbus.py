@@ -600,9 +600,14 @@ class BackendDevice:
         if self.vbd is not None:
             final = _counters(self.vbd.stats())
             self._base = {k: self._base[k] + final[k] for k in K.ST_CUMULATIVE}
-            self.vbd.close()
-            self.vbd = None
+            vbd, self.vbd = self.vbd, None
+            self._close_image(vbd)
         self._busy_since = None
+
+    def _close_image(self, vbd: shim.Vbd) -> None:
+        """Closes the image of a session that ended (disconnected, counters
+        taken); a subclass may hand it over to finish later."""
+        vbd.close()
 
     def resume_counters(self, published: dict[str, str | None]) -> None:
         """Starts the cumulative counters from what a previous daemon

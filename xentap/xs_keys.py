@@ -330,15 +330,17 @@ ST_UPDATED = "updated"            # unix time of this sample
 ST_ERROR = "error"                # the last handshake error, if any
 #: Mirroring (protected VBDs only; absent otherwise).  ``mirror`` is
 #: ``connected`` (a session with the appliance), ``disconnected`` (spilling,
-#: reconnecting), ``stopped`` (the guest is gone, the stream is drained or
-#: spilled) or ``error``.
+#: reconnecting), ``draining`` (the session ended: the drainer drains, for a
+#: bounded time, off the daemon's main loop), ``stopped`` (the guest is gone,
+#: the stream is drained or spilled), ``starting`` or ``error``.
 ST_MIRROR = "mirror"
 ST_MIRROR_APPLIANCE = "mirror-appliance"    # the endpoint it sends to
 ST_MIRROR_UUID = "mirror-uuid"              # the stream's VBD uuid
 ST_MIRROR_ACKED_SEQ = "mirror-acked-seq"    # the appliance holds every seq up to this
 ST_MIRROR_NEXT_SEQ = "mirror-next-seq"      # the seq the next write gets
 ST_MIRROR_PENDING = "mirror-pending"        # seqs written, not yet acknowledged
-ST_MIRROR_LAG_MS = "mirror-lag-ms"          # p99 write-to-ack lag of the recent sample
+ST_MIRROR_LAG_MS = "mirror-lag-ms"          # age of the oldest unacknowledged write (0: none)
+ST_MIRROR_ACK_P99_MS = "mirror-ack-p99-ms"  # p99 write-to-ack time of recent acknowledgements
 ST_MIRROR_SPILL_BYTES = "mirror-spill-bytes"
 ST_MIRROR_RING_BYTES = "mirror-ring-bytes"  # bytes waiting in the mirror ring
 ST_MIRROR_OVERFLOWS = "mirror-overflows"    # writes that missed the ring (dirty bitmap)
@@ -348,7 +350,7 @@ ST_MIRROR_ERROR = "mirror-error"
 ST_MIRROR_CUMULATIVE = (ST_MIRROR_OVERFLOWS, ST_MIRROR_GAPS)
 #: Every mirror status key (removed when a VBD is not protected).
 ST_MIRROR_KEYS = (ST_MIRROR, ST_MIRROR_APPLIANCE, ST_MIRROR_UUID, ST_MIRROR_ACKED_SEQ,
-                  ST_MIRROR_NEXT_SEQ, ST_MIRROR_PENDING, ST_MIRROR_LAG_MS,
+                  ST_MIRROR_NEXT_SEQ, ST_MIRROR_PENDING, ST_MIRROR_LAG_MS, ST_MIRROR_ACK_P99_MS,
                   ST_MIRROR_SPILL_BYTES, ST_MIRROR_RING_BYTES, ST_MIRROR_OVERFLOWS,
                   ST_MIRROR_GAPS, ST_MIRROR_ERROR)
 #: The counters that add up over the VBD's life (since attach, across
