@@ -162,8 +162,34 @@ def ransom(mnt: Path, names, mode: str) -> None:
             os.fsync(f.fileno())
 
 
+def compile_tree(root: Path, nsrc: int = 8, rounds: int = 2) -> bool:
+    """A compile in ``root``: C sources built to objects and linked, ``rounds``
+    times (a rebuild rewrites the objects); False without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return False
+    src = root / "build"
+    src.mkdir(exist_ok=True)
+    for i in range(nsrc):
+        body = "".join(f"int f{i}_{k}(int x) {{ int s = {k}; for (int j = 0; j < x; j++) s = s * 31 + j ^ {i}; "
+                       f"return s; }}\n" for k in range(60))
+        (src / f"m{i}.c").write_text(body + (f"int f{i}(int x) {{ return f{i}_0(x); }}\n"))
+    (src / "main.c").write_text("".join(f"int f{i}(int);\n" for i in range(nsrc))
+                                + "int main(void) { return " + " + ".join(f"f{i}(3)" for i in range(nsrc)) + "; }\n")
+    for r in range(rounds):
+        objs = []
+        for c in sorted(src.glob("*.c")):
+            o = c.with_suffix(".o")
+            run(cc, f"-O{1 + r % 2}", "-g", "-c", str(c), "-o", str(o))
+            objs.append(str(o))
+        run(cc, "-o", str(src / "prog"), *objs)
+        run("sync")
+    return True
+
+
 def benign(mnt: Path) -> None:
-    """Archives, media, an encrypted video, compressed database logs, a package upgrade."""
+    """Archives, media, an encrypted video, compressed database logs, a package
+    upgrade, a compile."""
     (mnt / "arch").mkdir()
     (mnt / "arch" / "a.zip").write_bytes(wl.zip_file(4 << 20))
     (mnt / "arch" / "b.tar.xz").write_bytes(wl.xz_file(4 << 20))
@@ -182,3 +208,4 @@ def benign(mnt: Path) -> None:
         with open(p, "r+b") as f:
             f.write(wl.text(256 << 10, 999))
     run("sync")
+    compile_tree(mnt)

@@ -1,6 +1,6 @@
 """Workload content for tests and `xentap bench analyzer`: file data that looks
-like what guests store, ransomware-style encryption of it, and benign
-high-entropy files (archives, media, encrypted video)."""
+like what guests store, ransomware-style encryption of it, benign
+high-entropy files (archives, media, encrypted video) and compiled code."""
 from __future__ import annotations
 
 import io
@@ -85,6 +85,47 @@ def encrypted_extent(data: bytes, mode: str) -> int:
     return len(data)
 
 
+_ELF: bytes | None = None
+
+
+def _elf_corpus() -> bytes:
+    """Compiled code of this host: ELF executables and libraries (up to 16 MiB)."""
+    global _ELF
+    if _ELF is None:
+        parts, n = [], 0
+        for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/bin"):
+            for p in sorted(Path(d).glob("*")):
+                try:
+                    if not p.is_file() or p.stat().st_size > 4 << 20:
+                        continue
+                    b = p.read_bytes()
+                except OSError:
+                    continue
+                if b[:4] == b"\x7fELF":
+                    parts.append(b)
+                    n += len(b)
+                if n > 16 << 20:
+                    break
+            if n > 16 << 20:
+                break
+        _ELF = b"".join(parts)
+    return _ELF
+
+
+def compile_output(nbytes: int, seed: int = 0) -> bytes:
+    """What a compile writes: object files and binaries (this host's ELF code,
+    shuffled by ``seed``; structured text of the same size without any)."""
+    base = _elf_corpus()
+    if len(base) < 1 << 20:
+        return text(nbytes, seed)
+    rnd = random.Random(seed)
+    out = bytearray()
+    while len(out) < nbytes:
+        start = rnd.randrange(0, len(base) - 65536) & ~4095
+        out += base[start:start + rnd.randrange(16384, 65536)]
+    return bytes(out[:nbytes])
+
+
 # ---------------------------------------------------------------- benign files
 def zip_file(nbytes: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
@@ -143,5 +184,5 @@ def luks_sector_data(plain: bytes, key: bytes = bytes(range(64)), sector: int = 
 
 
 __all__ = ["text", "encrypt", "MODES", "zip_file", "xz_file", "zstd_file", "gzip_log", "jpeg_file",
-           "mp4_file", "encrypted_video", "luks_sector_data", "encrypted_extent"]
+           "mp4_file", "encrypted_video", "luks_sector_data", "encrypted_extent", "compile_output"]
 

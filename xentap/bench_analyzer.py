@@ -5,7 +5,7 @@
 * detection: MB of ransomware writes before the alarm (whole-file,
   intermittent every-other-16-bytes, first 5 %) on an ext4 filesystem;
 * false alarms on benign workloads (archives, media, encrypted video,
-  compressed logs, package upgrade, LUKS volume activity);
+  compressed logs, package upgrade, a compile, LUKS volume activity);
 * the fraction of filesystem-consistent tags whose rebuilt image passes
   e2fsck / xfs_repair, and the tags per minute of those workloads.
 
@@ -115,53 +115,71 @@ def synthetic_detection(mode: str, nfiles: int = 160, size: int = 1 * MB) -> flo
     return round(written / MB, 2) if a.alarm else None
 
 
+# benign writes: name -> (content, written in place of the old files?, bytes per write)
+BENIGN = {
+    "zip": (lambda: wl.zip_file(8 * MB), False, 256 << 10),
+    "xz": (lambda: wl.xz_file(8 * MB), False, 256 << 10),
+    "zstd": (lambda: wl.zstd_file(8 * MB), False, 256 << 10),
+    "gzip_logs": (lambda: wl.gzip_log(8 * MB), False, 256 << 10),
+    # separate files, each starting with its signature
+    "jpeg": (lambda: b"".join(wl.jpeg_file(512 << 10) for _ in range(16)), False, 512 << 10),
+    "mp4": (lambda: wl.mp4_file(8 * MB), False, 256 << 10),
+    "encrypted_video": (lambda: wl.encrypted_video(16 * MB), False, 256 << 10),
+    # new versions of the files, rewritten in place
+    "package_upgrade": (lambda: wl.text(32 * MB, 99), True, 256 << 10),
+    # a rebuild: object files and binaries over the previous build's
+    "compile": (lambda: wl.compile_output(32 * MB, 5), True, 256 << 10),
+}
+
+
+def benign_alarm(name: str) -> bool:
+    """Whether the benign workload ``name`` (see BENIGN) raises the alarm after
+    a structured baseline (32 files of 1 MiB)."""
+    _imports()
+    make, in_place, step = BENIGN[name]
+    a = VbdAnalyzer("bench")
+    seq = 0
+    for item in _files_stream(32, 1 * MB):
+        seq = _feed(a, seq, item)
+    data = make()
+    dst = _files_stream.files[0][0] if in_place else 1024 * MB  # else new files in free space
+    for j in range(0, len(data), step):
+        a.feed(seq, seq, (dst + j) // 512, data[j:j + step])
+        seq += 1
+        if j % (4 * MB) == 0:
+            a.flush(seq, seq)
+            seq += 1
+    a.finish()
+    return a.alarm is not None
+
+
 def synthetic_benign() -> dict[str, bool]:
     """name -> alarm raised, for benign writes after a structured baseline."""
-    makers = {
-        "zip": lambda: wl.zip_file(8 * MB), "xz": lambda: wl.xz_file(8 * MB),
-        "zstd": lambda: wl.zstd_file(8 * MB), "gzip_logs": lambda: wl.gzip_log(8 * MB),
-        "jpeg": lambda: b"".join(wl.jpeg_file(512 << 10) for _ in range(16)),
-        "mp4": lambda: wl.mp4_file(8 * MB), "encrypted_video": lambda: wl.encrypted_video(16 * MB),
-        "package_upgrade": lambda: wl.text(32 * MB, 99),
-    }
-    out = {}
-    for name, make in makers.items():
-        a = VbdAnalyzer("bench")
-        seq = 0
-        for item in _files_stream(32, 1 * MB):
-            seq = _feed(a, seq, item)
-        data = make()
-        if name == "package_upgrade":  # rewrite the files in place with new versions
-            dst = _files_stream.files[0][0]
-        else:  # new files in free space
-            dst = 1024 * MB
-        if name == "jpeg":  # separate files, each starting with its signature
-            step = 512 << 10
-        else:
-            step = 256 << 10
-        for j in range(0, len(data), step):
-            a.feed(seq, seq, (dst + j) // 512, data[j:j + step])
-            seq += 1
-            if j % (4 * MB) == 0:
-                a.flush(seq, seq)
-                seq += 1
-        a.finish()
-        out[name] = a.alarm is not None
-    # a LUKS volume: its header, then dm-crypt writes over structured data
+    out = {name: benign_alarm(name) for name in BENIGN}
+    luks = luks_alarm()
+    if luks is not None:
+        out["luks_activity"] = luks
+    return out
+
+
+def luks_alarm() -> bool | None:
+    """A LUKS volume: its header, then dm-crypt writes over structured data
+    (None without cryptsetup)."""
+    _imports()
     a = VbdAnalyzer("bench")
     seq = 0
     for item in _files_stream(32, 1 * MB):
         seq = _feed(a, seq, item)
     hdr = _luks_header()
-    if hdr is not None:
-        a.feed(seq, seq, 0, hdr)
+    if hdr is None:
+        return None
+    a.feed(seq, seq, 0, hdr)
+    seq += 1
+    for off, data in _files_stream.files:
+        a.feed(seq, seq, off // 512, wl.luks_sector_data(data, sector=off // 512))
         seq += 1
-        for off, data in _files_stream.files:
-            a.feed(seq, seq, off // 512, wl.luks_sector_data(data, sector=off // 512))
-            seq += 1
-        a.finish()
-        out["luks_activity"] = a.alarm is not None
-    return out
+    a.finish()
+    return a.alarm is not None
 
 
 def _luks_header() -> bytes | None:
