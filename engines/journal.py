@@ -58,12 +58,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import xxhash
 import zstandard
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from xentap.durable import fsync_dir, write_atomically
 from xentap.structs import derive_struct
+from xentap.wire import Records, numpy_dtype
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ RecordEntry = Struct(
     "reserved" / Int8ul,
 )
 REC, _ = derive_struct(RecordEntry)
+_REC_DTYPE = numpy_dtype(RecordEntry)
 _KIND_OFF = 22  # of ``kind`` in a REC entry
 
 IndexEntry = Struct(                # one per frame, in seg-*.idx
@@ -348,6 +351,7 @@ class Journal:
         self._open_state = (0, False)
         self._seg_fd = -1
         self._seg_off = 0
+        self._undo: tuple | None = None  # where the last write() started (_forget_write)
         self._idx_fd = -1
         self._ckp_fd = -1
         self._mu = threading.Lock()  # segment list and files (write vs trim)
@@ -595,6 +599,8 @@ class Journal:
                                f"{self.last_seq} leaves a gap")
         if not records:
             return 0
+        if type(records) is Records:
+            return self._append_records(first_seq, records)
         pack = REC.pack
         nodata = _NO_DATA
         i, n = 0, len(records)
@@ -633,6 +639,35 @@ class Journal:
             if i < n:
                 self._sealed.append(f)
                 self._open = None
+        self.last_seq = first_seq + n - 1
+        self._last_kind = Kind.WRITE
+        self.stats["records"] += n
+        return n
+
+    def _append_records(self, first_seq: int, recs: Records) -> int:
+        """append_writes of a batch decoded as arrays: its table built by numpy,
+        its data one contiguous piece (one copy; zstd reads it as it lies)."""
+        n = len(recs)
+        ndata = recs.data_bytes
+        f = self._frame_for(first_seq, n, ndata)
+        ts = recs.timestamp_ns.astype(np.uint64)
+        if ts[0] < self.last_ts:
+            ts[0] = self.last_ts
+        np.maximum.accumulate(ts, out=ts)  # non-decreasing (see _ts)
+        t = np.zeros(n, dtype=_REC_DTYPE)
+        t["timestamp_ns"] = ts
+        t["sector"] = recs.sector
+        t["length"] = recs.length
+        t["flags"] = recs.flags & 0xFFFF
+        f.table.append(t.tobytes())
+        if ndata:
+            f.data.append(memoryview(np.ascontiguousarray(recs.data2d())).cast("B"))
+            f.ndata += ndata
+        if f.nrec == 0:
+            f.t_first = int(ts[0])
+        f.nrec += n
+        f.last_seq = f.first_seq + f.nrec - 1
+        self.last_ts = f.t_last = int(ts[-1])
         self.last_seq = first_seq + n - 1
         self._last_kind = Kind.WRITE
         self.stats["records"] += n
@@ -766,18 +801,54 @@ class Journal:
         if not frames and not tags:
             return self.durable_seq
         with self._mu:
-            for f in frames:
-                if f.last_seq <= self._written_seq:
-                    continue
-                self._write_frame(f)
-            for t in tags:
-                self._write_tag(*t)
-            os.fdatasync(self._seg_fd)
+            self._undo = self._undo_point()
+            try:
+                for f in frames:
+                    if f.last_seq <= self._written_seq:
+                        continue
+                    self._write_frame(f)
+                for t in tags:
+                    self._write_tag(*t)
+                os.fdatasync(self._seg_fd)
+            except OSError:
+                self._forget_write()
+                raise
             if frames:
                 self.durable_seq = max(self.durable_seq, frames[-1].last_seq)
             self.stats["syncs"] += 1
         self._maybe_trim()
         return self.durable_seq
+
+    def _undo_point(self) -> tuple | None:
+        if self._seg_fd < 0 or not self.segments:
+            return None
+        return (self.segments[-1], self._seg_off, os.fstat(self._idx_fd).st_size,
+                os.fstat(self._ckp_fd).st_size)
+
+    def _forget_write(self) -> None:
+        """Cut what the last :meth:`write` appended to the tail segment (best effort):
+        its fdatasync failed, or the caller's own sync did, so none of it may count
+        as journaled when the journal is opened again (the caller closes it now).
+        Frames sealed by a segment roll inside that write stay: the roll synced them."""
+        u, self._undo = self._undo, None
+        try:
+            if u is not None and self.segments and self.segments[-1] is u[0] \
+                    and self._seg_fd >= 0:
+                os.ftruncate(self._seg_fd, u[1])
+                os.ftruncate(self._idx_fd, u[2])
+                os.ftruncate(self._ckp_fd, u[3])
+            elif self._seg_fd >= 0:  # a new segment: keep its header only
+                os.ftruncate(self._seg_fd, SEG_HDR.size)
+                os.ftruncate(self._idx_fd, 0)
+                os.ftruncate(self._ckp_fd, 0)
+        except OSError as e:
+            log.warning("journal %s: cannot cut an unsynced write: %s", self.dir, e)
+
+    def forget_last_write(self) -> None:
+        """The caller could not make the state that goes with the last :meth:`write`
+        durable: cut that write (see _forget_write).  Close the journal afterwards."""
+        with self._mu:
+            self._forget_write()
 
     def commit(self) -> int:
         """take() + write() in the caller's thread."""
@@ -886,6 +957,7 @@ class Journal:
             return False
         sample, n = [], 0
         for p in pieces:
+            p = memoryview(p)[:(64 << 10) - n]
             sample.append(p)
             n += len(p)
             if n >= 64 << 10:
@@ -1138,18 +1210,31 @@ class Journal:
         self.size_bytes = meta["size_bytes"]
         self._load_segments()
 
-    def replay_onto(self, fd: int, from_seq: int, to_seq: int) -> None:
-        """Apply the records from_seq..to_seq to an open image (a replica's redo)."""
+    def replay_onto(self, fd: int, from_seq: int, to_seq: int) -> int:
+        """Apply the records from_seq..to_seq to an open image (a replica's redo or
+        catch-up): each block once, its last write.  Returns the data bytes written."""
         if from_seq <= self.base_seq:
             raise OutOfWindow(errno.ERANGE, f"seq {from_seq} is no longer in the journal "
                               f"(it starts after {self.base_seq})")
+        if to_seq < from_seq:
+            return 0
         with self._mu:
             segments = list(self.segments)
-        for s in segments:
-            if not s.last_seq or s.last_seq < from_seq or s.first_seq > to_seq:
-                continue
-            with open(s.xjs, "rb") as f:
-                _replay(fd, f, self._idx_entries(s), from_seq, to_seq, self._dctx, False)
+        files = []
+        try:
+            plan = []
+            for s in segments:
+                if not s.last_seq or s.last_seq < from_seq or s.first_seq > to_seq:
+                    continue
+                ents = [e for e in self._idx_entries(s) if e[1] >= from_seq and e[0] <= to_seq]
+                if ents:
+                    f = open(s.xjs, "rb")
+                    files.append(f)
+                    plan.append((f, ents))
+            return _replay_final(fd, plan, from_seq, to_seq, self._dctx)
+        finally:
+            for f in files:
+                f.close()
 
     def restore(self, out_path: str | os.PathLike, *, seq: int,
                 progress: Callable[[int, int], None] | None = None) -> dict:
@@ -1198,14 +1283,19 @@ class Journal:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
             os.ftruncate(out, self.size_bytes)
             base_done = self.size_bytes
+
+            def frame_done(nbytes: int) -> None:
+                nonlocal replayed
+                replayed += nbytes
+                if progress:
+                    progress(base_done + replayed, total)
+
             replayed = 0
-            for f, ents, rs in plan:
-                for e in ents:
-                    _replay(out, f, [e], base_seq + 1, seq, self._dctx, rs)
-                    replayed += e[5]
-                    if progress:
-                        progress(base_done + replayed, total)
+            _replay_final(out, [(f, ents) for f, ents, _rs in plan], base_seq + 1, seq,
+                          self._dctx, frame_done)
             os.fsync(out)
+            if progress:
+                progress(total, total)
         finally:
             for f in files:
                 f.close()
@@ -1460,6 +1550,89 @@ def _replay(fd: int, f, entries, from_seq: int, to_seq: int, dctx, in_resync: bo
             if has:
                 pos += length
     return in_resync
+
+
+def _replay_final(fd: int, plan: list, from_seq: int, to_seq: int, dctx,
+                  frame_done: Callable[[int], None] | None = None) -> int:
+    """Apply records from_seq..to_seq of ``plan`` ([(file, idx entries)], in seq
+    order) to ``fd``, writing every block only with its last write in the range.
+
+    First pass: the record tables only (no payload) give, for every block, the
+    record that wrote it last.  Second pass: frame by frame (each read and
+    decompressed once, in seq order), the blocks whose last write is in that
+    frame, in disk order, contiguous runs in one pwrite.  A block is 4 KiB when
+    every record of the range is 4 KiB-aligned, else 512 bytes.  Returns the
+    data bytes written; ``frame_done(frame bytes)`` after each frame."""
+    tabs = []  # per frame: (plan index, idx entry, REC array of the records in range)
+    for pi, (f, ents) in enumerate(plan):
+        for e in ents:
+            if e[1] < from_seq or e[0] > to_seq:
+                continue
+            h, table, _ = _read_frame(f, e[4], payload=False)
+            if h[1] != FT_RECORDS:
+                continue
+            tabs.append((pi, e, np.frombuffer(table, dtype=_REC_DTYPE, count=h[8]), h[4]))
+    if not tabs:
+        return 0
+    # records that touch the image, over all frames, in seq order
+    parts = []
+    for k, (_pi, _e, t, first) in enumerate(tabs):
+        kind, flags, length = t["kind"], t["flags"].astype(np.int64), t["length"].astype(np.int64)
+        has = ((kind == Kind.WRITE) & ((flags & _NO_DATA) == 0)) \
+            | ((kind == Kind.RESYNC) & ((flags & F_ZEROES) == 0)) \
+            | ((kind == Kind.CHECKPOINT) & (length > 0))
+        pos = np.cumsum(np.where(has, length, 0)) - np.where(has, length, 0)
+        seqs = first + np.arange(len(t), dtype=np.int64)
+        sel = ((kind == Kind.WRITE) | (kind == Kind.RESYNC)) & (seqs >= from_seq) \
+            & (seqs <= to_seq) & (length > 0)
+        idx = np.nonzero(sel)[0]
+        if len(idx):
+            parts.append((np.full(len(idx), k, np.int64), t["sector"][idx].astype(np.int64)
+                          * SECTOR, length[idx], pos[idx], has[idx], flags[idx]))
+    if not parts:
+        for _ in tabs:
+            if frame_done:
+                frame_done(0)
+        return 0
+    fr, off, ln, pos, has, fl = (np.concatenate([p[i] for p in parts]) for i in range(6))
+    g = 4096 if not ((off | ln) & 4095).any() else SECTOR
+    nb = ln // g
+    rec = np.repeat(np.arange(len(off)), nb)  # block -> record
+    within = np.arange(len(rec)) - np.repeat(np.cumsum(nb) - nb, nb)
+    blk = off[rec] // g + within
+    # the last write of each block: first occurrence in the reversed order
+    ublk, first_rev = np.unique(blk[::-1], return_index=True)
+    last = len(blk) - 1 - first_rev  # indexes into the block arrays; ublk is sorted
+    r = rec[last]
+    bfr, bpos, bhas = fr[r], pos[r] + within[last] * g, has[r]
+    bpunch = (fl[r] & F_DISCARD) != 0
+    written = 0
+    order = np.argsort(bfr, kind="stable")  # by frame, disk order within each frame
+    bounds = np.searchsorted(bfr[order], np.arange(len(tabs) + 1))
+    for k, (pi, e, _t, _first) in enumerate(tabs):
+        sel = order[bounds[k]:bounds[k + 1]]
+        if len(sel):
+            b, p, hv, pu = ublk[sel], bpos[sel], bhas[sel], bpunch[sel]
+            # runs: consecutive blocks, consecutive payload (or both zero-filled)
+            brk = np.nonzero((np.diff(b) != 1) | (hv[1:] != hv[:-1]) | (pu[1:] != pu[:-1])
+                             | (hv[1:] & (np.diff(p) != g)))[0] + 1
+            starts = np.concatenate(([0], brk))
+            ends = np.concatenate((brk, [len(b)]))
+            raw = None
+            if hv.any():
+                h, _table, payload = _read_frame(plan[pi][0], e[4])
+                raw = memoryview(_payload(h, payload, dctx))
+            for s0, s1 in zip(starts.tolist(), ends.tolist()):
+                o, n = int(b[s0]) * g, (s1 - s0) * g
+                if hv[s0]:
+                    src = int(p[s0])
+                    _pwrite_all(fd, raw[src:src + n], o)
+                    written += n
+                else:
+                    _zero_range(fd, o, n, bool(pu[s0]))
+        if frame_done:
+            frame_done(e[5])
+    return written
 
 
 def _copy_sparse(src: str, dst_fd: int, size: int,
