@@ -69,6 +69,7 @@ from pathlib import Path
 import zmq
 
 from appliance_domu.analysis import Analysis
+from appliance_domu import replica as replica_mod
 from appliance_domu.replica import Replica
 from xentap import keys, wire
 from xentap.structs import derive_struct
@@ -76,14 +77,17 @@ from xentap.structs import derive_struct
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7788"
-DEFAULT_CREDIT_BYTES = 16 << 20  #: payload bytes dom0 may have outstanding (window/rate = lag)
-DEFAULT_CREDIT_MSGS = 4096  #: seq-consuming messages dom0 may have outstanding
+DEFAULT_CREDIT_BYTES = 64 << 20  #: payload bytes dom0 may have outstanding (window/rate = lag)
+DEFAULT_CREDIT_MSGS = 65536  #: seq-consuming messages (records) dom0 may have outstanding
 DEFAULT_SYNC_INTERVAL = 0.005  #: seconds: max age of unsynced data
 DEFAULT_SYNC_BYTES = 16 << 20  #: bytes: sync earlier than the interval past this
 DEFAULT_RCVHWM = 64  #: frames queued per peer by ZeroMQ
 DEFAULT_MAX_STREAMS = 1024
 DEFAULT_SYNC_THREADS = 2  #: replicas synced in parallel (one sync at a time per replica)
 _BURST = 256  # frames handled per poll before deadlines are looked at again
+#: an ACK that would acknowledge everything received waits this long for more
+#: frames; if none come the stream paused: replica.img catches up first (Replica.catch_up)
+CATCHUP_IDLE = 0.02
 _IDLE_POLL_MS = 50  # also the stop() latency
 
 _HDR, _HDR_FIELDS = derive_struct(wire.Header)  # same layout as wire.decode()
@@ -196,6 +200,7 @@ class Receiver:
         self._inflight: dict[uuid.UUID, object] = {}  # vbd -> Future
         self._completed: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r = self._wake_w = -1
+        self._held: dict[uuid.UUID, float] = {}  # vbd -> since when its ACK waits (catch-up)
 
     # ------------------------------------------------------------------ life cycle
     def bind(self) -> str:
@@ -375,17 +380,20 @@ class Receiver:
                         break
                 self._reap_syncs()
             self._sync_due()
+            if self._held:
+                self._release_held()
 
     def _next_deadline_ms(self) -> int:
-        oldest = None
+        due = None
         for rep in self.replicas.values():
-            if rep.dirty_since is not None and not rep.syncing \
-                    and (oldest is None or rep.dirty_since < oldest):
-                oldest = rep.dirty_since
-        if oldest is None:
+            if rep.dirty_since is not None and not rep.syncing:
+                t = rep.dirty_since + self.sync_interval
+                due = t if due is None else min(due, t)
+        for t in self._held.values():
+            due = t + CATCHUP_IDLE if due is None else min(due, t + CATCHUP_IDLE)
+        if due is None:
             return _IDLE_POLL_MS
-        return max(0, min(_IDLE_POLL_MS,
-                          int((oldest + self.sync_interval - time.monotonic()) * 1000 + 0.999)))
+        return max(0, min(_IDLE_POLL_MS, int((due - time.monotonic()) * 1000 + 0.999)))
 
     def _sync_due(self) -> None:
         now = time.monotonic()
@@ -513,6 +521,8 @@ class Receiver:
             if rep.fd < 0:  # the sync failed and dropped the replica
                 st["rejected"] += 1
                 return
+            self._held.pop(vbd, None)
+            self._catch_up(rep)
             checker = rep.checker(stream_id, enforce_credit=self.enforce_credit)
         else:
             checker = Replica.fresh_checker(stream_id, enforce_credit=self.enforce_credit)
@@ -613,9 +623,44 @@ class Receiver:
             return
         rep.end_sync(snap)
         self.stats["syncs"] += 1
+        if rep.image_lag_bytes >= replica_mod.IMAGE_MAX_LAG_BYTES:
+            self._catch_up(rep)
         sess = self._bound_session.get(rep.vbd_uuid)
         if sess is not None and sess.acked < rep.durable_seq:
-            self._ack(sess)
+            self._ack_or_hold(sess)
+
+    def _ack_or_hold(self, sess: Session) -> None:
+        """ACK what is durable -- unless that is everything received and replica.img
+        lags: then the ACK waits CATCHUP_IDLE for more frames (the stream goes on:
+        ACK as is) or none (it paused: the image catches up, then the ACK)."""
+        rep = sess.replica
+        if rep.image_applied < rep.durable_seq and rep.applied_seq <= rep.durable_seq:
+            self._held.setdefault(rep.vbd_uuid, time.monotonic())
+            return
+        self._ack(sess)
+
+    def _release_held(self) -> None:
+        now = time.monotonic()
+        for vbd, since in list(self._held.items()):
+            sess, rep = self._bound_session.get(vbd), self.replicas.get(vbd)
+            if sess is None or rep is None or rep.fd < 0:
+                del self._held[vbd]
+                continue
+            if rep.applied_seq > rep.durable_seq:  # more frames came: no pause
+                del self._held[vbd]
+            elif now - since >= CATCHUP_IDLE:
+                del self._held[vbd]
+                self._catch_up(rep)
+            else:
+                continue
+            if sess.acked < rep.durable_seq:
+                self._ack(sess)
+
+    def _catch_up(self, rep: Replica) -> None:
+        try:
+            rep.catch_up()
+        except OSError as e:  # the journal has it all; the next catch-up tries again
+            log.error("replica %s: bringing replica.img up to date failed: %s", rep.dir, e)
 
     def _sync_failed(self, rep: Replica, e: BaseException) -> None:
         # after a failed fsync the page cache cannot be trusted: drop the replica,
@@ -705,12 +750,14 @@ def _bench_sender(endpoint: str, client, rec_size: int, per_batch: int, seconds:
     nslots = disk // rec_size
     nbytes = rec_size * per_batch
 
+    now = time.time_ns()  # real timestamps: records stamped 0 would leave the window at once
+
     def make(seq):
         recs = []
         for i in range(per_batch):
             off = rnd.randrange(nslots) * rec_size
             boff = rnd.randrange(0, (8 << 20) - rec_size, 4096)
-            recs.append(wire.WriteRecord(seq + i, 0, off // 512, rec_size, 0,
+            recs.append(wire.WriteRecord(seq + i, now, off // 512, rec_size, 0,
                                          blob[boff:boff + rec_size]))
         return wire.encode(wire.Writes(stream_id=sid, epoch=ep, first_seq=seq, records=recs))
 

@@ -24,8 +24,17 @@ keeps every message as well, for restores to any point in its window: what
 :meth:`Replica.write_durable` makes the journal durable *first* (so the
 journal always holds at least ``high_water``; it may hold more after a
 crash, and skips those seqs when dom0 re-sends them).  ``replica.img`` is the
-live copy (the disk as of ``high_water``); the journal's ``base.img`` is the
-copy that lags by the retention window.
+live copy; the journal's ``base.img`` is the copy that lags by the retention
+window.
+
+With a journal, :meth:`Replica.apply` writes the journal only: a guest's
+write would otherwise go into the page cache twice and be written back
+twice, and that is most of the appliance's cost.  ``replica.img`` is brought
+up to date from the journal by :meth:`Replica.catch_up` (each block once, in
+disk order): the receiver calls it when the stream pauses -- before the ACK
+that acknowledges everything received, so whoever saw that ACK finds the
+image equal to the disk --, when it lags by :data:`IMAGE_MAX_LAG_BYTES`, at
+a HELLO and on close.  ``image_applied`` says how far it is.
 
 The state also carries what :class:`xentap.wire.StreamChecker` needs back
 after a restart: ``high_water``, ``epoch`` (the highest session epoch ever
@@ -50,7 +59,7 @@ from pathlib import Path
 from engines import journal as journal_mod
 from xentap import wire
 from xentap.durable import fsync_dir
-from xentap.durable import write_atomically as write_state_atomically  # tests patch this name
+from xentap.durable import write_atomically as _write_durably
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,9 @@ JOURNAL_NAME = "journal"
 _MAX_STATE_BYTES = 64 * 1024
 IMAGE_SYNC_INTERVAL = 1.0  #: seconds between fdatasyncs of replica.img (the journal is the log)
 IMAGE_SYNC_BYTES = 256 << 20  #: ... or this many bytes applied since the last one
+#: with a journal, replica.img is brought up to date from it when the stream pauses
+#: (:meth:`Replica.catch_up`), or once it lags by this many data bytes
+IMAGE_MAX_LAG_BYTES = 1 << 30
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -93,6 +105,35 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+_tls = threading.local()  # .quick: write_state_atomically may skip the fsyncs (see there)
+
+
+def write_state_atomically(path: Path, data: bytes) -> None:  # tests patch this name
+    """Replace ``path`` atomically (temp file + rename).  Durably (fsyncs of the file
+    and of the directory) unless the caller said ``_tls.quick``: a group commit that
+    only moves ``high_water`` (and the last flush / checkpoint / GAP) forward, which
+    the journal makes durable on its own: :meth:`Replica.open` takes the journal's
+    last whole record as the high water when the state lags it after a crash."""
+    if not getattr(_tls, "quick", False):
+        _write_durably(path, data)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        mv = memoryview(data)
+        while mv:
+            mv = mv[os.write(fd, mv):]
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+#: ReplicaState fields a quick state write may change (the journal has them too)
+_QUICK_FIELDS = dict(high_water=0, last_flush_seq=0, last_flush_ns=0, last_flush_durable_ns=0,
+                     last_gap_seq=0, last_gap_reason=0, last_checkpoint_seq=0,
+                     last_checkpoint_label="", updated_ns=0)
 
 
 class ReplicaError(OSError):
@@ -181,6 +222,10 @@ class Replica:
         self.syncing = False  # between begin_sync() and end_sync()
         self._punch_ok = True
         self._zero_range_ok = True
+        #: seq up to which replica.img holds the stream (page cache, maybe not durable);
+        #: with a journal it lags while the stream is busy (see catch_up)
+        self.image_applied = state.high_water
+        self.image_lag_bytes = 0  # data bytes journaled but not yet in replica.img
 
     # -- naming
     @staticmethod
@@ -258,6 +303,13 @@ class Replica:
                 jdir, vbd_uuid=st.vbd_uuid, size_bytes=st.size_bytes,
                 base_from=self.image_path, base_seq=st.high_water, base_ts=st.updated_ns,
                 **opts)
+        elif j.last_seq > st.high_water and st.image_seq >= 0:
+            # group commits record the state without fsync (write_state_atomically):
+            # after a crash the journal's last whole record is the high water
+            log.info("replica %s: the journal holds seqs up to %d, the state said %d",
+                     self.dir, j.last_seq, st.high_water)
+            self.state = replace(st, high_water=j.last_seq, in_resync=j.in_resync)
+            self.pending = replace(self.pending, high_water=j.last_seq, in_resync=j.in_resync)
         self.journal = j
         self._redo_image()
 
@@ -273,6 +325,7 @@ class Replica:
                      st.high_water)
             j.replay_onto(self.fd, img + 1, st.high_water)
             os.fdatasync(self.fd)
+            self.image_applied = st.high_water
             self.state = replace(st, image_seq=st.high_water)
             write_state_atomically(self.state_path, self.state.to_json())
             self.pending = replace(self.pending, image_seq=st.high_water)
@@ -312,9 +365,14 @@ class Replica:
     def close(self) -> None:
         """Close the image and the journal (what the journal did not write is dropped);
         after a clean life the image is made durable up to the durable high water."""
+        if self.journal is not None and self.fd >= 0 and not self._failed and not self.syncing:
+            try:
+                self.catch_up()
+            except OSError as e:  # the journal still has it: redone on open
+                log.warning("replica %s: bringing the image up to date failed: %s", self.dir, e)
         st = self.state
         if self.journal is not None and self.fd >= 0 and not self._failed and not self.syncing \
-                and st.image_seq != st.high_water:
+                and st.image_seq != st.high_water and self.image_applied == st.high_water:
             try:
                 os.fdatasync(self.fd)
                 self.state = replace(st, image_seq=st.high_water)
@@ -347,6 +405,7 @@ class Replica:
         if hello.size_bytes != p.size_bytes:
             log.info("replica %s: disk size %d -> %d bytes", p.vbd_uuid, p.size_bytes,
                      hello.size_bytes)
+            self.catch_up()  # records from before the resize go in first
             os.ftruncate(self.fd, hello.size_bytes)
             if self.journal is not None:
                 self.journal.resize(hello.size_bytes)
@@ -376,6 +435,16 @@ class Replica:
         while mv.nbytes:
             n = os.pwrite(fd, mv, offset)
             mv, offset = mv[n:], offset + n
+
+    def _write_records(self, recs: wire.Records) -> int:
+        """pwrite a batch of data records decoded as arrays (no per-record objects)."""
+        fd, pwrite, w = self.fd, os.pwrite, recs.wire_len
+        offs = (recs.sector.astype("u8") * wire.SECTOR_SIZE).tolist()
+        for off, d in zip(offs, recs.data_views()):
+            n = pwrite(fd, d, off)
+            if n != w:  # short write: finish it the slow way
+                self._pwrite(d[n:], off + n)
+        return recs.data_bytes
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         while length:
@@ -417,12 +486,36 @@ class Replica:
         if rng is None:
             return 0
         p = self.pending
-        nbytes = 0
-        if self.journal is not None:
+        if self.journal is not None:  # the journal only: catch_up() does the image
             self._journal(msg)
+            nbytes = wire.payload_bytes(msg)
+            self.image_lag_bytes += nbytes
+        else:
+            nbytes = self._apply_image(msg)
+            self._image_bytes += nbytes
+            self.image_applied = rng[1]
+        if isinstance(msg, wire.Flush):
+            p.last_flush_seq, p.last_flush_ns = msg.seq, msg.timestamp_ns
+        elif isinstance(msg, wire.Gap):
+            p.in_resync = True
+            p.last_gap_seq, p.last_gap_reason = msg.seq, int(msg.reason)
+        elif isinstance(msg, wire.ResyncEnd):
+            p.in_resync = False
+        elif isinstance(msg, wire.Checkpoint):
+            p.last_checkpoint_seq, p.last_checkpoint_label = msg.seq, msg.label
+        p.high_water = rng[1]
+        self._dirty(nbytes)
+        return nbytes
+
+    def _apply_image(self, msg: wire.Message) -> int:
+        """Write a WRITES / RESYNC message's data into the image; returns data bytes."""
+        nbytes = 0
         if isinstance(msg, wire.Writes):
+            recs = msg.records
+            if type(recs) is wire.Records and recs.wire_len and not recs.flags.any():
+                return self._write_records(recs)
             DISCARD, ZEROES = _DISCARD, _ZEROES
-            for r in msg.records:
+            for r in recs:
                 off = r.sector * wire.SECTOR_SIZE
                 if r.flags & DISCARD:
                     self.punch(off, r.length)
@@ -438,19 +531,25 @@ class Replica:
             else:
                 self._pwrite(msg.data, off)
                 nbytes += msg.length
-        elif isinstance(msg, wire.Flush):
-            p.last_flush_seq, p.last_flush_ns = msg.seq, msg.timestamp_ns
-        elif isinstance(msg, wire.Gap):
-            p.in_resync = True
-            p.last_gap_seq, p.last_gap_reason = msg.seq, int(msg.reason)
-        elif isinstance(msg, wire.ResyncEnd):
-            p.in_resync = False
-        elif isinstance(msg, wire.Checkpoint):
-            p.last_checkpoint_seq, p.last_checkpoint_label = msg.seq, msg.label
-        p.high_water = rng[1]
-        self._dirty(nbytes)
-        self._image_bytes += nbytes
         return nbytes
+
+    @property
+    def image_behind(self) -> bool:
+        """replica.img lacks records the journal holds (see catch_up)."""
+        return self.image_applied < self.pending.high_water
+
+    def catch_up(self) -> int:
+        """Bring replica.img up to the durable high water from the journal (records
+        not yet durable stay for the next call); returns the seq it holds now."""
+        st = self.state
+        if self.journal is None or self.image_applied >= st.high_water or self.fd < 0:
+            return self.image_applied
+        n = self.journal.replay_onto(self.fd, self.image_applied + 1, st.high_water)
+        self._image_bytes += n
+        self.image_lag_bytes = max(0, self.image_lag_bytes - n) \
+            if st.high_water < self.pending.high_water else 0
+        self.image_applied = st.high_water
+        return self.image_applied
 
     def _journal(self, msg: wire.Message) -> None:
         j, K = self.journal, journal_mod.Kind
@@ -506,12 +605,14 @@ class Replica:
         self.dirty_since = None
         st = self.state
         durable_img = st.high_water if st.image_seq < 0 else st.image_seq
-        self._image_due = (self.journal is None or self._image_bytes >= IMAGE_SYNC_BYTES
-                           or time.monotonic() - self._image_synced_at >= IMAGE_SYNC_INTERVAL)
+        self._image_due = self.journal is None or (
+            self.image_applied > durable_img
+            and (self._image_bytes >= IMAGE_SYNC_BYTES
+                 or time.monotonic() - self._image_synced_at >= IMAGE_SYNC_INTERVAL))
         if self.journal is None:
             snap.image_seq = -1
         elif self._image_due:
-            snap.image_seq = snap.high_water
+            snap.image_seq = max(durable_img, min(self.image_applied, snap.high_water))
             self._image_bytes = 0
         else:
             snap.image_seq = durable_img
@@ -542,8 +643,18 @@ class Replica:
             finally:
                 t.join()
             if err:
+                self.journal.forget_last_write()  # not durable as a whole: none of it counts
                 raise err[0]
-        write_state_atomically(self.state_path, snap.to_json())
+        _tls.quick = taken is not None and \
+            replace(snap, **_QUICK_FIELDS) == replace(self.state, **_QUICK_FIELDS)
+        try:
+            write_state_atomically(self.state_path, snap.to_json())
+        except OSError:
+            if taken is not None:
+                self.journal.forget_last_write()
+            raise
+        finally:
+            _tls.quick = False
 
     def end_sync(self, snap: ReplicaState | None) -> None:
         """Finish a sync; ``None`` if write_durable failed (nothing becomes durable)."""
