@@ -11,10 +11,16 @@ the first suspicious write and adds a consistent ``recommended_recovery``
 tag at the last consistent point before it.  Tags become durable with the
 VBD's next group commit (the worker asks the receiver for one).
 
-Analysis never holds up acknowledgement: when the queue is full the
-message is not analysed; the VBD's status says ``behind`` (and how many
-messages were skipped), one log line says so, and its analyzer restarts on
-the next message it gets, learning the layout again from the replica image.
+Analysis never holds up acknowledgement, and never takes the receiver's
+CPU: the worker spends at most ``cpu_share`` of one core (thread CPU time,
+a token bucket; the appliance shares its machine with the guests it
+protects, and the analyzer's per-byte work cannot keep up with a fast
+guest anyway).  When the queue is full the message is not analysed; the
+VBD's status says ``behind`` (and how many messages were skipped), one log
+line says so, and messages are skipped until the queue has drained to a
+quarter (so that what is analysed comes in long contiguous runs, not one
+message here and there); its analyzer restarts on the next message it gets,
+learning the layout again from the replica image.
 
 The VBD's current data state is published to ``<data_dir>/<vbd>/analysis.json``
 (:data:`STATE_NAME`; written atomically, at most every ``publish_interval``
@@ -49,6 +55,8 @@ STATE_FORMAT = 1
 DEFAULT_QUEUE_BYTES = 256 << 20  #: data bytes waiting for analysis, all VBDs together
 DEFAULT_QUEUE_MSGS = 16384  #: messages waiting for analysis
 DEFAULT_PUBLISH_INTERVAL = 0.5  #: seconds between analysis.json updates while busy
+DEFAULT_CPU_SHARE = 0.25  #: of one core, at most, for the analysis worker (None: no limit)
+_CPU_BURST = 0.25  # seconds of CPU the worker may bank while idle
 _MAX_FILL = 4 << 20  # ZEROES / DISCARD ranges up to this are analysed as zeroes
 _RECENT_EVENTS = 64  # events kept in analysis.json (besides the first fs_identified ones)
 _TAG_KIND_ANALYZER = 3  # engines.journal.TagKind.ANALYZER (= wire.CheckpointKind.ANALYZER)
@@ -166,13 +174,18 @@ class Analysis:
 
     def __init__(self, *, detector: "DetectorConfig | None" = None,
                  queue_bytes: int = DEFAULT_QUEUE_BYTES, queue_msgs: int = DEFAULT_QUEUE_MSGS,
-                 publish_interval: float = DEFAULT_PUBLISH_INTERVAL):
+                 publish_interval: float = DEFAULT_PUBLISH_INTERVAL,
+                 cpu_share: float | None = DEFAULT_CPU_SHARE):
         if detector is not None:
             detector.validate()
+        if cpu_share is not None and not 0 < cpu_share:
+            raise ValueError(f"cpu_share {cpu_share}: a positive fraction of a core expected")
         self.cfg = detector
         self.queue_bytes = queue_bytes
         self.queue_msgs = queue_msgs
         self.publish_interval = publish_interval
+        self.cpu_share = cpu_share
+        self._skipping = False  # the queue was full: skip until it drained to a quarter
         self._q: deque = deque()
         self._qbytes = 0
         self._cv = threading.Condition()
@@ -208,7 +221,12 @@ class Analysis:
         n = wire.payload_bytes(msg)
         v.submitted_seq = rng[1]
         with self._cv:
-            if len(self._q) >= self.queue_msgs or (self._q and self._qbytes + n > self.queue_bytes):
+            if self._skipping and len(self._q) <= self.queue_msgs // 4 \
+                    and self._qbytes <= self.queue_bytes // 4:
+                self._skipping = False
+            if self._skipping or len(self._q) >= self.queue_msgs \
+                    or (self._q and self._qbytes + n > self.queue_bytes):
+                self._skipping = True
                 v.skipped += rng[1] - rng[0] + 1
                 self.stats["skipped"] += rng[1] - rng[0] + 1
                 now = time.monotonic()
@@ -271,7 +289,15 @@ class Analysis:
     # ------------------------------------------------------------ worker
     def _run(self) -> None:
         finish_due = False  # analysed something since the last finish/publish pass
+        tokens, last = _CPU_BURST, time.monotonic()  # CPU seconds the worker may spend
         while True:
+            if self.cpu_share is not None:
+                now = time.monotonic()
+                tokens = min(_CPU_BURST, tokens + (now - last) * self.cpu_share)
+                last = now
+                if tokens < 0 and not self._stop:
+                    time.sleep(min(1.0, -tokens / self.cpu_share))
+                    continue
             with self._cv:
                 if self._q:
                     v, msg, n = self._q.popleft()
@@ -295,6 +321,7 @@ class Analysis:
                         self._publish(w)
                 continue
             finish_due = True
+            cpu0 = time.thread_time()
             try:
                 self._feed(v, msg)
             except Exception:  # a bug in the analyzer must not stop the others
@@ -304,6 +331,7 @@ class Analysis:
                 v.next_seq = None
             if v.dirty and time.monotonic() - v.published >= self.publish_interval:
                 self._publish(v)
+            tokens -= time.thread_time() - cpu0
 
     def _feed(self, v: _Vbd, msg: wire.Message) -> None:
         first, last = wire.seq_range(msg)
