@@ -51,7 +51,7 @@ from xentap.spill import SpillLog
 
 log = logging.getLogger("xentap.drainer")
 
-BATCH_BYTES = 1 << 20           # a WRITES frame carries about this much
+BATCH_BYTES = 4 << 20           # a WRITES frame carries at most this much of the ring (per-frame costs are paid less often)
 HEARTBEAT_EVERY = 1.0           # seconds
 DEAD_AFTER = 3.0                # no word from the appliance: reconnect
 HELLO_EVERY = 1.0
