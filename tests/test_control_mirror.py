@@ -125,6 +125,40 @@ def test_an_absent_appliance_stalls_no_other_vbd(xenstore, tmp_path, keys_only, 
         env.close()
 
 
+def test_a_mirror_slow_to_start_stalls_nobody(xenstore, tmp_path, keys_only, monkeypatch):
+    """A drainer that takes long to start (it reads a spill log of a long
+    outage) delays neither its own guest's handshake (the ring keeps the
+    writes meanwhile) nor any other VBD's."""
+    real = P.Mirror.start
+
+    def slow_start(self, vbd, image):
+        time.sleep(DRAIN)
+        real(self, vbd, image)
+
+    monkeypatch.setattr(P.Mirror, "start", slow_start)
+    env = make_env(xenstore, tmp_path, keys_only)
+    try:
+        env.guest(SLOW)
+        env.guest(OTHER)
+        t0 = time.monotonic()
+        r = env.cli("attach", str(SLOW), env.image("a.img"), "xvda", *dead_endpoint_args(env))
+        assert r.exit_code == 0, r.output
+        fa = env.front(SLOW, "xvda", connect=False)
+        fa.connect(timeout=3)
+        assert fa.run(block_size=4096, queue_depth=4, max_ios=100, verify=True)["errors"] == 0
+        env.attach(OTHER, env.image("b.img"), "xvda")
+        fb = env.front(OTHER, "xvda", connect=False)
+        fb.connect(timeout=3)
+        assert fb.run(block_size=4096, queue_depth=4, max_ios=100, verify=True)["errors"] == 0
+        assert time.monotonic() - t0 < DRAIN - 2
+        env.wait_for(lambda: (env.mirror() or {}).get("state") == "starting", 1, "starting")
+        m = env.wait_for(lambda: (m := env.mirror()) and m["state"] == "disconnected" and m,
+                         DRAIN + 10, "the drainer to run")
+        assert m["next_seq"] == 101 and m["error"] == "", m      # the ring kept every write
+    finally:
+        env.close()
+
+
 # --- 2. the spill dirs of detached VBDs ---------------------------------------------------
 
 def test_daemon_start_removes_drained_spill_dirs_of_detached_vbds(xenstore, tmp_path,

@@ -57,13 +57,15 @@ class DrainJob:
     """
 
     def __init__(self, name: str, mirror: P.Mirror, vbd: shim.Vbd, target: str | None,
-                 timeout: float):
+                 timeout: float, after: threading.Thread | None = None):
+        """``after``: the thread still starting the drainer, waited for first."""
         self.name = name
         self.mirror = mirror
         self.target = target
         self.drainer = mirror.drainer
         self.figures: dict[str, Any] | None = None
         self.overflows = self.gaps = 0
+        self._after = after
         self._vbd: shim.Vbd | None = vbd
         self._lock = threading.Lock()        # the image is closed under it
         self.done = threading.Event()
@@ -73,14 +75,21 @@ class DrainJob:
 
     def _run(self, timeout: float) -> None:
         try:
-            self.figures = self.mirror.stop(timeout)
+            if self._after is not None:
+                self._after.join()
+                self.drainer = self.mirror.drainer      # None if it failed to start
+            if self.drainer is not None:
+                restart_gaps = self.drainer.restart_gaps
+                self.figures = self.mirror.stop(timeout)
+                self.gaps += restart_gaps
         except Exception as e:  # noqa: BLE001 - one VBD's failure, said, must not stop others
             log.error("%s: stopping the mirror: %s", self.name, e)
         finally:
             with self._lock:
                 vbd, self._vbd = self._vbd, None
                 st = vbd.mirror_stats() or {}
-                self.overflows, self.gaps = st.get("overflows", 0), st.get("gaps", 0)
+                self.overflows = st.get("overflows", 0)
+                self.gaps += st.get("gaps", 0)
                 vbd.close()
             self.done.set()
 
@@ -90,7 +99,8 @@ class DrainJob:
         with self._lock:
             if self._vbd is None:
                 return self.figures, None
-            return self.drainer.stats(), self._vbd.mirror_stats()
+            d = self.drainer
+            return (d.stats() if d is not None else None), self._vbd.mirror_stats()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
@@ -103,8 +113,8 @@ class DrainJobs:
         self.jobs: list[DrainJob] = []
 
     def start(self, name: str, mirror: P.Mirror, vbd: shim.Vbd, target: str | None,
-              timeout: float) -> DrainJob:
-        job = DrainJob(name, mirror, vbd, target, timeout)
+              timeout: float, after: threading.Thread | None = None) -> DrainJob:
+        job = DrainJob(name, mirror, vbd, target, timeout, after)
         self.jobs.append(job)
         return job
 
@@ -151,6 +161,8 @@ class ProtectedDevice(BackendDevice):
         self._last_lag = 0.0
         self._age = P.UnackedAge()
         self._retry_at = 0.0
+        self._starter: threading.Thread | None = None     # a drainer starting
+        self._start_error: BaseException | None = None
 
     @property
     def wants_retry(self) -> bool:
@@ -207,33 +219,60 @@ class ProtectedDevice(BackendDevice):
         return u
 
     def _start_mirror(self) -> None:
-        """Starts the drainer; on failure (appliance not announced yet, dom0
-        keys missing) says why in ``mirror-error`` and retries later.  The
-        ring keeps the writes meanwhile (and overflows into the dirty
-        bitmap, resynced once the drainer runs)."""
+        """Starts the drainer in a thread (it reads its spill log, which may
+        be large after an outage: the daemon's main loop does not wait for
+        it, and the shim connects meanwhile); on failure (appliance not
+        announced yet, dom0 keys missing) says why in ``mirror-error`` and
+        retries later.  The ring keeps the writes meanwhile (and overflows
+        into the dirty bitmap, resynced once the drainer runs)."""
         m = self.mirror
-        if m is None or m.drainer is not None or self.vbd is None:
+        if m is None or m.drainer is not None or self.vbd is None or self._starter is not None:
             return
         self._retry_at = time.monotonic() + 2.0
         try:
             m.target = P.resolve(self.xs, self.protect, self.xs.read(f"{self.be}/{K.BE_PROTECT_KEY}"),
                                  self.mirror_opts["keys_dir"])
-            m.start(self.vbd, self.target)
         except (OSError, ValueError) as e:
-            msg = getattr(e, "strerror", None) or str(e)
-            if msg != self.mirror_error:
-                log.warning("%s: mirror not started: %s", self.name, msg)
-            self.mirror_error = msg
+            self._mirror_failed(e)
             return
-        self.mirror_error = ""
+        vbd, image = self.vbd, self.target
+
+        def body() -> None:
+            try:
+                m.start(vbd, image)
+            except (OSError, ValueError) as e:
+                self._start_error = e
+
+        self._start_error = None
+        self._starter = threading.Thread(target=body, daemon=True,
+                                         name=f"mirror-start-{m.vbd_uuid}")
+        self._starter.start()
+
+    def _mirror_failed(self, e: BaseException) -> None:
+        msg = getattr(e, "strerror", None) or str(e)
+        if msg != self.mirror_error:
+            log.warning("%s: mirror not started: %s", self.name, msg)
+        self.mirror_error = msg
+
+    def _reap_starter(self) -> None:
+        """Takes the outcome of a drainer's start once its thread is done."""
+        t = self._starter
+        if t is None or t.is_alive():
+            return
+        self._starter = None
+        if self._start_error is not None:
+            self._mirror_failed(self._start_error)
+        else:
+            self.mirror_error = ""
 
     def mirror_retry(self) -> None:
         """Called every status round: starts a drainer that could not start."""
+        self._reap_starter()
         if (self.mirror is not None and self.mirror.drainer is None and self.vbd is not None
-                and time.monotonic() >= self._retry_at):
+                and self._starter is None and time.monotonic() >= self._retry_at):
             self._start_mirror()
 
-    def mirror_follow(self) -> bool:
+    def mirror_follow(self, resolved: dict[str, P.Target | None]) -> bool:
         """Called every status round: when the appliance domain this VBD
         names now announces another endpoint or key (it restarted with a new
         address), ends the shim session, what the appliance did not
@@ -242,16 +281,20 @@ class ProtectedDevice(BackendDevice):
         restarted daemon does, and its new drainer sends the spill log and
         the stream to the new endpoint.  The guest waits meanwhile; it sees
         no error.  While the appliance announces nothing usable the drainer
-        goes on (spilling)."""
+        goes on (spilling).  ``resolved`` memoizes the appliances' targets
+        over one status round."""
         m = self.mirror
         if (m is None or m.drainer is None or not self.connected or self.protect is None
                 or P.is_endpoint(self.protect)):
             return False
-        try:
-            now = P.resolve(self.xs, self.protect, None, self.mirror_opts["keys_dir"])
-        except (OSError, ValueError):
-            return False
-        if now == m.target:
+        if self.protect not in resolved:
+            try:
+                resolved[self.protect] = P.resolve(self.xs, self.protect, None,
+                                                   self.mirror_opts["keys_dir"])
+            except (OSError, ValueError):
+                resolved[self.protect] = None
+        now = resolved[self.protect]
+        if now is None or now == m.target:
             return False
         log.info("%s: appliance %s moved from %s to %s%s: following it", self.name,
                  self.protect, m.target.endpoint if m.target else "?", now.endpoint,
@@ -262,12 +305,13 @@ class ProtectedDevice(BackendDevice):
 
     def _close_image(self, vbd: shim.Vbd) -> None:
         m = self.mirror
-        if m is not None and m.drainer is not None:
+        starter, self._starter = self._starter, None
+        if m is not None and (m.drainer is not None or starter is not None):
             timeout = (self.mirror_opts["drain_timeout"] if self._drain_timeout is None
                        else self._drain_timeout)
             self._drain_timeout = None
-            self._mirror_base[K.ST_MIRROR_GAPS] += m.drainer.restart_gaps
-            self.drain = self.drains.start(self.name, m, vbd, self.target, timeout)
+            self.drain = self.drains.start(self.name, m, vbd, self.target, timeout,
+                                           after=starter)
             return
         if m is not None:                       # mirrored, but no drainer ever started
             st = vbd.mirror_stats() or {}
@@ -314,10 +358,12 @@ class ProtectedDevice(BackendDevice):
             state = "error"
         elif job is not None:
             state = "draining" if live is not None else "stopped"
-        elif d is None:
-            state = "stopped" if fig is not None else "starting"
-        else:
+        elif d is not None:
             state = fig["state"]
+        elif self._starter is not None or fig is None:
+            state = "starting"
+        else:
+            state = "stopped"
         st[K.ST_MIRROR] = state
         st[K.ST_MIRROR_ERROR] = err
         st[K.ST_MIRROR_APPLIANCE] = m.target.endpoint if m and m.target else ""
@@ -338,8 +384,12 @@ class ProtectedDevice(BackendDevice):
             st[K.ST_MIRROR_ACK_P99_MS] = f"{fig['lag_ms']['p99']:.1f}"
             st[K.ST_MIRROR_SPILL_BYTES] = fig["spill_bytes"]
             st[K.ST_MIRROR_RING_BYTES] = fig["ring_used_bytes"] if live is not None else 0
-        now = {K.ST_MIRROR_OVERFLOWS: live["overflows"] if live else 0,
-               K.ST_MIRROR_GAPS: (live["gaps"] if live else 0) + (d.restart_gaps if d else 0)}
+        if job is not None and live is None:    # done, not reaped yet: its final counts
+            now = {K.ST_MIRROR_OVERFLOWS: job.overflows, K.ST_MIRROR_GAPS: job.gaps}
+        else:
+            restart_gaps = drainer.restart_gaps if drainer is not None else 0
+            now = {K.ST_MIRROR_OVERFLOWS: live["overflows"] if live else 0,
+                   K.ST_MIRROR_GAPS: (live["gaps"] if live else 0) + restart_gaps}
         for k in K.ST_MIRROR_CUMULATIVE:
             st[k] = self._mirror_base[k] + now[k]
         return st
@@ -621,9 +671,10 @@ class Daemon:
         """Writes every VBD's status and the daemon's heartbeat."""
         xs = self._xs
         now = f"{time.time():.0f}"
+        resolved: dict[str, P.Target | None] = {}
         for d in list(self.devices.values()):
             d.mirror_retry()
-            if d.mirror_follow():
+            if d.mirror_follow(resolved):
                 self._step(d)
         samples: list[tuple[str, dict[str, Any]]] = [
             (K.status_path(d.domid, d.devid), d.status()) for d in self.devices.values()]
@@ -700,10 +751,11 @@ def revoke_appliance(xs: Xs, domid: int) -> bool:
     return True
 
 
-def read_appliance_status(xs: Xs, domid: int) -> dict[str, Any]:
+def read_appliance_status(xs: Xs, domid: int, vbds: bool = True) -> dict[str, Any]:
     """What appliance ``domid`` published, validated: each value that is
     absent or not what the key allows is None and named in ``problems``.
-    Nothing it wrote is used otherwise."""
+    Nothing it wrote is used otherwise.  Without ``vbds`` its per-VBD
+    entries are not read (``vbds`` is empty): what a drainer needs, cheaply."""
     st = K.appliance_status_path(domid)
     problems: list[str] = []
 
@@ -726,9 +778,9 @@ def read_appliance_status(xs: Xs, domid: int) -> dict[str, Any]:
     }
     if out["heartbeat"] is not None:
         out["heartbeat"] = int(out["heartbeat"])
-    vbds = []
+    entries = []
     vdir = f"{st}/{K.APS_VBD}"
-    for d in (xs.ls(vdir) or [])[:256]:
+    for d in (xs.ls(vdir) or [])[:256] if vbds else []:
         for v in (xs.ls(f"{vdir}/{d}") or [])[:256]:
             if not (d.isdigit() and v.isdigit() and len(d) <= 5 and len(v) <= 10):
                 problems.append("bad vbd entry")
@@ -744,9 +796,9 @@ def read_appliance_status(xs: Xs, domid: int) -> dict[str, Any]:
             if ds is not None and (len(ds) > 64 or not re.fullmatch(r"[a-z0-9-]+", ds)):
                 problems.append(f"bad {K.APS_DATA_STATE} of {d}/{v}")
                 ds = None
-            vbds.append({"domain": int(d), "devid": int(v),
+            entries.append({"domain": int(d), "devid": int(v),
                          "window_start": w[K.APS_WINDOW_START],
                          "window_end": w[K.APS_WINDOW_END], "data_state": ds})
-    out["vbds"] = vbds
+    out["vbds"] = entries
     out["problems"] = problems
     return out

@@ -138,7 +138,7 @@ def resolve(xs, protect: str, key: str | None, keys_dir: str) -> Target:
     domid = find_appliance(xs, protect)
     if domid is None:
         raise ValueError(f"no appliance domain named {protect!r}")
-    st = read_appliance_status(xs, domid)
+    st = read_appliance_status(xs, domid, vbds=False)
     if st["endpoint"] is None or st["public_key"] is None:
         why = ", ".join(st["problems"]) or "no endpoint or public key published yet"
         raise ValueError(f"appliance {protect} (domain {domid}): {why}")
