@@ -9,10 +9,16 @@ every second the daemon publishes each VBD's counters under
 A protected VBD (``protect`` in its backend node, see xentap.protect) is a
 :class:`ProtectedDevice`: its shim's mirror ring is on before the shim
 connects and a drainer sends the stream to the appliance; its figures are
-published with the counters (``mirror-*``).  When the VBD's shim session ends
-(detach, guest end, daemon stop) the drainer drains for a bounded time and
-keeps the rest in its spill log; the next session, or the next daemon, goes
-on with the same stream (the VBD's ``vbd-uuid`` is in xenstore).
+published with the counters (``mirror-*``; ``mirror-lag-ms`` is the age of
+the oldest write the appliance has not acknowledged).  When the VBD's shim
+session ends (detach, guest end, daemon stop) the drainer drains for a
+bounded time and keeps the rest in its spill log, in a :class:`DrainJob`'s
+thread: nothing the appliance does (or fails to do) holds up the main loop,
+so every other VBD's handshake, attach and detach go on meanwhile.  The
+next session, or the next daemon, goes on with the same stream (the VBD's
+``vbd-uuid`` is in xenstore); a detached VBD's stream never does, and its
+spill dir is removed once every write is acknowledged.  A VBD that names an
+appliance domain follows it when it announces a new endpoint or key.
 
 Stopping (SIGTERM) disconnects every ring after answering what is in flight
 and leaves the xenstore states alone: guests stall, they do not see an error,
