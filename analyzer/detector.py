@@ -320,13 +320,27 @@ class EncryptionDetector:
             self._chunk(int(c))[bno[sel] & _CHUNK_MASK] = state[sel]
 
     def _fill_unknown(self, prior: np.ndarray, bno: np.ndarray, want: np.ndarray) -> None:
-        """Classify the replica's old content of blocks we never saw written."""
+        """Classify the replica's old content of blocks we never saw written.
+
+        Blocks at consecutive disk addresses are read with one ``read_old``
+        call per run (a write's blocks are consecutive: one read, not one per
+        block); after a short read the rest of the run is asked again, and a
+        block that no read returns whole counts as zeros."""
         idx = np.nonzero((prior == UNKNOWN) & want)[0]
         if not len(idx):
             return
-        old = []
-        for i in idx:
-            b = self.read_old(int(bno[i]) * BLOCK, BLOCK)
-            old.append(b if b is not None and len(b) == BLOCK else bytes(BLOCK))
-        st = BlockStats(np.frombuffer(b"".join(old), dtype=np.uint8).reshape(len(idx), BLOCK))
-        prior[idx] = _classify(st)
+        b = bno[idx]
+        cut = np.nonzero(np.diff(b) != 1)[0] + 1
+        run_starts = np.concatenate(([0], cut))
+        run_ends = np.concatenate((cut, [len(idx)]))
+        samp = np.zeros((len(idx), SAMPLE), dtype=np.uint8)  # zeros where a read fell short
+        for r0, r1 in zip(run_starts.tolist(), run_ends.tolist()):
+            while r0 < r1:
+                got = self.read_old(int(b[r0]) * BLOCK, (r1 - r0) * BLOCK)
+                whole = 0 if got is None else min(len(got) // BLOCK, r1 - r0)
+                if whole:
+                    chunks = np.frombuffer(got, dtype=_V32, count=whole * (BLOCK // 32))
+                    samp[r0:r0 + whole].reshape(-1).view(_V32)[:] = chunks[::8]
+                # a short read: the rest of the run block by block (the first one missing stays zero)
+                r0 += max(whole, 1)
+        prior[idx] = _classify(BlockStats.of_sample(samp))

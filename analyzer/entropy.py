@@ -148,7 +148,7 @@ class BlockStats:
     ``BlockStats(blocks)`` takes (n, 4096) blocks; ``BlockStats.of_sample(s)``
     the (n, 512) samples of :func:`sample` (what the detector keeps)."""
 
-    __slots__ = ("chi2", "stripe_chi2", "window_chi2", "zero_frac", "signature", "_sample")
+    __slots__ = ("chi2", "stripe_chi2", "window_chi2", "zero_frac", "_signature", "_sample")
 
     def __init__(self, blocks: np.ndarray):
         self._init(sample(blocks))
@@ -162,10 +162,10 @@ class BlockStats:
     def _init(self, samp: np.ndarray) -> None:
         n = samp.shape[0]
         self._sample = samp
-        words = samp.view(np.uint32)  # (n, 128): the block's first 8 bytes are words 0 and 1
-        self.signature = _signatures(words[:, 0], words[:, 1])
-        # at least 58 of the 64 8-byte words zero: more than 90 % zero bytes for sure
-        skip = np.count_nonzero(samp.view(np.uint64), axis=1) <= 64 - 58
+        self._signature = None
+        # at most 6 of the 64 8-byte words non-zero: more than 90 % zero bytes for sure
+        nzw = np.count_nonzero(samp.view(np.uint64), axis=1)
+        skip = nzw <= 64 - 58
         if not skip.any():
             ss, zeros = square_sums(samp)
             chi = ss * _CHI_SCALE
@@ -173,10 +173,11 @@ class BlockStats:
             self.zero_frac = zeros * (1.0 / SAMPLE)
         else:
             live = np.nonzero(~skip)[0]
-            dead = np.nonzero(skip)[0]
             chi = np.full((n, 5), np.inf, dtype=np.float32)
-            self.zero_frac = np.empty(n)
-            self.zero_frac[dead] = (SAMPLE - np.count_nonzero(samp[dead], axis=1)) * (1.0 / SAMPLE)
+            self.zero_frac = np.ones(n)  # all-zero samples: exactly 1
+            some = np.nonzero(skip & (nzw > 0))[0]
+            if len(some):
+                self.zero_frac[some] = (SAMPLE - np.count_nonzero(samp[some], axis=1)) * (1.0 / SAMPLE)
             if len(live):
                 ss, zeros = square_sums(samp[live])
                 chi[live] = ss * _CHI_SCALE - _CHI_SUB
@@ -184,6 +185,14 @@ class BlockStats:
         self.chi2 = chi[:, 3]
         self.stripe_chi2 = chi[:, 0:2]
         self.window_chi2 = chi[:, 2:5:2]
+
+    @property
+    def signature(self) -> np.ndarray:
+        """Starts with a known compressed/media signature (computed when first asked)."""
+        if self._signature is None:
+            words = self._sample.view(np.uint32)  # (n, 128): the block's first 8 bytes are words 0, 1
+            self._signature = _signatures(words[:, 0], words[:, 1])
+        return self._signature
 
     def entropy(self) -> np.ndarray:
         """Shannon entropy of the sample in bits per byte (at most ~7.6 for a 512-byte sample)."""
