@@ -201,6 +201,8 @@ class Receiver:
         self._completed: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r = self._wake_w = -1
         self._held: dict[uuid.UUID, float] = {}  # vbd -> since when its ACK waits (catch-up)
+        self._catchups: dict[uuid.UUID, object] = {}  # vbd -> Future of a running catch-up
+        self._catchup_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ life cycle
     def bind(self) -> str:
@@ -241,6 +243,7 @@ class Receiver:
         self._ctx, self._sock = ctx, sock
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pool = ThreadPoolExecutor(self.sync_threads, thread_name_prefix="xentap-sync")
+        self._catchup_pool = ThreadPoolExecutor(1, thread_name_prefix="xentap-catchup")
         log.info("appliance receiver listening on %s (%s), data in %s", self.endpoint,
                  "CurveZMQ, %d dom0 key(s) allowed" % len(self.curve.allowed)
                  if self.curve else "INSECURE: no encryption, no authentication",
@@ -321,6 +324,9 @@ class Receiver:
     def _shutdown(self) -> None:
         if self.analysis is not None:  # its last tags go into the final syncs
             self.analysis.close()
+        if self._catchup_pool is not None:
+            self._catchup_pool.shutdown(wait=True)
+            self._catchup_pool = None
         for rep in list(self.replicas.values()):
             self._sync_now(rep)
         if self._pool is not None:
@@ -389,7 +395,9 @@ class Receiver:
             if rep.dirty_since is not None and not rep.syncing:
                 t = rep.dirty_since + self.sync_interval
                 due = t if due is None else min(due, t)
-        for t in self._held.values():
+        for vbd, t in self._held.items():
+            if vbd in self._catchups:  # its catch-up wakes the loop when done
+                continue
             due = t + CATCHUP_IDLE if due is None else min(due, t + CATCHUP_IDLE)
         if due is None:
             return _IDLE_POLL_MS
@@ -584,7 +592,7 @@ class Receiver:
         if len(self.replicas) > self.max_streams:  # close idle, clean, unbound ones
             for vbd, r in list(self.replicas.items()):
                 if vbd not in self._bound_session and not r.dirty and not r.syncing \
-                        and r is not rep:
+                        and r is not rep and vbd not in self._catchups:
                     r.close()
                     del self.replicas[vbd]
                     if len(self.replicas) <= self.max_streams:
@@ -624,7 +632,7 @@ class Receiver:
         rep.end_sync(snap)
         self.stats["syncs"] += 1
         if rep.image_lag_bytes >= replica_mod.IMAGE_MAX_LAG_BYTES:
-            self._catch_up(rep)
+            self._start_catch_up(rep)
         sess = self._bound_session.get(rep.vbd_uuid)
         if sess is not None and sess.acked < rep.durable_seq:
             self._ack_or_hold(sess)
@@ -640,23 +648,57 @@ class Receiver:
         self._ack(sess)
 
     def _release_held(self) -> None:
+        """Send the held ACKs that are due: at once when more frames came (the stream
+        goes on), else once a catch-up (in the catch-up thread, so that the loop
+        keeps answering) has brought replica.img to the durable seq."""
         now = time.monotonic()
         for vbd, since in list(self._held.items()):
             sess, rep = self._bound_session.get(vbd), self.replicas.get(vbd)
             if sess is None or rep is None or rep.fd < 0:
                 del self._held[vbd]
+                if rep is not None and rep.fd >= 0:  # the stream ended: a pause too
+                    self._start_catch_up(rep)
                 continue
-            if rep.applied_seq > rep.durable_seq:  # more frames came: no pause
-                del self._held[vbd]
-            elif now - since >= CATCHUP_IDLE:
-                del self._held[vbd]
-                self._catch_up(rep)
-            else:
+            if rep.applied_seq <= rep.durable_seq and rep.image_applied < rep.durable_seq:
+                if now - since < CATCHUP_IDLE or self._catchup_running(vbd):
+                    continue
+                self._start_catch_up(rep)
                 continue
+            del self._held[vbd]
             if sess.acked < rep.durable_seq:
                 self._ack(sess)
 
+    def _catchup_running(self, vbd: uuid.UUID) -> bool:
+        fut = self._catchups.get(vbd)
+        if fut is None:
+            return False
+        if not fut.done():
+            return True
+        del self._catchups[vbd]
+        exc = fut.exception()
+        if exc is not None:  # the journal has it all; the next catch-up tries again
+            log.error("replica %s: bringing replica.img up to date failed: %s", vbd, exc)
+        return False
+
+    def _start_catch_up(self, rep: Replica) -> None:
+        """Bring replica.img up to the durable seq in the catch-up thread (one per VBD
+        at a time); the loop is woken when it is done."""
+        vbd = rep.vbd_uuid
+        if self._catchup_pool is None or self._catchup_running(vbd):
+            return
+        fut = self._catchup_pool.submit(rep.catch_up)
+
+        def done(_f):
+            try:
+                os.write(self._wake_w, b"c")
+            except (BlockingIOError, OSError):
+                pass
+
+        self._catchups[vbd] = fut
+        fut.add_done_callback(done)
+
     def _catch_up(self, rep: Replica) -> None:
+        """The same, in this thread (waits for a running one)."""
         try:
             rep.catch_up()
         except OSError as e:  # the journal has it all; the next catch-up tries again

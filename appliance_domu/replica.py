@@ -72,7 +72,7 @@ IMAGE_SYNC_INTERVAL = 1.0  #: seconds between fdatasyncs of replica.img (the jou
 IMAGE_SYNC_BYTES = 256 << 20  #: ... or this many bytes applied since the last one
 #: with a journal, replica.img is brought up to date from it when the stream pauses
 #: (:meth:`Replica.catch_up`), or once it lags by this many data bytes
-IMAGE_MAX_LAG_BYTES = 1 << 30
+IMAGE_MAX_LAG_BYTES = 4 << 30
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -226,6 +226,7 @@ class Replica:
         #: with a journal it lags while the stream is busy (see catch_up)
         self.image_applied = state.high_water
         self.image_lag_bytes = 0  # data bytes journaled but not yet in replica.img
+        self._catchup_mu = threading.Lock()  # one catch_up at a time; close waits for it
 
     # -- naming
     @staticmethod
@@ -367,7 +368,7 @@ class Replica:
         after a clean life the image is made durable up to the durable high water."""
         if self.journal is not None and self.fd >= 0 and not self._failed and not self.syncing:
             try:
-                self.catch_up()
+                self.catch_up()  # (waits for one running in another thread)
             except OSError as e:  # the journal still has it: redone on open
                 log.warning("replica %s: bringing the image up to date failed: %s", self.dir, e)
         st = self.state
@@ -379,12 +380,13 @@ class Replica:
                 write_state_atomically(self.state_path, self.state.to_json())
             except OSError as e:  # the journal still has it: redone on open
                 log.warning("replica %s: image sync on close failed: %s", self.dir, e)
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self._catchup_mu:  # a catch-up in another thread finishes first
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
     # -- sessions
     def checker(self, stream_id: int, *, enforce_credit: bool = False) -> wire.StreamChecker:
@@ -541,15 +543,18 @@ class Replica:
     def catch_up(self) -> int:
         """Bring replica.img up to the durable high water from the journal (records
         not yet durable stay for the next call); returns the seq it holds now."""
-        st = self.state
-        if self.journal is None or self.image_applied >= st.high_water or self.fd < 0:
+        with self._catchup_mu:
+            st = self.state
+            if self.journal is None or self.image_applied >= st.high_water or self.fd < 0:
+                return self.image_applied
+            lag = self.image_lag_bytes
+            n = self.journal.replay_onto(self.fd, self.image_applied + 1, st.high_water)
+            self._image_bytes += n
+            # what came in meanwhile still lags; roughly: the bytes replayed are deduplicated
+            self.image_lag_bytes = max(0, self.image_lag_bytes - lag) \
+                if st.high_water < self.pending.high_water else 0
+            self.image_applied = st.high_water
             return self.image_applied
-        n = self.journal.replay_onto(self.fd, self.image_applied + 1, st.high_water)
-        self._image_bytes += n
-        self.image_lag_bytes = max(0, self.image_lag_bytes - n) \
-            if st.high_water < self.pending.high_water else 0
-        self.image_applied = st.high_water
-        return self.image_applied
 
     def _journal(self, msg: wire.Message) -> None:
         j, K = self.journal, journal_mod.Kind
