@@ -4,7 +4,8 @@ side by side with the sequential write speed of the same filesystem, in one run.
 - seq_write_mb_s: ``dd if=/dev/zero bs=1M conv=fdatasync`` of the disk's size
   in the same directory.
 - ingest_4k_mb_s / ingest_1m_mb_s: :meth:`Journal.append_writes` of prebuilt
-  WRITES batches (4 KiB records x 256 / 1 MiB records x 4 per batch), made
+  WRITES batches (4 KiB records x 256 / 1 MiB records x 4 per batch, decoded
+  from wire frames as the receiver gets them), made
   durable every 4 MiB (group commit: one zstd frame per batch, one
   fdatasync per commit, run in a worker thread while the next 4 MiB are
   appended, as the receiver does), compression on.  Record data is half random, half
@@ -66,7 +67,9 @@ def _batches(rnd, blob, disk: int, rec: int, per: int, total: int, first_seq: in
             recs.append(wire.WriteRecord(seq + i, ts, rnd.randrange(disk // rec) * rec // 512,
                                          rec, 0, blob[o:o + rec]))
             ts += dt
-        out.append((seq, recs))
+        # as the appliance gets them: decoded from a WRITES frame (wire.Records)
+        frame = wire.encode(wire.Writes(stream_id=1, epoch=1, first_seq=seq, records=recs))
+        out.append((seq, wire.decode(frame).records))
         seq += per
     return out
 
