@@ -18,12 +18,21 @@ records the session's epoch durably, and is answered with
 ACK(acked_seq = durable high water, credit).  A HELLO for a VBD already
 bound to another stream supersedes that session.
 
-Durability and ACKs (group commit): accepted messages are applied to the
-replica at once; a replica is synced (fdatasync of the image, then the
-state file) when its oldest unsynced data is ``sync_interval`` old or
-``sync_bytes`` have piled up, and each sync is followed by one cumulative ACK
-carrying the durable seq and a renewed credit.  Nothing is ACKed before it
-is durable.
+Durability and ACKs (group commit): accepted messages are appended to the
+VBD's journal at once (WRITES batches decoded as arrays, see
+:class:`xentap.wire.Records`); a replica is synced (the journal written and
+fdatasynced, then the state file) when its oldest unsynced data is
+``sync_interval`` old or ``sync_bytes`` have piled up, and each sync is
+followed by one cumulative ACK carrying the durable seq and a renewed
+credit.  Nothing is ACKed before it is durable.
+
+``replica.img`` is not written on the way in (see :mod:`appliance_domu.replica`):
+an ACK that would acknowledge everything received while the image lags is
+held for :data:`CATCHUP_IDLE`; if more frames come the stream goes on and the
+ACK goes as is, else the image catches up from the journal in the catch-up
+thread and then the ACK goes.  So once dom0 saw everything acknowledged the
+image equals its disk, and a busy stream pays for one copy of each write
+(the journal's), not two.
 
 Credit: the receiver grants a constant window (``credit_bytes`` /
 ``credit_msgs`` beyond the acked seq) and, by default, *enforces* it
