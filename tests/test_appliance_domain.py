@@ -342,11 +342,31 @@ def test_create_clears_the_journal_vbd_of_a_destroyed_appliance(xenstore, tmp_pa
             xs.write(f"{be}/{K.STATE}", "6")
             if target is not None:
                 xs.write(f"{be}/{K.BE_PARAMS}", target)
-        removed = ad.clear_stale_journal(xs, journal)
+        removed = ad.clear_stale_vbds(xs, [journal])
         assert removed == [(APP, 51712)]
         assert not xs.exists(K.backend_path(APP, 51712))
         assert xs.exists(K.backend_path(APP, 51728))      # not the journal: left alone
         assert xs.exists(K.backend_path(12, 51712))        # its domain runs
         assert xs.exists(K.backend_path(13, 51712))        # another image
         assert not xs.exists(K.appliance_path(APP))
-        assert ad.clear_stale_journal(xs, journal) == []
+        assert ad.clear_stale_vbds(xs, [journal]) == []
+
+
+def test_an_image_with_a_root_disk_adds_it_read_only_beside_the_journal(image, dom0_keys,
+                                                                      tmp_path):
+    (Path(image) / "root.img").write_bytes(b"\0" * 4096)
+    root = os.path.join(image, "root.img")
+    for journal in (str(tmp_path / "j.img"), None):      # given, or the config's own
+        s = ad.settings(ip="10.1.0.5/24", keys_dir=dom0_keys, journal=journal, image=image)
+        ovr = ad.overrides(CFG.read_text(), s)
+        view = ad.cfg_view(CFG.read_text(), ovr, "appliance.cfg")
+        assert view["root"] == root
+        assert view["journal"] == (journal or "/var/lib/xentap/appliance-journal.img")
+        disks = xentap_disks(parse_with_overrides(CFG.read_text(), ovr, "appliance.cfg"))
+        assert [(d.vdev, d.target) for d in disks] == [("xvda", view["journal"]), ("xvdb", root)]
+        assert [d.mode for d in disks] == ["w", "r"]
+    # without root.img (an initramfs-only image) the config is as before
+    os.unlink(root)
+    s = ad.settings(ip="10.1.0.5/24", keys_dir=dom0_keys, image=image)
+    view = ad.cfg_view(CFG.read_text(), ad.overrides(CFG.read_text(), s), "appliance.cfg")
+    assert view["root"] is None

@@ -7,7 +7,9 @@ the domain and nothing depends on a hotplug script inside it.  What differs
 per host is given as options and becomes ``KEY=VALUE`` overrides of the
 config, as ``xl create`` takes them::
 
-    --image DIR        kernel = DIR/vmlinuz, ramdisk = DIR/appliance.cpio.gz
+    --image DIR        kernel = DIR/vmlinuz, ramdisk = DIR/appliance.cpio.gz, and
+                       DIR/root.img (when the image has one: the root disk,
+                       read-only, a xentap VBD xvdb beside the journal)
     --ip ADDR/PREFIX   extra: xentap.ip=...   (the image's init reads xentap.*)
     --keys DIR         extra: xentap.allow=<DIR/dom0.key>  (or --insecure)
     --bridge NAME      vif: the same MAC, bridge=NAME
@@ -39,10 +41,12 @@ DEFAULT_CFG = REPO / "xl_scripts" / "appliance.cfg"
 DEFAULT_IMAGE = REPO / "out" / "appliance"
 KERNEL_FILE = "vmlinuz"
 RAMDISK_FILE = "appliance.cpio.gz"
+ROOT_FILE = "root.img"
 DEFAULT_PORT = 7788
 DEFAULT_JOURNAL_SIZE = 4 << 30
 MIN_JOURNAL_SIZE = 64 << 20
 JOURNAL_VDEV = "xvda"
+ROOT_VDEV = "xvdb"
 #: The kernel command-line words the image's init reads (appliance_domu/image/init).
 EXTRA_KEYS = ("xentap.ip", "xentap.gw", "xentap.port", "xentap.allow", "xentap.insecure")
 _Z85_RE = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
@@ -191,10 +195,28 @@ def overrides(cfg_text: str, s: Settings, where: str = "appliance.cfg") -> tuple
             parts = [p for p in parts if not p.startswith("bridge=")] + [f"bridge={s.bridge}"]
             new.append(_quote(", ".join(parts)))
         out.append(f"vif=[ {', '.join(new)} ]")
-    if s.journal:
-        if "," in s.journal:
-            raise ApplianceDomainError(f"--journal {s.journal}: a path with a comma")
-        out.append(f"xentap_disks=[ {_quote(f'vdev={JOURNAL_VDEV}, access=rw, target={s.journal}')} ]")
+    root = os.path.join(s.image, ROOT_FILE) if s.image else None
+    if root and not os.path.isfile(root):
+        root = None
+    if s.journal or root:
+        journal = s.journal
+        if journal is None:          # the config's own journal disk, kept
+            from xentap.xl_config import ConfigError, xentap_disks
+            try:
+                disks = xentap_disks(cfg)
+            except ConfigError as e:
+                raise ApplianceDomainError(e.problems[0]) from None
+            j = [d for d in disks if d.vdev == JOURNAL_VDEV]
+            journal = j[0].target if j else None
+        specs = []
+        for path, what in ((journal, "--journal"), (root, "--image")):
+            if path and "," in path:
+                raise ApplianceDomainError(f"{what} {path}: a path with a comma")
+        if journal:
+            specs.append(f"vdev={JOURNAL_VDEV}, access=rw, target={journal}")
+        if root:
+            specs.append(f"vdev={ROOT_VDEV}, access=ro, target={root}")
+        out.append(f"xentap_disks=[ {', '.join(_quote(x) for x in specs)} ]")
     return tuple(out)
 
 
@@ -216,8 +238,10 @@ def cfg_view(cfg_text: str, ovr: tuple[str, ...], where: str) -> dict[str, Any]:
             if p.startswith("bridge="):
                 bridges.append(p[len("bridge="):])
     journal = [d for d in disks if d.vdev == JOURNAL_VDEV]
+    root = [d for d in disks if d.vdev == ROOT_VDEV]
     return {"name": str(cfg.get("name") or ""), "words": words, "bridges": bridges,
             "journal": journal[0].target if journal else None,
+            "root": root[0].target if root else None,
             "kernel": cfg.get("kernel"), "ramdisk": cfg.get("ramdisk")}
 
 
@@ -344,8 +368,8 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
     with Xs.open(xenstore_socket) as xs:
         if find_domain(xs, view["name"]) is not None:
             raise ApplianceDomainError(f"domain {view['name']} is already running")
-        for domid, devid in clear_stale_journal(xs, view["journal"]):
-            echo(f"removed the journal VBD {devid} of domain {domid}, which is gone "
+        for domid, devid in clear_stale_vbds(xs, [view["journal"], view["root"]]):
+            echo(f"removed VBD {devid} of domain {domid}, which is gone "
                  f"(an appliance destroyed with xl destroy)")
     if ensure_journal(view["journal"], journal_size):
         echo(f"made the journal disk {view['journal']} ({journal_size >> 20} MiB, sparse)")
@@ -370,14 +394,15 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
     return domid
 
 
-def clear_stale_journal(xs, journal: str) -> list[tuple[int, int]]:
-    """Detaches the xentap VBDs that serve ``journal`` to a domain that is
-    gone (an appliance ended by ``xl destroy`` or a crash leaves its journal
-    VBD behind, Closed) and drops the appliance nodes of such domains, so
-    that ``create`` after ``xl destroy`` starts the appliance again without
-    a by-hand ``xentap detach``.  A VBD of a running domain is left alone
-    (``xentap create`` then refuses the image, which is in use).  Returns
-    the (domid, devid) pairs removed."""
+def clear_stale_vbds(xs, targets) -> list[tuple[int, int]]:
+    """Detaches the xentap VBDs that serve one of ``targets`` (the journal,
+    the root disk) to a domain that is gone (an appliance ended by ``xl
+    destroy`` or a crash leaves its VBDs behind, Closed) and drops the
+    appliance nodes of such domains, so that ``create`` after ``xl destroy``
+    starts the appliance again without a by-hand ``xentap detach``.  A VBD
+    of a running domain is left alone (``xentap create`` then refuses the
+    image, which is in use).  Returns the (domid, devid) pairs removed."""
+    wanted = {os.path.abspath(t) for t in targets if t}
     from xentap import xs_keys as K
     from xentap.cli_vbd import detach_vbd
 
@@ -389,7 +414,7 @@ def clear_stale_journal(xs, journal: str) -> list[tuple[int, int]]:
             if not v.isdigit():
                 continue
             params = xs.read(f"{K.backend_path(int(d), int(v))}/{K.BE_PARAMS}")
-            if params is not None and os.path.abspath(params) == os.path.abspath(journal):
+            if params is not None and os.path.abspath(params) in wanted:
                 detach_vbd(xs, int(d), int(v), timeout=5.0, force=True)
                 removed.append((int(d), int(v)))
         if removed and removed[-1][0] == int(d):

@@ -6,11 +6,15 @@
 #
 #   OUT_DIR/vmlinuz            the kernel of Debian's linux-image package that
 #                              linux-image-amd64 depends on (6.1), as shipped
-#   OUT_DIR/appliance.cpio.gz  the root: an initramfs with busybox, mke2fs,
-#                              Debian's python3.11 (trimmed stdlib), the
+#   OUT_DIR/root.img           the root: a read-only ext4 disk image with busybox,
+#                              mke2fs, Debian's python3.11 (trimmed stdlib), the
 #                              project's packages, the wheels pinned in
 #                              requirements.txt, xen-netfront/xen-blkfront/ext4
-#                              and init (this directory)
+#                              and init (this directory); served as the
+#                              appliance's xvdb by dom0's xentap daemon
+#   OUT_DIR/appliance.cpio.gz  the boot initramfs: busybox, xen-blkfront, ext4
+#                              and boot-init, which mounts root.img and runs
+#                              its init
 #   OUT_DIR/SHA256SUMS
 #
 # Reproducible: pinned wheels, files sorted, every mtime SOURCE_DATE_EPOCH,
@@ -87,7 +91,7 @@ INPUTS=$( { (cd "$HERE" && find . -type f ! -name '*.swp' | sort | xargs sha256s
           sha256sum | cut -c1-16)
 if [ "${XT_APPLIANCE_REBUILD:-0}" != 1 ] && [ "$(cat "$OUT/.inputs" 2>/dev/null)" = "$INPUTS" ] &&
    (cd "$OUT" && sha256sum --quiet -c SHA256SUMS 2>/dev/null); then
-    echo "appliance-image: $OUT is up to date (inputs $INPUTS): $(stat -c %s "$OUT/appliance.cpio.gz") bytes"
+    echo "appliance-image: $OUT is up to date (inputs $INPUTS): root.img $(du -B1 "$OUT/root.img" | cut -f1) bytes allocated, appliance.cpio.gz $(stat -c %s "$OUT/appliance.cpio.gz") bytes"
     exit 0
 fi
 
@@ -242,18 +246,52 @@ chroot "$R" /usr/bin/python$PYVER -c 'import sys; sys.path.insert(0, "/usr/lib/x
 find "$R" -name __pycache__ -path '*usr/lib/xentap*' -exec rm -rf {} + 2>/dev/null || true
 
 # -------------------------------------------------------------------- pack --
+# root.img: the tree as a read-only ext4 disk image (the appliance's xvdb);
+# appliance.cpio.gz: a boot initramfs with busybox, xen-blkfront and ext4
+# that mounts it (boot-init).  Fixed UUID and hash seed, every mtime and
+# mke2fs's clock at SOURCE_DATE_EPOCH: the same bytes every build.
 mkdir -p "$OUT"
 find "$R" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
-(cd "$R" && find . | sort | cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -n -6 > "$OUT/appliance.cpio.gz.tmp"
+unpacked=$(du -sb "$R" | cut -f1)
+nfiles=$(find "$R" | wc -l)
+size_mib=$(( (unpacked * 5 / 4 + nfiles * 4096) / 1048576 + 16 ))
+FSUUID=78656e74-6170-4170-8000-726f6f74696d
+rm -f "$OUT/root.img.tmp"
+E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mke2fs -q -F -t ext4 -O ^has_journal,^resize_inode -m 0 -b 4096 \
+    -L xentap-root -U "$FSUUID" -E "hash_seed=$FSUUID,root_owner=0:0" -d "$R" \
+    "$OUT/root.img.tmp" "${size_mib}M" || die "mke2fs -d of the root image failed"
+e2fsck -fn "$OUT/root.img.tmp" >/dev/null || die "the root image does not fsck clean"
+mv "$OUT/root.img.tmp" "$OUT/root.img"
+
+B=$T/boot
+mkdir -p "$B"/{bin,dev,proc,sys,newroot,lib/modules}
+cp /bin/busybox "$B/bin/busybox"
+for a in $("$B/bin/busybox" --list); do
+    [ -e "$B/bin/$a" ] || ln -s busybox "$B/bin/$a"
+done
+: > "$B/lib/modules/order"
+for m in xen-blkfront ext4; do
+    modprobe -d "$KROOT" -S "$KVER" --show-depends "$m" | while read -r kw f _; do
+        [ "$kw" = insmod ] || continue
+        b=$(basename "$f"); b=${b%%.ko*}
+        grep -qx "$b" "$B/lib/modules/order" && continue
+        cp "$R/lib/modules/$b.ko" "$B/lib/modules/$b.ko"
+        echo "$b" >> "$B/lib/modules/order"
+    done
+done
+cp "$HERE/boot-init" "$B/init"; chmod 755 "$B/init"
+find "$B" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+(cd "$B" && find . | sort | cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -n -6 > "$OUT/appliance.cpio.gz.tmp"
 mv "$OUT/appliance.cpio.gz.tmp" "$OUT/appliance.cpio.gz"
 cp "$KROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 echo "$KVER" > "$OUT/kernel-version"
-(cd "$OUT" && sha256sum vmlinuz appliance.cpio.gz > SHA256SUMS)
+(cd "$OUT" && sha256sum vmlinuz appliance.cpio.gz root.img > SHA256SUMS)
 echo "$INPUTS" > "$OUT/.inputs"
 
-unpacked=$(du -sb "$R" | cut -f1)
-root=$(stat -c %s "$OUT/appliance.cpio.gz")
+boot=$(stat -c %s "$OUT/appliance.cpio.gz")
+root=$(stat -c %s "$OUT/root.img")
+rootused=$(du -B1 "$OUT/root.img" | cut -f1)
 kern=$(stat -c %s "$OUT/vmlinuz")
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
-echo "appliance-image: $OUT/appliance.cpio.gz $(mib "$root") ($(mib "$unpacked") unpacked), vmlinuz $(mib "$kern") (kernel $KVER)"
+echo "appliance-image: $OUT/root.img $(mib "$root") ($(mib "$rootused") allocated; the tree is $(mib "$unpacked")), boot initramfs $OUT/appliance.cpio.gz $(mib "$boot"), vmlinuz $(mib "$kern") (kernel $KVER)"
 echo "appliance-image: sha256 $(cut -c1-16 < "$OUT/SHA256SUMS" | tr '\n' ' ')"
