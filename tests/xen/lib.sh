@@ -83,6 +83,18 @@ xentap_daemon_pid=
 # EXIT`).
 xentap_daemon_start() {
     local dlog=$1 t0=$SECONDS; shift
+    if [ -n "${XT_DAEMON_PID:-}" ]; then
+        # run-cases.sh's daemon serves every case (see there): wait until it runs.
+        until [ "$(xenstore-read $XT_XS_ROOT/daemon/state 2>/dev/null)" = running ] &&
+              [ "$(xenstore-read $XT_XS_ROOT/daemon/pid 2>/dev/null)" = "$XT_DAEMON_PID" ]; do
+            kill -0 "$XT_DAEMON_PID" 2>/dev/null || fail "the suite's xentap daemon ($XT_DAEMON_PID) is gone"
+            [ $((SECONDS - t0)) -lt 240 ] || fail "the suite's xentap daemon is not running after 240s"
+            sleep 0.5
+        done
+        log "using the suite's xentap daemon (pid $XT_DAEMON_PID, log: ${XT_DAEMON_LOG#$XT_OUT/})"
+        xentap_daemon_pid=
+        return 0
+    fi
     for d in /dev/xen/gntdev /dev/xen/evtchn; do
         [ -c "$d" ] || fail "$d is missing"
     done
@@ -121,7 +133,11 @@ xentap_appliance_start() {
     mkdir -p "$dir/keys/allowed" "$dir/data" || fail "cannot make $dir"
     # dom0's init leaves lo down: binding 127.0.0.1 still works, connecting never does.
     ip link set lo up || fail "cannot bring lo up"
-    "$XENTAP" keys --dir "$dir/keys" --role dom0 > /dev/null || fail "xentap keys --role dom0"
+    if [ -n "${XT_KEYS:-}" ]; then      # the suite daemon's key pair (run-cases.sh)
+        cp "$XT_KEYS/dom0.key" "$XT_KEYS/dom0.key_secret" "$dir/keys/" || fail "no dom0 keys in $XT_KEYS"
+    else
+        "$XENTAP" keys --dir "$dir/keys" --role dom0 > /dev/null || fail "xentap keys --role dom0"
+    fi
     "$XENTAP" keys --dir "$dir/keys" --role appliance > /dev/null || fail "xentap keys --role appliance"
     cp "$dir/keys/dom0.key" "$dir/keys/allowed/" || fail "cannot allow dom0's key"
     log "starting xentap appliance serve on $XT_APPLIANCE_ENDPOINT (log: ${alog#$XT_OUT/})"
@@ -150,7 +166,8 @@ xentap_appliance_stop() {
 # suite's guest with `xentap create` on xl_scripts/guest-xentap.cfg, the
 # run's kernel/initramfs/workload and the xentap disks given as
 # overrides, as an administrator would; sets $domid.  XT_GUEST_RAMDISK and
-# XT_GUEST_MEMORY change the initramfs and the memory (MiB).
+# XT_GUEST_MEMORY change the initramfs and the memory (MiB); XT_GUEST_DISK,
+# when set, is the config's `disk` (disks of other backends beside xentap's).
 xentap_guest_create() {
     local name=$1 workload=$2 vcpus=$3 extra=$4 disks= d; shift 4
     for d in "$@"; do disks="$disks${disks:+, }'$d'"; done
@@ -159,7 +176,8 @@ xentap_guest_create() {
         "name='$name'" "kernel='$XT_GUEST_KERNEL'" "ramdisk='${XT_GUEST_RAMDISK:-$XT_GUEST_INITRD}'" \
         "extra='console=hvc0 quiet xt_workload=$workload${extra:+ $extra}'" \
         "memory=${XT_GUEST_MEMORY:-256}" "vcpus=$vcpus" "on_reboot='destroy'" "on_crash='destroy'" \
-        "xentap_disks=[ $disks ]" > "$XT_WORK/xentap-create.out" 2>&1 ||
+        "xentap_disks=[ $disks ]" ${XT_GUEST_DISK:+"disk=$XT_GUEST_DISK"} \
+        > "$XT_WORK/xentap-create.out" 2>&1 ||
         { cat "$XT_WORK/xentap-create.out"; return 1; }
     cat "$XT_WORK/xentap-create.out"
     domid=$(xl domid "$name") || { log "xl domid $name failed"; return 1; }

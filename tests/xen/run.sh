@@ -12,7 +12,7 @@
 #   XT_CACHE    cache of kernel, xen image, initramfs (default /var/cache/xentap-xen)
 #   XT_OUT      logs (default <repo>/out/xen); wiped at the start of each run
 #   XT_TIMEOUT  hard limit on the QEMU run in seconds (default 1500: a hang
-#               guard; six cases took 1073 s with the 2 cores shared)
+#               guard; the cases run in lanes side by side, see run-cases.sh)
 #   XT_CASE_TIMEOUT  per-case limit inside dom0 in seconds (default 300)
 #   XT_CPU      QEMU -cpu (default max,xsave=off; only change it to show the
 #               canary catching the corruption plain `max` causes)
@@ -121,8 +121,17 @@ if [ ! -e "$IRD/.done" ]; then
     mkdir -p "$IRD"
     "$HERE/mkinitrd.sh" dom0  "$KROOT" "$KVER" "$IRD/dom0.cpio"
     "$HERE/mkinitrd.sh" guest "$KROOT" "$KVER" "$IRD/guest.cpio"
-    "$HERE/mkinitrd.sh" guest-fio "$KROOT" "$KVER" "$IRD/guest-fio.cpio"
+    "$HERE/mkinitrd.sh" fio-tools "$KROOT" "$KVER" "$IRD/fio-tools.img"
     touch "$IRD/.done"
+fi
+
+# Byte code for the repo's packages, by the .venv's interpreter that dom0
+# runs: dom0 sees the repo read-only, so a stale or missing .pyc would be
+# compiled again by every xentap command there (seconds each, emulated).
+if [ -x "$REPO/.venv/bin/python" ]; then
+    for p in xentap appliance_domu engines analyzer; do
+        [ -d "$REPO/$p" ] && "$REPO/.venv/bin/python" -m compileall -q "$REPO/$p" >/dev/null 2>&1 || true
+    done
 fi
 
 # --------------------------------------------------------------- the run --
@@ -135,13 +144,17 @@ for c in $CASES; do [ -f "$HERE/cases/$c.sh" ] || die "no such case: $c"; done
 CASES_LIST=$(echo $CASES | tr ' ' ':')
 
 rm -rf "$XT_OUT"; mkdir -p "$XT_OUT/guests" "$XT_OUT/cases"
+# dom0's CurveZMQ key pair for the suite's daemon (run-cases.sh copies it).
+"$REPO/.venv/bin/xentap" keys --dir "$XT_OUT/keys" --role dom0 >/dev/null || die "xentap keys --role dom0"
 SERIAL=$XT_OUT/serial.log
 : > "$SERIAL"
 
 # dom0's command line carries the run's parameters; the initramfs's /init and
 # dom0-init.sh read them from /proc/cmdline.
 DOM0_ARGS="console=hvc0 earlyprintk=xen rdinit=/init quiet xt_repo=$REPO xt_cache=$XT_CACHE xt_kver=$KVER xt_initrd=$IRD xt_cases=$CASES_LIST xt_case_timeout=$XT_CASE_TIMEOUT"
-XEN_ARGS="dom0_mem=1536M,max:1536M console=com1 com1=115200 noreboot smep=0 smap=0"
+# bootscrub=0: Xen would otherwise scrub the guests' free RAM in its idle
+# loop, emulated CPU taken from dom0 and the guests.
+XEN_ARGS="dom0_mem=1536M,max:1536M console=com1 com1=115200 noreboot smep=0 smap=0 bootscrub=0"
 
 say "booting Xen in QEMU (cases: $CASES; logs in $XT_OUT)"
 T1=$(date +%s)
@@ -149,7 +162,7 @@ T1=$(date +%s)
 # registers (see the notes).  The out/ share is writable: guest consoles and
 # case logs land there directly.
 timeout -k 10 "$XT_TIMEOUT" qemu-system-x86_64 \
-    -accel tcg,thread=multi -smp 2 -cpu "$XT_CPU" -m 2560 \
+    -accel tcg,thread=multi -smp 2 -cpu "$XT_CPU" -m 4096 \
     -display none -vga none -monitor none -no-reboot \
     -chardev file,id=ser0,path="$SERIAL" -serial chardev:ser0 \
     -kernel "$XEN" -append "$XEN_ARGS" \
@@ -164,7 +177,12 @@ trap 'kill $QPID 2>/dev/null || true' EXIT INT TERM
 # dom0 prints XT-DONE when every case has run and its logs are synced.  Xen
 # then "enters ACPI S5" but QEMU does not exit (seen here), so stop it.
 qrc=
+qcpu=0
 while kill -0 $QPID 2>/dev/null; do
+    # QEMU's CPU time (user + system, in clock ticks) so far
+    # ($QPID is timeout(1); QEMU is its child)
+    qp=$(pgrep -P $QPID 2>/dev/null | head -1)
+    [ -z "$qp" ] || qcpu=$(awk '{ print $14 + $15 }' /proc/$qp/stat 2>/dev/null || echo "$qcpu")
     if grep -q '^XT-DONE' "$SERIAL" 2>/dev/null; then
         for _ in 1 2 3; do kill -0 $QPID 2>/dev/null || break; sleep 1; done
         kill $QPID 2>/dev/null || true
@@ -192,6 +210,13 @@ for c in $CASES; do
 done
 sed -En 's/^(\[[^]]*\] )?(METRIC .*)/\2/p' "$XT_OUT/serial.txt"
 grep 'RETRY' "$XT_OUT/serial.txt" | sed 's/^/xen-test: warning: /' >&2 || true
+# Where the time went: each case's wall time (cases in different lanes
+# overlap), and the suite daemon's start.
+sed -En 's/^(TIME [^ ]+ [0-9]+)$/\1 s/p; s/^=== (suite daemon: .*)/TIME \1/p' "$XT_OUT/serial.txt"
+if grep -q '^XT-DAEMON-TRACEBACK' "$XT_OUT/serial.txt"; then
+    say "the suite's xentap daemon logged a traceback (out/xen/cases/daemon.log)"
+    fail=$((fail + 1)); failed="$failed daemon-log"
+fi
 
 if [ $fail -gt 0 ] || [ $timed_out = 1 ]; then
     [ $timed_out = 1 ] && say "dom0 never reported XT-DONE (QEMU exit $qrc; limit ${XT_TIMEOUT}s)"
@@ -204,6 +229,6 @@ if [ $fail -gt 0 ] || [ $timed_out = 1 ]; then
         [ -f "$g" ] && { echo "----- tail of $g"; tail -n 30 "$g"; }
     done
 fi
-say "wall time: qemu $((T2 - T1))s, total $((T2 - T0))s"
+say "wall time: qemu $((T2 - T1))s, total $((T2 - T0))s; qemu cpu $((qcpu / $(getconf CLK_TCK)))s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ] && [ $timed_out = 0 ]

@@ -1,9 +1,10 @@
 # blkback-ext4: a PV guest on a kernel-blkback raw disk (a file in dom0's
-# /run, attached through Debian's `block` hotplug script and a loop device)
+# /run on a loop device, set up by the suite's hotplug script tests/xen/block-loop)
 # mkfs.ext4's it, writes files of known checksums, reads them back, times dd,
 # fscks; then dom0 checks the image with e2fsck -fn and the files' checksums
 # with debugfs.  The comparison point for xentap's own backend later.
-# xt-timeout: 400
+# xt-timeout: 900
+# xt-lane: blkback
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
 name=blkback-ext4
@@ -14,8 +15,8 @@ modprobe loop || fail "modprobe loop"
 rm -f "$img"
 truncate -s 256M "$img"
 
-cfg=$(guest_cfg $name ext4 "disk = [ 'format=raw, vdev=xvda, access=rw, target=$img' ]")
-guest_run $name "$cfg" 300 || fail "guest did not finish"
+cfg=$(guest_cfg $name ext4 "disk = [ 'format=raw, vdev=xvda, access=rw, script=$XT_REPO/tests/xen/block-loop, target=$img' ]")
+guest_run $name "$cfg" 700 || fail "guest did not finish"
 
 glog=$(guest_log $name)
 tr -d '\r' < "$glog" > "$XT_WORK/guest.log"

@@ -2,6 +2,7 @@
 # Under `-cpu max` without xsave=off, user-space vector registers get
 # clobbered now and then (see XEN-IN-QEMU.md); this makes that a failure.
 # Expected hashes were computed on the host (run.sh), on real hardware.
+# xt-lane: first
 . "$XT_REPO/tests/xen/lib.sh"
 . "$XT_REPO/tests/xen/canary-stream.sh"
 set -u

@@ -6,15 +6,19 @@
 # and the ratios to blkback.  Emulated (TCG), so only the ratios mean
 # anything.  Fails if blkback or xentap fails its job (data verified);
 # qdisk is reported, not required.
-# xt-timeout: 600
+# xt-timeout: 900
+# xt-lane: blkback
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
 name=$XT_CASE
 img=$XT_WORK/fio.img
-initrd=/run/xt-guest/guest-fio.cpio
-dlog=$XT_OUT/cases/$name.daemon.log
+tools=$XT_WORK/fio-tools.img
+dlog=${XT_DAEMON_LOG:-$XT_OUT/cases/$name.daemon.log}
 trap 'xentap_daemon_stop' EXIT
-cp "$XT_INITRD/guest-fio.cpio" "$initrd" || fail "no fio guest initramfs"
+# fio and its libraries: a read-only disk, xvdb of every guest here, served
+# by the kernel's blkback (mkinitrd.sh fio-tools; guest/fio.sh mounts it).
+cp --sparse=always "$XT_INITRD/fio-tools.img" "$tools" || fail "no fio tools disk"
+toolsdisk="'format=raw, vdev=xvdb, access=ro, script=$XT_REPO/tests/xen/block-loop, target=$tools'"
 modprobe xen-blkback || fail "modprobe xen-blkback"
 modprobe loop || fail "modprobe loop"
 
@@ -29,19 +33,16 @@ results() {
 
 fresh_image() { rm -f "$img"; truncate -s 128M "$img"; }
 
-# fio_cfg BACKEND DISKLINE: the suite's guest with the fio initramfs.
+# fio_cfg BACKEND DISKLINE: the suite's guest (and fio's disk).
 fio_cfg() {
-    local cfg
-    cfg=$(guest_cfg "$name-$1" fio "$2")
-    sed -i "s|^ramdisk = .*|ramdisk = '$initrd'|; s|^memory = .*|memory = 512|" "$cfg"
-    echo "$cfg"
+    guest_cfg "$name-$1" fio "$2"
 }
 
 ran=
 # --- kernel blkback
 fresh_image
-cfg=$(fio_cfg blkback "disk = [ 'format=raw, vdev=xvda, access=rw, target=$img' ]")
-guest_run "$name-blkback" "$cfg" 200 || fail "blkback guest did not finish"
+cfg=$(fio_cfg blkback "disk = [ 'format=raw, vdev=xvda, access=rw, script=$XT_REPO/tests/xen/block-loop, target=$img', $toolsdisk ]")
+guest_run "$name-blkback" "$cfg" 600 || fail "blkback guest did not finish"
 results blkback || fail "the fio job failed on blkback"
 ran="$ran blkback"
 
@@ -49,11 +50,11 @@ ran="$ran blkback"
 # reported, not required)
 dm=/usr/libexec/xen-qemu-system-i386
 fresh_image
-cfg=$(fio_cfg qdisk "disk = [ 'format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=$img' ]")
+cfg=$(fio_cfg qdisk "disk = [ 'format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=$img', $toolsdisk ]")
 if [ ! -x "$dm" ]; then
     log "qdisk: no device model ($dm: install qemu-system-xen); skipped"
     echo "METRIC $name qdisk unavailable: no $dm (qemu-system-xen)"
-elif guest_run "$name-qdisk" "$cfg" 200 && results qdisk; then
+elif guest_run "$name-qdisk" "$cfg" 600 && results qdisk; then
     ran="$ran qdisk"
 else
     why=$(grep -ho 'Please install[^"]*\|qemu[^ ]*: [^"]*' "$XT_WORK/xl-create.out" /var/log/xen/qemu-dm-"$name-qdisk".log 2>/dev/null | head -1)
@@ -65,12 +66,12 @@ fi
 # --- xentap
 fresh_image
 xentap_daemon_start "$dlog"
-XT_GUEST_RAMDISK=$initrd XT_GUEST_MEMORY=512 \
+XT_GUEST_DISK="[ $toolsdisk ]" \
     xentap_guest_create "$name-xentap" fio 1 "" "vdev=xvda, access=rw, target=$img" ||
     { tail -n 30 "$dlog"; fail "xentap create"; }
 t0=$SECONDS
 while xenstore-exists "/local/domain/$domid" 2>/dev/null; do
-    [ $((SECONDS - t0)) -lt 200 ] || { xl destroy "$domid"; fail "xentap guest did not finish"; }
+    [ $((SECONDS - t0)) -lt 600 ] || { xl destroy "$domid"; fail "xentap guest did not finish"; }
     sleep 1
 done
 results xentap || { tail -n 30 "$dlog"; fail "the fio job failed on xentap"; }
@@ -101,4 +102,4 @@ for b in backends:
         out.append(f"{job}_{want}={x / y:.2f}" if y else f"{job}_{want}=n/a")
     print(f"METRIC fio-ratio {b}/blkback " + " ".join(out))
 PY
-rm -f "$img" "$initrd"
+rm -f "$img" "$tools"

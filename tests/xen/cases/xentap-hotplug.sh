@@ -6,13 +6,14 @@
 # runs and checks in xenstore that both xvdb nodes and its status are gone;
 # the guest sees xvdb vanish, reads xvda again (same hash) and powers off.  Last, dom0
 # checks the xvdb image (e2fsck -fn, the files' checksums via debugfs).
-# xt-timeout: 420
+# xt-timeout: 900
+# xt-lane: xentap
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
 name=$XT_CASE
 boot=$XT_WORK/boot.img
 data=$XT_WORK/data.img
-dlog=$XT_OUT/cases/$name.daemon.log
+dlog=${XT_DAEMON_LOG:-$XT_OUT/cases/$name.daemon.log}
 trap 'xentap_daemon_stop' EXIT
 
 rm -f "$boot" "$data"
@@ -28,7 +29,7 @@ be_b=/local/domain/0/backend/xentap/$domid/51728
 fe_b=/local/domain/$domid/device/vbd/51728
 st_b=$XT_XS_ROOT/vbd/$domid/51728
 
-wait_console "$name" XT-HOTPLUG-READY 180 || { tail -n 30 "$dlog"; fail "guest not ready"; }
+wait_console "$name" XT-HOTPLUG-READY 400 || { tail -n 30 "$dlog"; fail "guest not ready"; }
 t0=$SECONDS
 "$XENTAP" attach "$domid" "$data" xvdb || fail "xentap attach"
 until [ "$(xenstore-read $be_b/state 2>/dev/null)" = 4 ] &&
@@ -40,7 +41,7 @@ log "xvdb Connected on both ends $((SECONDS - t0))s after attach"
 "$XENTAP" list | tee "$XT_WORK/list.txt"
 grep -Eq "^$domid +xvdb +w +Connected +$data( +-)?\$" "$XT_WORK/list.txt" || fail "xentap list does not show xvdb Connected"
 
-wait_console "$name" XT-HOTPLUG-USED 240 || { tail -n 30 "$dlog"; fail "guest did not use xvdb"; }
+wait_console "$name" XT-HOTPLUG-USED 400 || { tail -n 30 "$dlog"; fail "guest did not use xvdb"; }
 sleep 2                                       # one more status round
 xenstore-ls -f "$st_b" | tee "$XT_WORK/st_b.ls" | sed 's/^/status: /'
 stv() { sed -n "s|^$st_b/$1 = \"\(.*\)\"\$|\1|p" "$XT_WORK/st_b.ls"; }
@@ -54,12 +55,12 @@ log "detached after $((SECONDS - t0))s"
 for p in "$be_b" "$fe_b" "$st_b"; do
     xenstore-exists "$p" 2>/dev/null && fail "$p still there after detach"
 done
-"$XENTAP" list | grep -q " xvdb " && fail "xentap list still shows xvdb"
+"$XENTAP" list | grep -Eq "^$domid +xvdb " && fail "xentap list still shows xvdb"
 
 # The guest sees xvdb go and powers off.
 t0=$SECONDS
 while xenstore-exists "/local/domain/$domid" 2>/dev/null; do
-    [ $((SECONDS - t0)) -lt 240 ] || { xl destroy "$domid"; fail "guest did not finish"; }
+    [ $((SECONDS - t0)) -lt 400 ] || { xl destroy "$domid"; fail "guest did not finish"; }
     sleep 1
 done
 tr -d '\r' < "$(guest_log "$name")" > "$XT_WORK/guest.log"

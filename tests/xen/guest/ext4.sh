@@ -34,7 +34,7 @@ done
 
 # Timed sequential dd through the filesystem (emulated: only ratios between
 # backends mean anything).
-MB=64
+MB=16
 t0=$(now)
 dd if=/dev/zero of=/mnt/d/bench bs=1M count=$MB conv=fsync 2>/dev/null || bad "dd write"
 t1=$(now)

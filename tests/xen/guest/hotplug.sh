@@ -21,7 +21,7 @@ wait_dev present xvda 600 || give_up "no /dev/xvda"
 echo "XT-XVDA $(head -c 4194304 /dev/xvda | sha256sum | cut -d' ' -f1)"
 echo "XT-HOTPLUG-READY"
 
-wait_dev present xvdb 1800 || give_up "no /dev/xvdb after 180s"
+wait_dev present xvdb 6000 || give_up "no /dev/xvdb after 600s"
 echo "guest: xvdb appeared ($(cat /sys/block/xvdb/size) sectors) at $(cut -d' ' -f1 /proc/uptime)s"
 dmesg | grep -i 'blkfront.*xvdb' | sed 's/^\[[ 0-9.]*\] //; s/^/guest-dmesg: /'
 mkfs.ext4 -F -q /dev/xvdb || give_up "mkfs xvdb"
@@ -44,7 +44,7 @@ umount /mnt/b || bad "umount xvdb"
 e2fsck -fn /dev/xvdb >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; bad "e2fsck xvdb"; }
 echo "XT-HOTPLUG-USED"
 
-wait_dev absent xvdb 1800 || bad "xvdb still there 180s after use"
+wait_dev absent xvdb 6000 || bad "xvdb still there 600s after use"
 [ -e /sys/block/xvdb ] || echo "XT-HOTPLUG-GONE"
 # xvda is untouched by xvdb's detach: read it again, uncached.
 echo 3 > /proc/sys/vm/drop_caches

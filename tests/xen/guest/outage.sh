@@ -1,0 +1,82 @@
+# Guest workload for cases/appliance-domu.sh: an ext4 workload on a xentap
+# disk protected by the appliance domain, in three phases; dom0 destroys and
+# restarts the appliance while it runs.  dom0 gives the go for phases 2 and 3
+# by attaching and detaching a second disk (xvdb), which the guest only
+# watches.
+#   1. mkfs.ext4 xvda, mount (noatime, no lazy inode-table zeroing: nothing
+#      writes once the workload idles), four files of known checksums, sync,
+#      read back; XT-PHASE1-DONE, then idle until xvdb appears.  dom0 checks
+#      that the appliance acknowledged every write and copies the disk.
+#   2. XT-PHASE2-START, 40 MiB in five files (sync after each): dom0
+#      `xl destroy`s the appliance as soon as it sees XT-PHASE2-START, so
+#      most of this is written while no appliance runs; more than the mirror
+#      ring and spill log hold (12 MiB, run-cases.sh).  XT-PHASE2-DONE, then idle until xvdb goes.
+#   3. one more file, sync, every file read back uncached, umount, e2fsck;
+#      no I/O error in the kernel log.
+# Prints XT-FILE <name> <sha256> for dom0 (debugfs), XT-GUEST-RESULT last.
+ok=1
+bad() { echo "guest: FAILED: $*"; ok=0; }
+give_up() { echo "guest: FAILED: $*"; echo "XT-GUEST-RESULT FAIL"; exit 1; }
+up() { cut -d' ' -f1 /proc/uptime; }
+wait_dev() {   # wait_dev present|absent DEV TENTHS
+    i=0
+    while [ $i -lt "$3" ]; do
+        if [ "$1" = present ]; then [ -b "/dev/$2" ] && return 0
+        else [ -e "/sys/block/$2" ] || return 0; fi
+        sleep 0.1; i=$((i + 1))
+    done
+    return 1
+}
+# put NAME BYTES: a file of random bytes written through a pipe that hashes
+# what it writes (no copy kept in the guest's memory).
+put() {
+    sum=$(head -c "$2" /dev/urandom | tee "/mnt/d/$1" | sha256sum | cut -d' ' -f1)
+    [ -s "/mnt/d/$1" ] || bad "write $1"
+    echo "XT-FILE $1 $sum"
+}
+
+wait_dev present xvda 600 || give_up "no /dev/xvda"
+echo "guest: xvda is $(cat /sys/block/xvda/size) sectors"
+mkfs.ext4 -F -q -E lazy_itable_init=1,lazy_journal_init=1 /dev/xvda || give_up mkfs
+mkdir -p /mnt/d
+mount -t ext4 -o noatime,noinit_itable /dev/xvda /mnt/d || give_up mount
+
+# --- phase 1
+for n in 1 2 3 4; do put f$n $((n * 262144 + n * 4097)); done
+sync
+echo "guest: phase 1 done at $(up)s"
+echo "XT-PHASE1-DONE"
+wait_dev present xvdb 6000 || give_up "no go for phase 2 (xvdb) after 600s"
+
+# --- phase 2: the appliance goes away while this runs
+echo "XT-PHASE2-START"
+t0=$(up)
+for n in 1 2 3 4 5; do put g$n 8388608; sync; done
+echo "guest: phase 2 wrote 40 MiB in $(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')s"
+echo "XT-PHASE2-DONE"
+wait_dev absent xvdb 6000 || give_up "no go for phase 3 (xvdb still there) after 600s"
+
+# --- phase 3
+put h1 1048576
+sync
+echo 3 > /proc/sys/vm/drop_caches
+n=0
+for f in f1 f2 f3 f4 g1 g2 g3 g4 g5 h1; do
+    [ -f "/mnt/d/$f" ] || { bad "$f missing"; continue; }
+    n=$((n + 1))
+done
+echo "XT-COUNT $n"
+umount /mnt/d || bad umount
+echo "XT-READBACK"   # dom0 compares the hashes below with the XT-FILE lines
+mount -t ext4 -o ro,noatime /dev/xvda /mnt/d || bad "mount ro"
+for f in f1 f2 f3 f4 g1 g2 g3 g4 g5 h1; do
+    echo "XT-READ $f $(sha256sum "/mnt/d/$f" | cut -d' ' -f1)"
+done
+umount /mnt/d || bad "umount ro"
+e2fsck -fn /dev/xvda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; bad "e2fsck"; }
+if dmesg | grep -Ei 'i/o error|blk_update_request|buffer i/o|ext4-fs error|aborting journal'; then
+    bad "I/O errors in the kernel log"
+else
+    echo "XT-IO-ERRORS none"
+fi
+if [ $ok = 1 ]; then echo "XT-GUEST-RESULT PASS"; else echo "XT-GUEST-RESULT FAIL"; exit 1; fi
