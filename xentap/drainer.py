@@ -392,19 +392,27 @@ class Drainer:
         self.in_session = True
         self.sessions += 1
         self.credit = wire.CreditWindow()
-        self.acked_seq = max(self.acked_seq, ack.acked_seq)
-        self.sent_seq = self.acked_seq
         if self.takeover:
             self._plan_takeover(ack.acked_seq)
+        # What the appliance got in the last session but whose ACK was lost
+        # (it was stopped, or the link dropped) is released and trimmed now:
+        # a first ACK that covers every write may be the last one for a while.
+        self._acknowledged(ack.acked_seq)
+        self.sent_seq = self.acked_seq
         self.ring_sent_bytes = 0
         self.ring_sent.clear()
         self.spill_cursor = None
 
     def _on_ack(self, ack: wire.Ack) -> None:
         self.credit.on_ack(ack)
-        if ack.acked_seq <= self.acked_seq:
+        self._acknowledged(ack.acked_seq)
+
+    def _acknowledged(self, acked_seq: int) -> None:
+        """Everything up to `acked_seq` is durable at the appliance: release it
+        from the ring, trim it from the spill log, record its lag."""
+        if acked_seq <= self.acked_seq:
             return
-        self.acked_seq = ack.acked_seq
+        self.acked_seq = acked_seq
         now = _now_ns()
         while self.pending_ts and self.pending_ts[0][0] <= self.acked_seq:
             self.lags_ms.append((now - self.pending_ts.popleft()[1]) / 1e6)
