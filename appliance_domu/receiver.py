@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7788"
 DEFAULT_CREDIT_BYTES = 64 << 20  #: payload bytes dom0 may have outstanding (window/rate = lag)
-DEFAULT_CREDIT_MSGS = 65536  #: seq-consuming messages (records) dom0 may have outstanding
+DEFAULT_CREDIT_MSGS = 4096  #: seq-consuming messages dom0 may have outstanding
 DEFAULT_SYNC_INTERVAL = 0.005  #: seconds: max age of unsynced data
 DEFAULT_SYNC_BYTES = 16 << 20  #: bytes: sync earlier than the interval past this
 DEFAULT_RCVHWM = 64  #: frames queued per peer by ZeroMQ
@@ -97,6 +97,7 @@ _BURST = 256  # frames handled per poll before deadlines are looked at again
 #: an ACK that would acknowledge everything received waits this long for more
 #: frames; if none come the stream paused: replica.img catches up first (Replica.catch_up)
 CATCHUP_IDLE = 0.02
+CATCHUP_STEP = 64 << 20  #: journal bytes per catch-up step (frames resuming stop the next)
 _IDLE_POLL_MS = 50  # also the stop() latency
 
 _HDR, _HDR_FIELDS = derive_struct(wire.Header)  # same layout as wire.decode()
@@ -653,6 +654,10 @@ class Receiver:
         rep = sess.replica
         if rep.image_applied < rep.durable_seq and rep.applied_seq <= rep.durable_seq:
             self._held.setdefault(rep.vbd_uuid, time.monotonic())
+            if sess.acked < rep.durable_seq - 1:
+                # all but the last seq: its credit comes back (dom0 may be waiting for
+                # it rather than pausing); "everything acknowledged" waits for the image
+                self._ack(sess, rep.durable_seq - 1)
             return
         self._ack(sess)
 
@@ -695,7 +700,7 @@ class Receiver:
         vbd = rep.vbd_uuid
         if self._catchup_pool is None or self._catchup_running(vbd):
             return
-        fut = self._catchup_pool.submit(rep.catch_up)
+        fut = self._catchup_pool.submit(rep.catch_up, CATCHUP_STEP)
 
         def done(_f):
             try:
@@ -749,9 +754,9 @@ class Receiver:
         else:
             self._finish_sync(rep, snap, None)
 
-    def _ack(self, sess: Session) -> None:
+    def _ack(self, sess: Session, seq: int | None = None) -> None:
         ack = wire.Ack(stream_id=sess.key[1], epoch=sess.epoch,
-                       acked_seq=sess.replica.durable_seq,
+                       acked_seq=sess.replica.durable_seq if seq is None else seq,
                        credit_bytes=self.credit_bytes, credit_msgs=self.credit_msgs)
         sess.checker.granted(ack)  # before dom0 can see it: our window >= dom0's
         sess.acked = ack.acked_seq

@@ -540,20 +540,24 @@ class Replica:
         """replica.img lacks records the journal holds (see catch_up)."""
         return self.image_applied < self.pending.high_water
 
-    def catch_up(self) -> int:
+    def catch_up(self, max_bytes: int | None = None) -> int:
         """Bring replica.img up to the durable high water from the journal (records
-        not yet durable stay for the next call); returns the seq it holds now."""
+        not yet durable stay for the next call), or only ``max_bytes`` of journal
+        further; returns the seq it holds now."""
         with self._catchup_mu:
             st = self.state
             if self.journal is None or self.image_applied >= st.high_water or self.fd < 0:
                 return self.image_applied
             lag = self.image_lag_bytes
-            n = self.journal.replay_onto(self.fd, self.image_applied + 1, st.high_water)
+            n, upto = self.journal.replay_onto(self.fd, self.image_applied + 1, st.high_water,
+                                               max_bytes)
             self._image_bytes += n
-            # what came in meanwhile still lags; roughly: the bytes replayed are deduplicated
-            self.image_lag_bytes = max(0, self.image_lag_bytes - lag) \
-                if st.high_water < self.pending.high_water else 0
-            self.image_applied = st.high_water
+            # roughly: what came in meanwhile, or what this step left, still lags
+            if upto >= self.pending.high_water:
+                self.image_lag_bytes = 0
+            elif upto >= st.high_water:
+                self.image_lag_bytes = max(0, self.image_lag_bytes - lag)
+            self.image_applied = upto
             return self.image_applied
 
     def _journal(self, msg: wire.Message) -> None:

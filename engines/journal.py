@@ -1210,28 +1210,39 @@ class Journal:
         self.size_bytes = meta["size_bytes"]
         self._load_segments()
 
-    def replay_onto(self, fd: int, from_seq: int, to_seq: int) -> int:
+    def replay_onto(self, fd: int, from_seq: int, to_seq: int,
+                    max_bytes: int | None = None) -> tuple[int, int]:
         """Apply the records from_seq..to_seq to an open image (a replica's redo or
-        catch-up): each block once, its last write.  Returns the data bytes written."""
+        catch-up): each block once, its last write.  With ``max_bytes``, stop after
+        the frame that reaches that many journal bytes.  Returns (data bytes written,
+        the last seq applied)."""
         if from_seq <= self.base_seq:
             raise OutOfWindow(errno.ERANGE, f"seq {from_seq} is no longer in the journal "
                               f"(it starts after {self.base_seq})")
         if to_seq < from_seq:
-            return 0
+            return 0, to_seq
         with self._mu:
             segments = list(self.segments)
         files = []
         try:
-            plan = []
+            plan, nbytes = [], 0
             for s in segments:
                 if not s.last_seq or s.last_seq < from_seq or s.first_seq > to_seq:
                     continue
                 ents = [e for e in self._idx_entries(s) if e[1] >= from_seq and e[0] <= to_seq]
+                if max_bytes is not None:
+                    for k, e in enumerate(ents):
+                        nbytes += e[5]
+                        if nbytes >= max_bytes and e[1] < to_seq:
+                            ents, to_seq = ents[:k + 1], e[1]
+                            break
                 if ents:
                     f = open(s.xjs, "rb")
                     files.append(f)
                     plan.append((f, ents))
-            return _replay_final(fd, plan, from_seq, to_seq, self._dctx)
+                if max_bytes is not None and nbytes >= max_bytes:
+                    break
+            return _replay_final(fd, plan, from_seq, to_seq, self._dctx), to_seq
         finally:
             for f in files:
                 f.close()
