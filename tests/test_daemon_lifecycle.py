@@ -231,3 +231,31 @@ def test_cli_without_xenstored_is_one_line(tmp_path):
     assert r.stderr.count("\n") == 1
     r = CliRunner().invoke(cli, ["daemon", "--transport", "sim"])
     assert r.exit_code == 1 and "needs --sim-dir" in r.stderr
+
+
+def test_the_daemon_serves_images_with_direct_io_where_they_take_it(xentap_env, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="xentap")
+    env = xentap_env
+    env.guest(A)
+    devid = env.attach(A, env.image(), "xvdb")
+    f = env.front(A, "xvdb")
+    assert f.run(block_size=4096, queue_depth=8, max_ios=200, verify=True)["errors"] == 0
+    dev = env.daemon.devices[(A, devid)]
+    assert dev.vbd.info()["direct"] == 1            # an image on ext4 takes O_DIRECT
+    assert dev.serve.poll_us == shim.DEFAULT_POLL_US
+    assert "O_DIRECT" in caplog.text
+    f.shutdown()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--poll-us", "-1"], "--poll-us"),
+    (["--direct", "sometimes"], "--direct"),
+])
+def test_daemon_serving_options_are_checked(args, message):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "xentap.cli", "daemon", "--transport", "sim", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -86,6 +86,14 @@ def _domid(xs: Xs, domain: str) -> int:
               help="With --transport sim: domain N's sim directory is SIM_DIR/N.")
 @click.option("--engine", type=click.Choice(list(shim.ENGINES)), default="auto",
               show_default=True, help="The shim's I/O engine.")
+@click.option("--direct", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="O_DIRECT on images: auto uses it where the image takes direct I/O of its "
+                   "sectors and the page cache elsewhere; on refuses images that do not.")
+@click.option("--poll-us", type=click.IntRange(0, 1_000_000), default=shim.DEFAULT_POLL_US,
+              show_default=True, metavar="US",
+              help="Queue threads poll their rings and completions this long at most before "
+                   "sleeping (adaptive; 0: never poll, least CPU, more latency).")
 @click.option("--keys-dir", default=P.DEFAULT_KEYS_DIR, show_default=True, metavar="DIR",
               help="dom0's CurveZMQ key pair (dom0.key_secret, from `xentap keys`) and the "
                    "appliance public key (appliance.key) used for endpoints given without one.")
@@ -102,11 +110,13 @@ def _domid(xs: Xs, domain: str) -> int:
 @click.option("-v", "--verbose", is_flag=True, help="Log every step.")
 @_xs_option
 @_one_line_errors
-def daemon(transport: str, sim_dir: str | None, engine: str, keys_dir: str, state_dir: str,
+def daemon(transport: str, sim_dir: str | None, engine: str, direct: str, poll_us: int,
+           keys_dir: str, state_dir: str,
            mirror_ring: str, spill_limit: str, drain_timeout: float, verbose: bool,
            xenstore_socket: str | None) -> None:
     """Serve every xentap VBD in xenstore until SIGTERM."""
     from xentap.daemon import Daemon
+    from xentap.xenbus import ServeOptions
 
     ring, limit = _size(mirror_ring, "--mirror-ring"), _size(spill_limit, "--spill-limit")
     if ring & (ring - 1) or ring < 1 << 20:
@@ -126,7 +136,9 @@ def daemon(transport: str, sim_dir: str | None, engine: str, keys_dir: str, stat
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
                         format="xentap: %(message)s")
     d = Daemon(factory, transport_name=transport, xenstore_socket=xenstore_socket,
-               engine=engine, keys_dir=os.path.abspath(keys_dir),
+               serve=ServeOptions(engine=engine, poll_us=poll_us,
+                                  direct={"auto": "auto", "on": True, "off": False}[direct]),
+               keys_dir=os.path.abspath(keys_dir),
                state_dir=os.path.abspath(state_dir), mirror_ring=ring, spill_limit=limit,
                drain_timeout=drain_timeout)
     signal.signal(signal.SIGTERM, lambda *_: d.stop())

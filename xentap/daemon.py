@@ -42,7 +42,8 @@ from typing import Any
 from xentap import protect as P
 from xentap import shim
 from xentap import xs_keys as K
-from xentap.xenbus import BackendDevice, BackendNode, TransportFactory, Xs, XenstoreError
+from xentap.xenbus import (BackendDevice, BackendNode, ServeOptions, TransportFactory, Xs,
+                           XenstoreError)
 
 log = logging.getLogger("xentap.daemon")
 
@@ -151,8 +152,8 @@ class ProtectedDevice(BackendDevice):
     or key (:meth:`mirror_follow`)."""
 
     def __init__(self, xs: Xs, domid: int, devid: int, transports: TransportFactory, *,
-                 engine: str, mirror_opts: dict[str, Any], drains: DrainJobs):
-        super().__init__(xs, domid, devid, transports, engine=engine)
+                 serve: ServeOptions, mirror_opts: dict[str, Any], drains: DrainJobs):
+        super().__init__(xs, domid, devid, transports, serve=serve)
         self.mirror_opts = mirror_opts
         self.drains = drains
         self.mirror: P.Mirror | None = None
@@ -411,7 +412,7 @@ class Daemon:
 
     def __init__(self, transports: TransportFactory, *, transport_name: str = "xen",
                  xenstore_socket: str | None = None, status_interval: float = 1.0,
-                 engine: str = "auto", keys_dir: str = P.DEFAULT_KEYS_DIR,
+                 serve: ServeOptions = ServeOptions(), keys_dir: str = P.DEFAULT_KEYS_DIR,
                  state_dir: str = P.DEFAULT_STATE_DIR,
                  mirror_ring: int = shim.DEFAULT_MIRROR_RING,
                  spill_limit: int = P.DEFAULT_SPILL_LIMIT,
@@ -423,7 +424,7 @@ class Daemon:
         self.transport_name = transport_name
         self.xenstore_socket = xenstore_socket
         self.status_interval = status_interval
-        self.engine = engine
+        self.serve = serve
         self.mirror_opts = dict(keys_dir=keys_dir, state_dir=state_dir, ring_bytes=mirror_ring,
                                 spill_limit=spill_limit, drain_timeout=drain_timeout)
         self.devices: dict[tuple[int, int], ProtectedDevice] = {}
@@ -550,7 +551,7 @@ class Daemon:
     def _add(self, domid: int, devid: int) -> ProtectedDevice | None:
         if not self._xs.exists(K.backend_path(domid, devid)):
             return None
-        dev = ProtectedDevice(self._xs, domid, devid, self.transports, engine=self.engine,
+        dev = ProtectedDevice(self._xs, domid, devid, self.transports, serve=self.serve,
                               mirror_opts=self.mirror_opts, drains=self.drains)
         st = K.status_path(domid, devid)
         if self._xs.exists(st):                 # a previous daemon's counters: go on from them

@@ -308,6 +308,18 @@ def parse_ring_params(read: Callable[[str], str | None], domid: int,
                            ring_refs=ring_refs, evtchns=evtchns, protocol=served[protocol])
 
 
+# --- how images are served ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the daemon serves every image: the shim's I/O engine, direct I/O
+    ("auto": O_DIRECT where the image takes it, the page cache elsewhere) and
+    the queue threads' polling window (see shim.Vbd)."""
+    engine: str = "auto"
+    direct: bool | str = "auto"
+    poll_us: int = shim.DEFAULT_POLL_US
+
+
 # --- what the backend advertises -------------------------------------------------------
 
 def feature_keys(vbd: shim.Vbd) -> dict[str, int]:
@@ -368,14 +380,14 @@ class BackendDevice:
     """
 
     def __init__(self, xs: Xs, domid: int, devid: int, transports: TransportFactory,
-                 *, engine: str = "auto"):
+                 *, serve: ServeOptions = ServeOptions()):
         self.xs = xs
         self.domid = domid
         self.devid = devid
         self.be = K.backend_path(domid, devid)
         self.fe = K.frontend_path(domid, devid)
         self.transports = transports
-        self.engine = engine
+        self.serve = serve
         self.vbd: shim.Vbd | None = None
         self.transport: shim.Transport | None = None
         self.connected = False
@@ -494,7 +506,8 @@ class BackendDevice:
             self._fail(be, errno.EINVAL, f"mode {mode!r} is neither r nor w")
             return False
         try:
-            self.vbd = shim.Vbd(be.params, engine=self.engine, readonly=(mode == "r"))
+            self.vbd = shim.Vbd(be.params, engine=self.serve.engine, readonly=(mode == "r"),
+                                direct=self.serve.direct, poll_us=self.serve.poll_us)
         except shim.VbdBusyError as e:
             # A previous daemon's image lock can outlive its process briefly.
             now = time.monotonic()
@@ -534,8 +547,9 @@ class BackendDevice:
 
         self.xs.transaction(tx)
         self.state = XenbusState.INIT_WAIT
-        log.info("%s: %s open (%d sectors, %s), InitWait", self.name, self.target,
-                 self.vbd.sectors, "read-only" if self.vbd.readonly else "read-write")
+        log.info("%s: %s open (%d sectors, %s, %s, %s), InitWait", self.name, self.target,
+                 self.vbd.sectors, "read-only" if self.vbd.readonly else "read-write",
+                 self.vbd.engine, "O_DIRECT" if self.vbd.info()["direct"] else "page cache")
 
     def _connect(self, be: BackendNode) -> None:
         assert self.vbd is not None
