@@ -7,7 +7,8 @@ RECORDS frame's table has one entry per seq with its kind) and prints, per
 window in which dom0 lost the write order,
 ``WINDOW <gap seq> <resync_end seq> resync_records=N resync_bytes=B reason=R``,
 then ``RECORDS writes=W flushes=F gaps=G resyncs=R resync_ends=E``.  A
-window still open at the end prints ``-1`` as its end.  Exit 1 when the
+window still open at the end prints ``-1`` as its end; GAPs inside an open
+window (the ring overflowed again before RESYNC_END) extend it.  Exit 1 when the
 journal cannot be read.
 """
 from __future__ import annotations
@@ -42,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                             counts["flushes"] += 1
                         elif kind == Kind.GAP:
                             counts["gaps"] += 1
-                            cur = dict(gap=seq, end=-1, n=0, nbytes=0, reason=sector)
-                            windows.append(cur)
+                            if cur is None:      # a GAP inside an open window extends it
+                                cur = dict(gap=seq, end=-1, n=0, nbytes=0, reason=sector, gaps=0)
+                                windows.append(cur)
+                            cur["gaps"] += 1
                         elif kind == Kind.RESYNC:
                             counts["resyncs"] += 1
                             if cur is not None:
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         j.close()
     for w in windows:
         print(f"WINDOW {w['gap']} {w['end']} resync_records={w['n']} resync_bytes={w['nbytes']} "
-              f"reason={w['reason']}")
+              f"reason={w['reason']} gaps={w['gaps']}")
     print("RECORDS " + " ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 
