@@ -35,7 +35,7 @@ test-fast: build
 
 # The Xen-in-QEMU end-to-end suite (tests/xen/).
 xen-test: build appliance-image
-	@if [ -x tests/xen/run.sh ]; then tests/xen/run.sh; else echo "xen-test: no suite yet"; fi
+	@if [ -x tests/xen/run.sh ]; then tests/xen/run.sh $(CASES); else echo "xen-test: no suite yet"; fi
 
 # The hostile-guest half of the shim's checks: the shim test suites under
 # ASan+UBSan (tools/asan.sh), and libFuzzer on the request path
