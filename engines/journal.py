@@ -1250,7 +1250,22 @@ class Journal:
     def restore(self, out_path: str | os.PathLike, *, seq: int,
                 progress: Callable[[int, int], None] | None = None) -> dict:
         """Write the disk as it was right after ``seq`` to ``out_path`` (created or
-        truncated).  ``progress(done, total)`` is called as it goes.  Returns figures."""
+        truncated).  ``progress(done, total)`` is called as it goes.  Returns figures.
+
+        A reader (another process than the appliance) that finds a file of
+        the journal gone (a trim won the race for it) looks again and starts
+        over; the point may then have left the window (OutOfWindow)."""
+        for attempt in range(3):
+            try:
+                return self._restore_once(out_path, seq=seq, progress=progress)
+            except FileNotFoundError:
+                if self.writable or attempt == 2:
+                    raise
+                log.info("journal %s: a file went while restoring (trimmed); again", self.dir)
+        raise AssertionError("unreachable")
+
+    def _restore_once(self, out_path: str | os.PathLike, *, seq: int,
+                      progress: Callable[[int, int], None] | None) -> dict:
         if not self.writable:
             self.refresh()
         if not (self.base_seq <= seq <= self.durable_seq):
