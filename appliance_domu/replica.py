@@ -59,7 +59,7 @@ from pathlib import Path
 from engines import journal as journal_mod
 from xentap import wire
 from xentap.durable import fsync_dir
-from xentap.durable import write_atomically as _write_durably
+from xentap.durable import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,7 @@ def write_state_atomically(path: Path, data: bytes) -> None:  # tests patch this
     only moves ``high_water`` (and the last flush / checkpoint / GAP) forward, which
     the journal makes durable on its own: :meth:`Replica.open` takes the journal's
     last whole record as the high water when the state lags it after a crash."""
-    if not getattr(_tls, "quick", False):
-        _write_durably(path, data)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        mv = memoryview(data)
-        while mv:
-            mv = mv[os.write(fd, mv):]
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+    write_atomically(path, data, durable=not getattr(_tls, "quick", False))
 
 
 #: ReplicaState fields a quick state write may change (the journal has them too)

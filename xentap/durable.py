@@ -14,17 +14,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
     """temp file + fsync + rename + fsync of the directory: after a crash,
-    `path` holds either its old content or `data`, never a mix."""
+    `path` holds either its old content or `data`, never a mix.  Without
+    `durable`, the fsyncs are left out: readers still never see a mix, but a
+    crash may leave the old content (for a caller that can rebuild it)."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         mv = memoryview(data)
         while mv:
             mv = mv[os.write(fd, mv):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
