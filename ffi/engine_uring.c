@@ -118,6 +118,13 @@ static void uring_submit(struct xt_engine *e, struct xt_io *io)
     io_uring_submit(&p->ring);
 }
 
+/* Completions the kernel holds as task work until this thread enters it
+ * (IORING_SETUP_TASKRUN_FLAG). */
+static bool taskrun_pending(struct uring_priv *p)
+{
+    return IO_URING_READ_ONCE(*p->ring.sq.kflags) & IORING_SQ_TASKRUN;
+}
+
 static int uring_wait(struct xt_engine *e, struct xt_io **done, unsigned max,
                       unsigned *woken, bool block)
 {
@@ -130,7 +137,7 @@ static int uring_wait(struct xt_engine *e, struct xt_io **done, unsigned max,
         rc = io_uring_submit(&p->ring);
     /* Completions the kernel holds as task work until we enter it (with
      * nothing to submit, io_uring_submit does not). */
-    if (rc >= 0 && (IO_URING_READ_ONCE(*p->ring.sq.kflags) & IORING_SQ_TASKRUN))
+    if (rc >= 0 && taskrun_pending(p))
         rc = io_uring_get_events(&p->ring);
     if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
         xt_log("io_uring submit: %s", strerror(-rc));
@@ -177,8 +184,7 @@ static int uring_wait(struct xt_engine *e, struct xt_io **done, unsigned max,
 static bool uring_ready(struct xt_engine *e)
 {
     struct uring_priv *p = e->priv;
-    return io_uring_cq_ready(&p->ring) ||
-           (IO_URING_READ_ONCE(*p->ring.sq.kflags) & IORING_SQ_TASKRUN);
+    return io_uring_cq_ready(&p->ring) || taskrun_pending(p);
 }
 
 static void uring_fini(struct xt_engine *e)
