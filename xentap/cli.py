@@ -75,8 +75,8 @@ def _size(text: str) -> int:
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True),
               help="Where to put the image (default: the system temp dir).")
 @click.option("--size", default="1G", show_default=True, help="Image size.")
-@click.option("--seconds", default=3.0, show_default=True, help="Length of each run.")
-@click.option("--repeat", default=5, show_default=True, help="Pairs of runs (fio and shim).")
+@click.option("--seconds", default=2.0, show_default=True, help="Length of each run.")
+@click.option("--repeat", default=9, show_default=True, help="Pairs of runs (fio and shim).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_datapath(directory, size, seconds, repeat, as_json) -> None:
     """fio and the shim on the same file and jobs; prints shim/fio ratios."""
