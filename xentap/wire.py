@@ -119,9 +119,9 @@ import struct
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import ClassVar, Union
+from functools import cache
+from typing import TYPE_CHECKING, ClassVar, Union
 
-import numpy as np
 import xxhash
 from construct import (
     Array,
@@ -422,9 +422,15 @@ class WriteRecord:
     data: Buffer
 
 
+if TYPE_CHECKING:
+    import numpy as np
+
+
 def numpy_dtype(con: Struct) -> np.dtype:
     """The numpy structured dtype of a fixed-size, little-endian construct Struct
     of plain integer fields (the same layout, derived, never written twice)."""
+    import numpy as np
+
     st, names = derive_struct(con)
     sizes = {"B": "u1", "H": "u2", "I": "u4", "L": "u4", "Q": "u8"}
     codes = [c for c in st.format[1:] if not c.isdigit()]
@@ -435,10 +441,18 @@ def numpy_dtype(con: Struct) -> np.dtype:
     return d
 
 
-_REC_DTYPE = numpy_dtype(RecordHeader)
-_LEN_OFF = _REC_DTYPE.fields["length"][1]  # length u32, then flags u32
+@cache
+def _rec_dtype() -> np.dtype:
+    """RecordHeader as a numpy dtype; made on first use, so that dom0, which
+    never decodes a WRITES batch, does not pay for importing numpy (seconds,
+    under an emulated CPU)."""
+    d = numpy_dtype(RecordHeader)
+    assert d.fields["length"][1] == _LEN_OFF and d.fields["flags"][1] == _LEN_OFF + 4
+    return d
+
+
+_LEN_OFF = RecordHeader.sizeof() - 8  # length u32, then flags u32, last in the header
 _LEN_FLAGS = struct.Struct("<II")
-assert _REC_DTYPE.fields["flags"][1] == _LEN_OFF + 4
 
 
 class Records:
@@ -476,7 +490,9 @@ class Records:
         w = 0 if flags & _NO_DATA else length
         if base + count * (RECORD_HEADER_SIZE + w) != end:
             return None
-        hdr = np.ndarray((count,), dtype=_REC_DTYPE, buffer=body, offset=base,
+        import numpy as np
+
+        hdr = np.ndarray((count,), dtype=_rec_dtype(), buffer=body, offset=base,
                          strides=(RECORD_HEADER_SIZE + w,))
         fl = hdr["flags"]
         wl = np.where(fl & _NO_DATA, 0, hdr["length"])
@@ -507,6 +523,8 @@ class Records:
 
     def data2d(self) -> np.ndarray:
         """(n, wire_len) uint8 view of the records' data (strided, no copy)."""
+        import numpy as np
+
         n = len(self._hdr)
         return np.ndarray((n, self.wire_len), dtype=np.uint8, buffer=self._body,
                           offset=self._base + RECORD_HEADER_SIZE, strides=(self.stride, 1))
@@ -1214,6 +1232,8 @@ class StreamChecker:
         False if any record fails (then the one-by-one pass names it).  The data
         lengths need no check: :meth:`Records.parse` found every record carrying
         exactly its wire length."""
+        import numpy as np
+
         n = len(recs)
         h = self.hello
         ls = h.logical_sector_size
