@@ -1,18 +1,43 @@
 """`xentap bench mirror`: what mirroring costs the guest, measured side by side.
 
-Two VBDs on two identical, fully written images: one with mirroring off,
-one mirrored through the drainer to a local appliance (its own process,
-CurveZMQ on loopback).  Runs alternate between them; for each workload the
-ratio on/off of the medians is reported, with the lag from write completion
-to the appliance's acknowledgement and the ring's overflows.
+Two VBDs on two identical, fully written images, each served by the shim
+(this process: its queue threads and the drainer's thread) to a simulated
+guest in a child process (a guest is another domain): one with mirroring
+off, one mirrored through the drainer to a local appliance (its own process,
+CurveZMQ on loopback) that journals every write.  For each workload, after
+a short unmeasured run of each side, runs go in pairs back to back, in
+alternating order, so that the machine's drift falls on both sides; the
+ratio on/off is the median of the pairs' ratios, with their range.
+
+What the guest pays, and what it does not:
+
+- The appliance's journal and replica go on their own storage (default: a
+  directory on tmpfs, /dev/shm), as a separate appliance domain's journal
+  disk or a remote appliance would be.  On the guest's own disk the disk
+  absorbs every byte twice and the journal's fdatasyncs queue behind the
+  guest's writes: that measures the disk, not the mirror.  `appliance_dir`
+  chooses another place; the output says where the journal was and on what.
+- The appliance still runs on this machine's CPUs, beside the guest and the
+  shim; a separate appliance domain would have its own vCPUs.  The CPU each
+  part used (guest child, shim's queue threads, drainer thread, appliance
+  process) is measured per side so that a reader sees how much of the
+  machine each took.
+- The drainer's wake-ups are counted (without changing it): how often the
+  shim's eventfd woke it, how many eventfd writes the shim made, how many
+  frames it sent.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import statistics
 import tempfile
+import threading
+import time
 import uuid
+
+import zmq
 
 from xentap import bench_datapath as bd
 from xentap import shim
@@ -24,56 +49,323 @@ JOBS = (
     bd.Job("randwrite_4k_qd32", "4 KiB random write QD32", "randwrite", 4096, 32),
     bd.Job("seqwrite_1m_qd8", "1 MiB sequential write QD8", "write", MiB, 8),
 )
+WARMUP_SECONDS = 1.0
+TICK = os.sysconf("SC_CLK_TCK")
+SHM = "/dev/shm"
+
+
+# ---------------------------------------------------------------- where things are
+
+def _mount_of(path: str) -> tuple[str, str, str]:
+    """(mount point, filesystem type, source) of the mount holding `path`."""
+    path = os.path.realpath(path)
+    best = ("/", "?", "?")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mnt = left.split()[4].replace("\\040", " ")
+                fstype, source = right.split()[:2]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) \
+                        and len(mnt) >= len(best[0]):
+                    best = (mnt, fstype, source)
+    except OSError:
+        pass
+    return best
+
+
+def _storage(path: str) -> dict:
+    mnt, fstype, source = _mount_of(path)
+    return {"path": path, "fs": fstype, "device": source if fstype != "tmpfs" else "tmpfs",
+            "mount": mnt, "st_dev": os.stat(path).st_dev}
+
+
+def _default_appliance_parent(need: int) -> str | None:
+    """/dev/shm when it is tmpfs with room for the replica and the journal."""
+    if not os.path.isdir(SHM) or _mount_of(SHM)[1] != "tmpfs":
+        return None
+    st = os.statvfs(SHM)
+    return SHM if st.f_bavail * st.f_frsize >= need else None
+
+
+# ---------------------------------------------------------------- CPU
+
+def _ticks(stat_path: str) -> int:
+    try:
+        with open(stat_path) as f:
+            s = f.read()
+    except OSError:
+        return 0
+    fields = s[s.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])       # utime, stime
+
+
+def _zmq_ticks() -> int:
+    """CPU of this process's libzmq background threads (CurveZMQ encryption,
+    TCP): they send the drainer's frames."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("ZMQbg"):
+                    total += _ticks(f"/proc/self/task/{tid}/stat")
+        except OSError:
+            pass
+    return total
+
+
+PARTS = ("guest", "shim", "drainer", "zmq", "appliance")
+
+
+class CpuMeter:
+    """CPU seconds of the parts, read from /proc: a guest child; the shim's
+    process without the drainer's thread and libzmq's threads (its queue
+    threads: serving and the tap's copy into the ring); the drainer's thread;
+    libzmq's I/O threads; the appliance's process."""
+
+    def __init__(self, appliance_pid: int):
+        self.appliance_pid = appliance_pid
+        self.drainer_tid: int | None = None
+
+    def sample(self, guest_pid: int) -> dict:
+        drainer = _ticks(f"/proc/self/task/{self.drainer_tid}/stat") if self.drainer_tid else 0
+        zmq_ = _zmq_ticks()
+        return {"guest": _ticks(f"/proc/{guest_pid}/stat") / TICK,
+                "shim": (_ticks("/proc/self/stat") - drainer - zmq_) / TICK,
+                "drainer": drainer / TICK,
+                "zmq": zmq_ / TICK,
+                "appliance": _ticks(f"/proc/{self.appliance_pid}/stat") / TICK}
+
+
+# ---------------------------------------------------------------- the drainer, counted
+
+class _CountingPoller:
+    """The drainer's poller, counting why it returned.  It reads the shim's
+    eventfd itself (the counter is the number of eventfd writes the shim made
+    since the last read); the drainer's own read then finds it empty, which
+    it expects."""
+
+    def __init__(self, poller: zmq.Poller, wake_fd: int, counts: dict):
+        self._poller, self._wake_fd, self._c = poller, wake_fd, counts
+
+    def poll(self, timeout=None):
+        ready = self._poller.poll(timeout)
+        c = self._c
+        c["polls"] += 1
+        if timeout:
+            c["sleeps"] += 1
+        fds = [what for what, _ in ready]
+        if self._wake_fd in fds:
+            try:
+                c["eventfd_writes"] += int.from_bytes(os.read(self._wake_fd, 8), "little")
+            except BlockingIOError:
+                pass
+            if timeout:
+                c["woken_by_shim"] += 1
+        elif timeout and fds:
+            c["woken_by_appliance"] += 1
+        elif timeout:
+            c["timeouts"] += 1
+        return ready
+
+    def __getattr__(self, name):
+        return getattr(self._poller, name)
+
+
+COUNTS = ("polls", "sleeps", "woken_by_shim", "woken_by_appliance", "timeouts", "eventfd_writes")
+
+
+class CountingDrainer(Drainer):
+    """The drainer as the daemon runs it, with its wake-ups counted."""
+
+    def __init__(self, *a, **kw):
+        self.counts = dict.fromkeys(COUNTS, 0)
+        super().__init__(*a, **kw)
+
+    def _connect(self) -> None:
+        super()._connect()
+        self._poller = _CountingPoller(self._poller, self.wake_fd, self.counts)
+
+    def snapshot(self) -> dict:
+        return {**self.counts, "frames": self.frames_sent}
+
+
+# ---------------------------------------------------------------- the run
+
+def warm_image(path: str, size: int) -> None:
+    """One sequential O_DIRECT read of the whole image (see bench_datapath.warm_image)."""
+    buf = mmap.mmap(-1, 4 * MiB)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:     # tmpfs takes no O_DIRECT
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        off = 0
+        while off < size:
+            n = os.preadv(fd, [buf], off)
+            if n <= 0:
+                break
+            off += n
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def _wait_quiet(pid: int, limit: float = 10.0) -> float:
+    """Waits (at most `limit` s) until process `pid` uses under 5 % of a core
+    over 0.2 s (the appliance applying its replica after the last ACK); the
+    seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        a = _ticks(f"/proc/{pid}/stat")
+        time.sleep(0.2)
+        if (_ticks(f"/proc/{pid}/stat") - a) / TICK < 0.01:
+            break
+    return time.monotonic() - t0
+
+
+class _Side:
+    def __init__(self, name: str, shim_side: bd.ShimSide, meter: CpuMeter,
+                 drainer: CountingDrainer | None, appliance_pid: int):
+        self.name, self.side, self.meter, self.drainer = name, shim_side, meter, drainer
+        self.appliance_pid = appliance_pid
+
+    def run(self, job: bd.Job, size: int, seconds: float) -> dict:
+        guest = self.side.proc.pid
+        d = self.drainer
+        if d:
+            over0 = self.side.vbd.mirror_stats()["overflows"]
+            d.reset_figures()
+            w0 = d.snapshot()
+        c0, t0 = self.meter.sample(guest), time.monotonic()
+        r = self.side.run(job, size, seconds)
+        c1, t1 = self.meter.sample(guest), time.monotonic()
+        wall = t1 - t0
+        r["cpu"] = {k: (c1[k] - c0[k]) / wall for k in c0}
+        if d:
+            # After the run, not in it: everything acknowledged, then the
+            # appliance idle, so that the next run (of either side) starts
+            # on a quiet machine.  Its CPU until then is counted as its cost.
+            if not d.wait_acked(120):
+                raise RuntimeError("the appliance did not catch up within 120 s")
+            r["catch_up_s"] = time.monotonic() - t1
+            r["settle_s"] = _wait_quiet(self.appliance_pid)
+            c2 = self.meter.sample(guest)
+            r["appliance_after_cpu_s"] = c2["appliance"] - c1["appliance"]
+            r["drainer_after_cpu_s"] = c2["drainer"] - c1["drainer"]
+            w1 = d.snapshot()
+            r["wakes"] = {k: (w1[k] - w0[k]) / wall for k in w1}
+            r["overflows"] = self.side.vbd.mirror_stats()["overflows"] - over0
+            r["lag_ms"] = d.stats()["lag_ms"]
+        return r
+
+
+def _med(xs) -> float:
+    xs = list(xs)
+    return statistics.median(xs) if xs else 0.0
+
+
+def _summary(job: bd.Job, offs: list[dict], ons: list[dict]) -> dict:
+    key = "mb_s" if job.bs >= MiB else "iops"
+    pairs = [n[key] / f[key] for f, n in zip(offs, ons) if f[key]]
+    cpu = {side: {k: round(_med(r["cpu"][k] for r in runs), 3)
+                  for k in PARTS}
+           for side, runs in (("off", offs), ("on", ons))}
+    for side in cpu.values():
+        side["total"] = round(sum(side.values()), 3)
+    wakes = {k: round(_med(r["wakes"][k] for r in ons)) for k in ons[0]["wakes"]}
+    return {
+        "label": job.label,
+        "off_iops": round(_med(r["iops"] for r in offs)),
+        "on_iops": round(_med(r["iops"] for r in ons)),
+        "off_mb_s": round(_med(r["mb_s"] for r in offs), 1),
+        "on_mb_s": round(_med(r["mb_s"] for r in ons), 1),
+        "off_lat_us_p99": _med(r["lat_us_p99"] for r in offs),
+        "on_lat_us_p99": _med(r["lat_us_p99"] for r in ons),
+        # the median of the pairs' ratios: each pair ran under the same conditions
+        "ratio": round(_med(pairs), 3),
+        "ratio_min": round(min(pairs), 3) if pairs else 0.0,
+        "ratio_max": round(max(pairs), 3) if pairs else 0.0,
+        "pair_ratios": [round(p, 3) for p in pairs],
+        "overflows": sum(r["overflows"] for r in ons),
+        "lag_ms": {"p50": round(_med(r["lag_ms"]["p50"] for r in ons), 1),
+                   "p99": round(_med(r["lag_ms"]["p99"] for r in ons), 1),
+                   "max": round(max(r["lag_ms"]["max"] for r in ons), 1)},
+        # CPU in cores (CPU seconds per second of run) of each part, per side
+        "cpu": cpu,
+        # after each mirrored run: until every write was acknowledged, then
+        # until the appliance was idle (CPU seconds it used then, per run)
+        "catch_up_s": round(_med(r["catch_up_s"] for r in ons), 2),
+        "settle_s": round(_med(r["settle_s"] for r in ons), 2),
+        "appliance_after_cpu_s": round(_med(r["appliance_after_cpu_s"] for r in ons), 2),
+        # per second of a mirrored run
+        "drainer_wakes_per_s": wakes,
+        "writes_per_s": round(_med(r["iops"] for r in ons)),
+    }
 
 
 def run(directory: str | None, size: int, seconds: float, repeat: int, ring_bytes: int,
-        progress) -> dict:
+        progress, appliance_dir: str | None = None) -> dict:
+    """`appliance_dir`: where the appliance keeps its journal and replica (a
+    fresh directory is made in it and removed after); default a directory
+    on tmpfs (/dev/shm) when it has room, else beside the images (and the
+    output says so)."""
     workdir = tempfile.mkdtemp(prefix="xentap-bench-mirror-", dir=directory)
-    appliance = None
+    appliance = adir = None
     try:
         paths = [os.path.join(workdir, n) for n in ("off.img", "on.img")]
-        progress(f"preparing two {size // MiB} MiB images in {workdir}")
+        images = _storage(workdir)
+        if appliance_dir:
+            parent, why = appliance_dir, "chosen with --appliance-dir"
+        else:
+            # the replica, plus room for the journal (compressed, a few GiB at most here)
+            parent = _default_appliance_parent(size + 4 * (1 << 30))
+            why = ("default: tmpfs, its own storage, as a separate appliance domain's "
+                   "journal disk or a remote appliance would be" if parent else
+                   "default, but /dev/shm is missing or too small: beside the guest's images")
+        adir = tempfile.mkdtemp(prefix="xentap-bench-appliance-", dir=parent or workdir)
+        where = _storage(adir)
+        shared = where["st_dev"] == images["st_dev"] or \
+            (where["device"] == images["device"] and where["fs"] != "tmpfs")
+        journal = {"path": adir, "fs": where["fs"], "device": where["device"], "why": why,
+                   "same_device_as_images": shared}
+        progress(f"preparing two {size // MiB} MiB images in {workdir} ({images['device']}, "
+                 f"{images['fs']}); the appliance's journal in {adir} ({where['device']})")
         # both written and synced the same way: a copy (copy_file_range) leaves the
         # second one's data dirty in the page cache or its extents shared/unwritten,
         # and the shim's O_DIRECT writes to it then go through io_uring's workers --
         # 10x slower, whatever the mirror does
         for p in paths:
             bd.prepare_image(p, size)
-        appliance = LocalAppliance(workdir)
+        progress("reading both images once, so that both sides start from the same cache state")
+        for p in paths:
+            warm_image(p, size)
+        appliance = LocalAppliance(workdir, data_dir=adir)
+        meter = CpuMeter(appliance.proc.pid)
         off = bd.ShimSide(paths[0], os.path.join(workdir, "off"))
         on = bd.ShimSide(paths[1], os.path.join(workdir, "on"), mirror_bytes=ring_bytes)
         ident = VbdIdentity(vbd_uuid=uuid.uuid4(), domid=1, devid=51712, vdev="xvda",
                             size_bytes=size)
-        drainer = Drainer(on.vbd, ident, appliance.endpoint, image_path=paths[1],
-                          spill_dir=os.path.join(workdir, "spill"), spill_limit=1 << 30,
-                          socket_setup=appliance.socket_setup).start()
+        drainer = CountingDrainer(on.vbd, ident, appliance.endpoint, image_path=paths[1],
+                                  spill_dir=os.path.join(workdir, "spill"), spill_limit=1 << 30,
+                                  socket_setup=appliance.socket_setup).start()
+        while drainer._thread.native_id is None:      # noqa: SLF001 - set once it runs
+            time.sleep(0.001)
+        meter.drainer_tid = drainer._thread.native_id  # noqa: SLF001
+        sides = {"off": _Side("off", off, meter, None, appliance.proc.pid),
+                 "on": _Side("on", on, meter, drainer, appliance.proc.pid)}
         results: dict = {}
         try:
             for job in JOBS:
-                offs, ons, lags, overflows = [], [], [], 0
+                progress(f"{job.label}: a short unmeasured run of each side")
+                for s in sides.values():
+                    s.run(job, size, min(WARMUP_SECONDS, seconds))
+                runs: dict[str, list] = {"off": [], "on": []}
                 for i in range(repeat):
-                    progress(f"{job.label}: mirroring off, run {i + 1}/{repeat}")
-                    offs.append(off.run(job, size, seconds))
-                    progress(f"{job.label}: mirroring on, run {i + 1}/{repeat}")
-                    before = on.vbd.mirror_stats()["overflows"]
-                    drainer.reset_figures()
-                    ons.append(on.run(job, size, seconds))
-                    if not drainer.wait_acked(120):
-                        raise RuntimeError("the appliance did not catch up within 120 s")
-                    overflows += on.vbd.mirror_stats()["overflows"] - before
-                    lags.append(drainer.stats()["lag_ms"])
-                f_iops = statistics.median(r["iops"] for r in offs)
-                n_iops = statistics.median(r["iops"] for r in ons)
-                results[job.name] = {
-                    "label": job.label,
-                    "off_iops": round(f_iops), "on_iops": round(n_iops),
-                    "off_mb_s": round(statistics.median(r["mb_s"] for r in offs), 1),
-                    "on_mb_s": round(statistics.median(r["mb_s"] for r in ons), 1),
-                    "ratio": round(n_iops / f_iops, 3) if f_iops else 0.0,
-                    "overflows": overflows,
-                    "lag_ms": {k: round(statistics.median(x[k] for x in lags), 1)
-                               for k in ("p50", "p99", "max")},
-                }
+                    for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                        progress(f"{job.label}: pair {i + 1}/{repeat}, mirroring {name}")
+                        runs[name].append(sides[name].run(job, size, seconds))
+                results[job.name] = _summary(job, runs["off"], runs["on"])
             results["sessions"] = drainer.stats()["sessions"]
         finally:
             drainer.stop()
@@ -81,29 +373,77 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
             on.close()
         replica = appliance.replica(ident.vbd_uuid)
         results["replica_equals_source"] = bd.same_file(replica, paths[1])
+        results["appliance_journal"] = journal
+        results["images"] = {"path": workdir, "fs": images["fs"], "device": images["device"]}
+        results["cpus"] = os.cpu_count()
         results["ring_mib"] = ring_bytes // MiB
         results["seconds_per_run"] = seconds
+        results["warmup_seconds"] = min(WARMUP_SECONDS, seconds)
         results["repeat"] = repeat
         results["image_mib"] = size // MiB
+        results["poll_us"] = shim.DEFAULT_POLL_US
         return results
     finally:
         if appliance:
             appliance.stop()
+        if adir:
+            shutil.rmtree(adir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _jobs(r: dict) -> list:
+    return [job for job in JOBS if job.name in r]
+
+
 def format_table(r: dict) -> str:
-    lines = [f"{'workload':<28} {'mirror off':>14} {'mirror on':>14} {'on/off':>7}"
-             f" {'lag p50/p99/max ms':>22} {'overflows':>9}"]
-    for job in JOBS:
+    lines = [f"{'workload':<27} {'mirror off':>14} {'mirror on':>14} {'on/off':>6} {'(pairs)':>11}"
+             f" {'lag p50/p99/max ms':>20} {'overflows':>9}"]
+    for job in _jobs(r):
         x = r[job.name]
         unit = "MB/s" if job.bs >= MiB else "IOPS"
         a = x["off_mb_s"] if unit == "MB/s" else x["off_iops"]
         b = x["on_mb_s"] if unit == "MB/s" else x["on_iops"]
         lag = x["lag_ms"]
-        lines.append(f"{job.label:<28} {a:>9,.0f} {unit:<4} {b:>9,.0f} {unit:<4} {x['ratio']:>7.3f}"
-                     f" {lag['p50']:>8.1f}/{lag['p99']:.1f}/{lag['max']:.1f} {x['overflows']:>9}")
+        pairs = f"{x['ratio_min']:.2f}-{x['ratio_max']:.2f}"
+        lag_s = f"{lag['p50']:.0f}/{lag['p99']:.0f}/{lag['max']:.0f}"
+        lines.append(f"{job.label:<27} {a:>9,.0f} {unit:<4} {b:>9,.0f} {unit:<4} {x['ratio']:>6.3f}"
+                     f" {pairs:>11} {lag_s:>20} {x['overflows']:>9}")
+    lines.append("")
+    lines.append(f"CPU in cores, median per run ({r['cpus']} CPUs here)"
+                 "    guest   shim  drainer   zmq  appliance  total")
+    for job in _jobs(r):
+        for side in ("off", "on"):
+            c = r[job.name]["cpu"][side]
+            lines.append(f"  {job.label:<27} mirror {side:<3}    {c['guest']:>5.2f}  {c['shim']:>5.2f}"
+                         f"  {c['drainer']:>7.2f}  {c['zmq']:>4.2f}  {c['appliance']:>9.2f}"
+                         f"  {c['total']:>5.2f}")
+    lines.append("")
+    lines.append("drainer, per second of a mirrored run: loop turns / sleeps / woken by the shim's "
+                 "eventfd / by the appliance / eventfd writes by the shim / frames sent")
+    for job in _jobs(r):
+        x = r[job.name]
+        w = x["drainer_wakes_per_s"]
+        lines.append(f"  {job.label:<27} {w['polls']:>8,} / {w['sleeps']:,} / {w['woken_by_shim']:,}"
+                     f" / {w['woken_by_appliance']:,} / {w['eventfd_writes']:,} / {w['frames']:,}"
+                     f"   ({x['writes_per_s']:,} writes/s; after each run: acked in "
+                     f"{x['catch_up_s']:.2f} s, appliance idle after {x['settle_s']:.2f} s, "
+                     f"{x['appliance_after_cpu_s']:.2f} CPU s)")
+    j = r["appliance_journal"]
+    lines.append("")
     lines.append(f"replica equals source: {r['replica_equals_source']}; ring {r['ring_mib']} MiB; "
-                 f"{r['image_mib']} MiB images; median of {r['repeat']} alternating runs of "
-                 f"{r['seconds_per_run']} s; CurveZMQ on loopback")
+                 f"{r['image_mib']} MiB images on {r['images']['device']} ({r['images']['fs']}); "
+                 f"{r['repeat']} pairs of runs of {r['seconds_per_run']} s back to back in "
+                 f"alternating order after {r['warmup_seconds']} s unmeasured per side; on/off is the "
+                 f"median of the pairs' ratios; CurveZMQ on loopback")
+    note = (" -- THE SAME DEVICE as the guest's images: the disk takes every byte twice and the "
+            "journal's fdatasyncs wait behind the guest's writes; this measures the disk, not the "
+            "mirror" if j["same_device_as_images"] else "")
+    lines.append(f"appliance journal and replica: {j['path']} on {j['device']} ({j['fs']}; "
+                 f"{j['why']}){note}")
+    lines.append(f"the appliance runs on this machine's {r['cpus']} CPUs beside the guest and the "
+                 "shim (its own domain would have its own vCPUs): the CPU table shows what each "
+                 "part took; guest = the simulated guest's process, shim = the shim's queue "
+                 f"threads (polling up to {r['poll_us']} us; on: with the tap's copy into the ring), "
+                 "drainer = its Python thread, zmq = libzmq's I/O thread (CurveZMQ, TCP), both in "
+                 "the shim's process")
     return "\n".join(lines)

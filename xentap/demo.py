@@ -123,10 +123,12 @@ def _sha256(path: str) -> str:
 class LocalAppliance:
     """Keys for both ends and an appliance process on loopback, CurveZMQ on."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, data_dir: str | None = None):
+        """Keys go in `workdir`; the appliance's journals and replicas in
+        `data_dir` (default `workdir/appliance`)."""
         self.keys = os.path.join(workdir, "keys")
         self.allowed = os.path.join(workdir, "appliance-allowed")
-        self.data = os.path.join(workdir, "appliance")
+        self.data = data_dir or os.path.join(workdir, "appliance")
         for d in (self.keys, self.allowed):
             os.makedirs(d, exist_ok=True)
         for name in (keys.APPLIANCE_NAME, keys.DOM0_NAME):
