@@ -362,3 +362,202 @@ def verify_cmd(vbd: str, data_dir: str, as_json: bool) -> None:
             for p in res["problems"]:
                 click.echo(f"{u}: {p}")
         raise JournalCliError(f"journal of {u} has {len(res['problems'])} problem(s)")
+
+
+# ------------------------------------------------------------------ export-trace
+
+
+def _journal_records(j, to_seq: int, progress=None):
+    """(seq, kind, timestamp_ns, sector, length, flags, data) of every record
+    base_seq < seq <= to_seq, in seq order, read frame by frame from the
+    segments (each frame's checksum checked); ``progress(frame bytes)`` after
+    each frame.  A missing seq is an error (JournalError)."""
+    import errno
+
+    from engines import journal as jm
+
+    expect = j.base_seq + 1
+    for s in list(j.segments):
+        if not s.last_seq or s.last_seq < expect or s.first_seq > to_seq:
+            continue
+        ents = [e for e in j._idx_entries(s) if e[1] >= expect and e[0] <= to_seq]
+        if not ents:
+            continue
+        with open(s.xjs, "rb") as f:
+            for e in ents:
+                h, table, payload = jm._read_frame(f, e[4])
+                if h[1] == jm.FT_RECORDS:
+                    if h[4] > expect:
+                        raise jm.JournalError(errno.EIO, f"seqs {expect}..{h[4] - 1} are "
+                                              f"missing from the journal (run 'xentap "
+                                              f"journal verify')")
+                    raw = memoryview(jm._payload(h, payload, j._dctx))
+                    pos = 0
+                    for i, (ts, sector, length, flags, kind, _) in \
+                            enumerate(jm.REC.iter_unpack(table)):
+                        seq = h[4] + i
+                        has = jm._has_data(kind, flags, length)
+                        data = raw[pos:pos + length] if has else None
+                        if has:
+                            pos += length
+                        if expect <= seq <= to_seq:
+                            yield seq, kind, ts, sector, length, flags, data
+                    expect = max(expect, h[5] + 1)
+                if progress:
+                    progress(e[5])
+                if expect > to_seq:
+                    return
+    if expect <= to_seq:
+        raise jm.JournalError(errno.EIO, f"seqs {expect}..{to_seq} are missing from the "
+                              f"journal (run 'xentap journal verify')")
+
+
+_ZERO_CHUNK = 4 << 20  # a ZEROES range is written as zero-filled records of at most this
+
+
+def _open_trace_out(path: Path):
+    """A binary file for writing a trace, compressed by the suffix of ``path``
+    (.gz, .xz, .zst) as analyzer.trace reads them."""
+    p = str(path)
+    if p.endswith(".gz"):
+        import gzip
+        return gzip.open(p, "wb", compresslevel=9)
+    if p.endswith(".xz"):
+        import lzma
+        return lzma.open(p, "wb")
+    if p.endswith(".zst"):
+        import zstandard
+        return zstandard.open(p, "wb", cctx=zstandard.ZstdCompressor(level=19))
+    return open(p, "wb")
+
+
+def export_trace(j, out: Path, to_seq: int, progress=None) -> dict:
+    """Write the records base_seq < seq <= to_seq of journal ``j`` to ``out`` as
+    an analyzer write trace (analyzer/trace.py), keeping the journal's seqs
+    and times.  WRITE and RESYNC data become writes, ZEROES ranges zero-filled
+    writes, FLUSH flush markers; DISCARDs (the trace has no such record) and
+    checkpoint tags are left out and counted.  GAP..RESYNC_END windows (not
+    write-ordered) are counted too.  Returns the figures."""
+    from analyzer import trace as tr
+    from engines.journal import F_DISCARD, F_ZEROES, Kind
+
+    fig = dict(first_seq=None, last_seq=None, writes=0, write_bytes=0, flushes=0,
+               zero_bytes=0, discards=0, discard_bytes=0, tags=0, gaps=0, resyncs=0)
+    pack = tr.REC.pack
+    with _open_trace_out(out) as f:
+        f.write(tr.MAGIC)
+        for seq, kind, ts, sector, length, flags, data in _journal_records(j, to_seq, progress):
+            if fig["first_seq"] is None:
+                fig["first_seq"] = seq
+            fig["last_seq"] = seq
+            off = sector * 512
+            if kind in (Kind.WRITE, Kind.RESYNC):
+                if kind == Kind.RESYNC:
+                    fig["resyncs"] += 1
+                if data is not None:
+                    f.write(pack(tr.WRITE, length, seq, ts, off))
+                    f.write(data)
+                    fig["writes"] += 1
+                    fig["write_bytes"] += length
+                elif flags & F_ZEROES or kind == Kind.RESYNC:
+                    for o in range(0, length, _ZERO_CHUNK):
+                        n = min(_ZERO_CHUNK, length - o)
+                        f.write(pack(tr.WRITE, n, seq, ts, off + o))
+                        f.write(bytes(n))
+                    fig["writes"] += 1
+                    fig["zero_bytes"] += length
+                elif flags & F_DISCARD:
+                    fig["discards"] += 1
+                    fig["discard_bytes"] += length
+            elif kind == Kind.FLUSH:
+                f.write(pack(tr.FLUSH, 0, seq, ts, 0))
+                fig["flushes"] += 1
+            elif kind == Kind.GAP:
+                fig["gaps"] += 1
+            elif kind == Kind.CHECKPOINT:
+                fig["tags"] += 1
+    return fig
+
+
+@journal.command("export-trace")
+@click.argument("vbd")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="The trace to write (.gz, .xz, .zst: compressed).")
+@click.option("--to-seq", "to_seq", type=click.IntRange(1), metavar="N",
+              help="Stop after seq N (default: the newest journaled write).")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@_data_dir_opt
+@_json_opt
+def export_trace_cmd(vbd: str, output: str, to_seq, force: bool, data_dir: str,
+                     as_json: bool) -> None:
+    """Write VBD's journaled writes and flushes, in order, as a write trace.
+
+    The trace (analyzer/trace.py's format, what `xentap analyze` and the
+    analyzer's tests read) keeps the journal's seqs and times.  It starts
+    from the empty disk, so the journal must still hold every write from
+    seq 1.  Discards (the trace has no record for them) and checkpoint tags
+    are left out and counted."""
+    from engines.journal import JournalError
+
+    out = Path(output)
+    if out.exists() and not force:
+        raise JournalCliError(f"{out} exists (use --force to overwrite it)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise JournalCliError(f"cannot write {out}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise JournalCliError(f"cannot write {out}: permission denied")
+    u, d, _ = _find(Path(data_dir), vbd)
+    j = _open(d)
+    tmp = parent / f".part.{out.name}"  # same suffix: same compression
+    try:
+        if j.base_seq:
+            raise JournalCliError(
+                f"the journal of {u} starts after seq {j.base_seq} (older writes were "
+                f"trimmed into its base image): a trace needs every write from the empty disk")
+        last = j.durable_seq
+        if last == 0:
+            raise JournalCliError(f"the journal of {u} holds no writes")
+        if to_seq is not None and to_seq > last:
+            raise JournalCliError(f"--to-seq {to_seq} is after the newest journaled seq {last}")
+        end = last if to_seq is None else to_seq
+        t0 = time.perf_counter()
+        try:
+            try:  # before the progress bar: a file we cannot write is one line
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                 0o644))
+            except OSError as e:
+                raise JournalCliError(f"cannot write {out}: {e.strerror or e}") from None
+            if as_json:
+                fig = export_trace(j, tmp, end)
+            else:
+                total = sum(e[5] for s in j.segments for e in j._idx_entries(s)
+                            if e[0] <= end)
+                with click.progressbar(length=max(total, 1), label=f"exporting {u}",
+                                       file=click.get_text_stream("stderr")) as bar:
+                    fig = export_trace(j, tmp, end, progress=bar.update)
+            os.replace(tmp, out)
+        except JournalCliError:
+            raise
+        except (JournalError, OSError, EOFError, ValueError) as e:
+            raise JournalCliError(_one_line(e)) from None
+        except Exception as e:  # zstd's errors and the like: still one line
+            raise JournalCliError(f"{type(e).__name__}: {_one_line(e)}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        j.close()
+    fig.update(vbd=u, output=str(out), output_bytes=out.stat().st_size,
+               seconds=round(time.perf_counter() - t0, 3))
+    if as_json:
+        click.echo(json.dumps(fig, indent=2))
+        return
+    click.echo(f"exported seqs {fig['first_seq']}..{fig['last_seq']} of {u} to {out} "
+               f"({fmt_bytes(fig['output_bytes'])}): {fig['writes']} writes "
+               f"({fmt_bytes(fig['write_bytes'] + fig['zero_bytes'])}), {fig['flushes']} flushes")
+    if fig["discards"]:
+        click.echo(f"note: {fig['discards']} discards ({fmt_bytes(fig['discard_bytes'])}) "
+                   f"left out: a trace has no discard record", err=True)
+    if fig["gaps"]:
+        click.echo(f"warning: {fig['gaps']} GAP..RESYNC window(s): the writes in them are "
+                   f"not in write order (not crash-consistent)", err=True)
