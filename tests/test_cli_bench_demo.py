@@ -46,6 +46,9 @@ def test_bench_datapath_json_has_a_ratio_per_workload(tmp_path):
     (("demo", "--size", "1M"), "at least 16M"),
     (("bench", "datapath", "--size", "1M"), "at least 64M"),
     (("bench", "datapath", "--seconds", "0"), "--seconds must be > 0"),
+    (("demo", "--seconds", "-1"), "--seconds must be > 0"),
+    (("demo", "--seconds", "nan"), "--seconds must be > 0"),
+    (("keys", "--dir", "/proc/no-such-dir", "--role", "dom0"), "No such file or directory: /proc/no-such-dir"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     r = run(*args)

@@ -163,6 +163,8 @@ def demo(workdir, size, seconds) -> None:
     nbytes = _size(size)
     if nbytes < 16 << 20 or nbytes % (1 << 20):
         raise XentapError("--size must be a whole number of MiB, at least 16M")
+    if not seconds > 0:
+        raise XentapError("--seconds must be > 0")
     if not demo_mod.run(workdir, nbytes, seconds, click.echo):
         sys.exit(1)
 

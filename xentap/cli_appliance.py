@@ -30,9 +30,9 @@ class ApplianceError(click.ClickException):
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:     # no "[Errno 2]" for a user
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
     s = str(e) or type(e).__name__
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in s:
-        s += f": {e.filename}"
     return s.splitlines()[0] if s else type(e).__name__
 
 
