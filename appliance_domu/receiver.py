@@ -104,6 +104,65 @@ _HDR, _HDR_FIELDS = derive_struct(wire.Header)  # same layout as wire.decode()
 _TYPE_IDX, _STREAM_IDX = _HDR_FIELDS.index("type"), _HDR_FIELDS.index("stream_id")
 
 
+class SessionChecker(wire.StreamChecker):
+    """:class:`xentap.wire.StreamChecker` that also accepts what a session resuming
+    from the appliance's high water explains.
+
+    A HELLO says where dom0's data starts (``next_seq``: just after what dom0
+    saw acknowledged); its ACK says what the appliance durably holds
+    (``high_water``), which may be more: the appliance journaled writes whose
+    ACK never reached dom0 (it was destroyed, or the link dropped).  dom0 then
+    goes on after the ACK's seq instead of sending again what the appliance
+    has.  So, in a session:
+
+    - a seq-consuming frame that starts above the cursor but no further than
+      ``high_water + 1`` skips only seqs the appliance holds: the cursor moves
+      to it (a batch straddling the high water is trimmed as before);
+    - the session's first seq-consuming frame may also start below the cursor
+      (a batch of dom0's spill log straddling the HELLO's ``next_seq``): the
+      seqs below the cursor are at most ``high_water``, held, and dropped;
+    - a HEARTBEAT claiming a seq above the cursor but not above ``high_water``
+      claims only seqs the appliance holds: answered, nothing moves.
+
+    Everything else is checked as before: a frame past ``high_water + 1`` is a
+    real gap, a seq received twice in one session a replay.  Nothing at or
+    below ``high_water`` is ever applied again."""
+
+    received = False  #: a seq-consuming frame was accepted in this session
+    skipped = 0  #: seqs this session did not receive because the appliance held them
+
+    def _hello(self, h):
+        out = super()._hello(h)
+        self.received = False
+        self.skipped = 0
+        return out
+
+    def check(self, msg):
+        rng = None
+        if self.hello is not None and isinstance(msg, wire.Message) \
+                and msg.stream_id == self.stream_id and msg.epoch == self.epoch:
+            if isinstance(msg, wire.Heartbeat):
+                if self.cursor - 1 < msg.last_seq <= self.high_water:
+                    return msg
+            elif not isinstance(msg, (wire.Hello, wire.Ack)):
+                rng = wire.seq_range(msg)
+                if rng is not None and self.cursor < rng[0] <= self.high_water + 1:
+                    log.info("%s: resumes at seq %d after the appliance's high water %d "
+                             "(seqs %d..%d already held, not received again)", self.vbd,
+                             rng[0], self.high_water, self.cursor, rng[0] - 1)
+                    self.skipped += rng[0] - self.cursor
+                    self.cursor = rng[0]
+                elif rng is not None and rng[0] < self.cursor and not self.received:
+                    log.info("%s: first frame %d..%d of the session starts below its "
+                             "HELLO's seq %d: seqs up to %d already held, dropped",
+                             self.vbd, rng[0], rng[1], self.cursor, self.high_water)
+                    self.cursor = rng[0]
+        out = super().check(msg)
+        if rng is not None:
+            self.received = True
+        return out
+
+
 @dataclass(eq=False)
 class Session:
     """One stream's current session: (peer, stream_id) bound to a replica by HELLO."""
@@ -229,9 +288,16 @@ class Receiver:
             sock.maxmsgsize = wire.MAX_FRAME_BYTES
             sock.router_mandatory = 1
             sock.router_handover = 1
-            sock.heartbeat_ivl = 2000
-            sock.heartbeat_timeout = 10000
+            # No ZMTP heartbeats (ZMQ_HEARTBEAT_IVL): libzmq 4.3.x aborts the process
+            # (``Assertion failed: !_io_error (src/stream_engine_base.cpp:310)``) when
+            # the heartbeat timer fires on a connection whose input the high-water
+            # mark stopped and whose peer has gone (zeromq/libzmq#3937, #4364, #4767):
+            # what a slow appliance whose dom0 reconnects does.  The stream has its own
+            # HEARTBEAT; dead peers are found by TCP keepalive.
             sock.tcp_keepalive = 1
+            sock.tcp_keepalive_idle = 30
+            sock.tcp_keepalive_intvl = 5
+            sock.tcp_keepalive_cnt = 6
             if self.curve is not None:
                 self._auth = keys.configure_server(sock, self.curve)
             ep = self.requested_endpoint
@@ -541,9 +607,11 @@ class Receiver:
                 return
             self._held.pop(vbd, None)
             self._catch_up(rep)
-            checker = rep.checker(stream_id, enforce_credit=self.enforce_credit)
+            checker = rep.checker(stream_id, enforce_credit=self.enforce_credit,
+                                  cls=SessionChecker)
         else:
-            checker = Replica.fresh_checker(stream_id, enforce_credit=self.enforce_credit)
+            checker = Replica.fresh_checker(stream_id, enforce_credit=self.enforce_credit,
+                                             cls=SessionChecker)
         try:
             checker.feed(buf)
         except wire.WireError as e:

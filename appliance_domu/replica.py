@@ -378,17 +378,19 @@ class Replica:
                 self.fd = -1
 
     # -- sessions
-    def checker(self, stream_id: int, *, enforce_credit: bool = False) -> wire.StreamChecker:
-        """A StreamChecker continuing from what this replica has applied."""
+    def checker(self, stream_id: int, *, enforce_credit: bool = False,
+                cls: type = wire.StreamChecker) -> wire.StreamChecker:
+        """A StreamChecker (or `cls`) continuing from what this replica has applied."""
         p = self.pending
-        return wire.StreamChecker(stream_id, high_water=p.high_water, epoch=p.epoch,
-                                  vbd_uuid=self.vbd_uuid, in_resync=p.in_resync,
-                                  enforce_credit=enforce_credit)
+        return cls(stream_id, high_water=p.high_water, epoch=p.epoch,
+                   vbd_uuid=self.vbd_uuid, in_resync=p.in_resync,
+                   enforce_credit=enforce_credit)
 
     @staticmethod
-    def fresh_checker(stream_id: int, *, enforce_credit: bool = False) -> wire.StreamChecker:
+    def fresh_checker(stream_id: int, *, enforce_credit: bool = False,
+                      cls: type = wire.StreamChecker) -> wire.StreamChecker:
         """The checker for a VBD with no replica yet."""
-        return wire.StreamChecker(stream_id, enforce_credit=enforce_credit)
+        return cls(stream_id, enforce_credit=enforce_credit)
 
     def begin_session(self, hello: wire.Hello) -> None:
         """Record an accepted HELLO (epoch, identity, size) durably, before it is answered."""

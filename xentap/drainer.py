@@ -173,6 +173,9 @@ class Drainer:
         self.sent_seq = self.acked_seq
         self.credit = wire.CreditWindow()
         self.in_session = False
+        #: the last seq this session's HELLO and frames told the appliance of: a
+        #: HEARTBEAT claims no more (never seqs skipped because an ACK covered them)
+        self.session_last = self.acked_seq
         self.ring_sent: collections.deque[tuple[int, int, int]] = collections.deque()  # last_seq, nbytes, count
         self.ring_sent_bytes = 0
         self.pending_ts: collections.deque[tuple[int, int]] = collections.deque()      # last_seq, oldest ts
@@ -348,7 +351,8 @@ class Drainer:
         if self.in_session and now - self._last_beat > HEARTBEAT_EVERY:
             self._last_beat = now
             self._send(wire.encode(wire.Heartbeat(stream_id=self.ident.stream_id, epoch=self.epoch,
-                                                  timestamp_ns=_now_ns(), last_seq=self.sent_seq)))
+                                                  timestamp_ns=_now_ns(),
+                                                  last_seq=self.session_last)))
 
     def _on_connection_events(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -365,6 +369,7 @@ class Drainer:
     def _hello(self) -> None:
         self.epoch += 1
         self._last_hello = time.monotonic()
+        self.session_last = self.acked_seq     # what this session has seen, for HEARTBEATs
         i = self.ident
         self._send(wire.encode(wire.Hello(
             stream_id=i.stream_id, epoch=self.epoch, host_id=i.host_id, vbd_uuid=i.vbd_uuid,
@@ -420,9 +425,28 @@ class Drainer:
             _, nbytes, _ = self.ring_sent.popleft()
             self.vbd.mirror_release(nbytes)
             self.ring_sent_bytes -= nbytes
+        if self.ring_sent:
+            self._release_acked_part()
         if self.spill and self.spill.segments[0].last_seq <= self.acked_seq:
             self.spill.trim(self.acked_seq)
             self.spill_full = False
+
+    def _release_acked_part(self) -> None:
+        """The oldest sent batch is acknowledged in part (an ACK that holds back its
+        last seq, or an appliance that journaled more than it had acknowledged before
+        it restarted): release its acknowledged records, so that the ring starts
+        right after what the appliance holds and a new session sends from there."""
+        last, nbytes, count = self.ring_sent[0]
+        first = last - count + 1
+        k = self.acked_seq - first + 1
+        if k <= 0:
+            return
+        b = self.vbd.mirror_peek(0, nbytes, k)
+        if b is None or b.count != k or b.first_seq + self.seq_base != first:
+            return      # not the batch we sent: leave it whole (it is sent again and trimmed)
+        self.vbd.mirror_release(b.nbytes)
+        self.ring_sent_bytes -= b.nbytes
+        self.ring_sent[0] = (last, nbytes - b.nbytes, count - k)
 
     def _plan_takeover(self, high_water: int) -> None:
         """The stream goes on after what the appliance and the spill log hold:
@@ -591,6 +615,7 @@ class Drainer:
                       self.ident.vdev, first, last, self.sent_seq, self.spill.first_seq,
                       self.spill.last_seq)
         self.sent_seq = last
+        self.session_last = max(self.session_last, last)
         self.frames_sent += 1
         self.bytes_sent += nbytes
         self.pending_ts.append((last, ts))
