@@ -22,7 +22,7 @@ def test_bench_mirror_result_shape(tmp_path):
         assert len(x["pair_ratios"]) == 2
         assert x["off_iops"] > 0 and x["on_iops"] > 0
         assert set(x["lag_ms"]) == {"p50", "p99", "max"}
-        assert x["overflows"] >= 0
+        assert x["overflows"] >= 0 and x["spilled_mib"] >= 0
         for side in ("off", "on"):
             assert set(x["cpu"][side]) == {*bm.PARTS, "total"}
             assert all(v >= 0 for v in x["cpu"][side].values())

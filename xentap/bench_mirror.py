@@ -172,7 +172,8 @@ class _CountingPoller:
         return getattr(self._poller, name)
 
 
-COUNTS = ("polls", "sleeps", "woken_by_shim", "woken_by_appliance", "timeouts", "eventfd_writes")
+COUNTS = ("polls", "sleeps", "woken_by_shim", "woken_by_appliance", "timeouts", "eventfd_writes",
+          "spilled_bytes")
 
 
 class CountingDrainer(Drainer):
@@ -185,6 +186,12 @@ class CountingDrainer(Drainer):
     def _connect(self) -> None:
         super()._connect()
         self._poller = _CountingPoller(self._poller, self.wake_fd, self.counts)
+
+    def _spill_from_ring(self) -> bool:
+        before = self.spill.size
+        did = super()._spill_from_ring()
+        self.counts["spilled_bytes"] += max(self.spill.size - before, 0)
+        return did
 
     def snapshot(self) -> dict:
         return {**self.counts, "frames": self.frames_sent}
@@ -254,7 +261,8 @@ class _Side:
             r["appliance_after_cpu_s"] = c2["appliance"] - c1["appliance"]
             r["drainer_after_cpu_s"] = c2["drainer"] - c1["drainer"]
             w1 = d.snapshot()
-            r["wakes"] = {k: (w1[k] - w0[k]) / wall for k in w1}
+            r["wakes"] = {k: (w1[k] - w0[k]) / wall for k in w1 if k != "spilled_bytes"}
+            r["spilled_mib"] = (w1["spilled_bytes"] - w0["spilled_bytes"]) / MiB
             r["overflows"] = self.side.vbd.mirror_stats()["overflows"] - over0
             r["lag_ms"] = d.stats()["lag_ms"]
         return r
@@ -288,6 +296,9 @@ def _summary(job: bd.Job, offs: list[dict], ons: list[dict]) -> dict:
         "ratio_max": round(max(pairs), 3) if pairs else 0.0,
         "pair_ratios": [round(p, 3) for p in pairs],
         "overflows": sum(r["overflows"] for r in ons),
+        # moved from the ring to the drainer's spill log (beside the images) while the
+        # appliance fell behind, all runs
+        "spilled_mib": round(sum(r["spilled_mib"] for r in ons), 1),
         "lag_ms": {"p50": round(_med(r["lag_ms"]["p50"] for r in ons), 1),
                    "p99": round(_med(r["lag_ms"]["p99"] for r in ons), 1),
                    "max": round(max(r["lag_ms"]["max"] for r in ons), 1)},
@@ -427,11 +438,12 @@ def format_table(r: dict) -> str:
                      f" / {w['woken_by_appliance']:,} / {w['eventfd_writes']:,} / {w['frames']:,}"
                      f"   ({x['writes_per_s']:,} writes/s; after each run: acked in "
                      f"{x['catch_up_s']:.2f} s, appliance idle after {x['settle_s']:.2f} s, "
-                     f"{x['appliance_after_cpu_s']:.2f} CPU s)")
+                     f"{x['appliance_after_cpu_s']:.2f} CPU s; spilled {x['spilled_mib']:,.0f} MiB)")
     j = r["appliance_journal"]
     lines.append("")
     lines.append(f"replica equals source: {r['replica_equals_source']}; ring {r['ring_mib']} MiB; "
-                 f"{r['image_mib']} MiB images on {r['images']['device']} ({r['images']['fs']}); "
+                 f"{r['image_mib']} MiB images and the drainer's spill log on "
+                 f"{r['images']['device']} ({r['images']['fs']}); "
                  f"{r['repeat']} pairs of runs of {r['seconds_per_run']} s back to back in "
                  f"alternating order after {r['warmup_seconds']} s unmeasured per side; on/off is the "
                  f"median of the pairs' ratios; CurveZMQ on loopback")
