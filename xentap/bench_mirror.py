@@ -194,7 +194,7 @@ class CountingDrainer(Drainer):
         return did
 
     def snapshot(self) -> dict:
-        return {**self.counts, "frames": self.frames_sent}
+        return {**self.counts, "frames": self.frames_sent, "sent_mb": self.bytes_sent / 1e6}
 
 
 # ---------------------------------------------------------------- the run
@@ -281,7 +281,7 @@ def _summary(job: bd.Job, offs: list[dict], ons: list[dict]) -> dict:
            for side, runs in (("off", offs), ("on", ons))}
     for side in cpu.values():
         side["total"] = round(sum(side.values()), 3)
-    wakes = {k: round(_med(r["wakes"][k] for r in ons)) for k in ons[0]["wakes"]}
+    wakes = {k: round(_med(r["wakes"][k] for r in ons), 1) for k in ons[0]["wakes"]}
     return {
         "label": job.label,
         "off_iops": round(_med(r["iops"] for r in offs)),
@@ -430,12 +430,13 @@ def format_table(r: dict) -> str:
                          f"  {c['total']:>5.2f}")
     lines.append("")
     lines.append("drainer, per second of a mirrored run: loop turns / sleeps / woken by the shim's "
-                 "eventfd / by the appliance / eventfd writes by the shim / frames sent")
+                 "eventfd / by the appliance / eventfd writes by the shim / frames sent / MB sent")
     for job in _jobs(r):
         x = r[job.name]
         w = x["drainer_wakes_per_s"]
-        lines.append(f"  {job.label:<27} {w['polls']:>8,} / {w['sleeps']:,} / {w['woken_by_shim']:,}"
-                     f" / {w['woken_by_appliance']:,} / {w['eventfd_writes']:,} / {w['frames']:,}"
+        lines.append(f"  {job.label:<27} {w['polls']:>8,.0f} / {w['sleeps']:,.0f} / {w['woken_by_shim']:,.0f}"
+                     f" / {w['woken_by_appliance']:,.0f} / {w['eventfd_writes']:,.0f} / {w['frames']:,.0f}"
+                     f" / {w['sent_mb']:,.0f}"
                      f"   ({x['writes_per_s']:,} writes/s; after each run: acked in "
                      f"{x['catch_up_s']:.2f} s, appliance idle after {x['settle_s']:.2f} s, "
                      f"{x['appliance_after_cpu_s']:.2f} CPU s; spilled {x['spilled_mib']:,.0f} MiB)")
