@@ -23,9 +23,15 @@ message here and there); its analyzer restarts on the next message it gets,
 learning the layout again from the replica image.
 
 The VBD's current data state is published to ``<data_dir>/<vbd>/analysis.json``
-(:data:`STATE_NAME`; written atomically, at most every ``publish_interval``
-seconds and when the worker goes idle), where ``xentap analyze VBD`` reads
-it.  Publication to xenstore from the appliance domain is not done yet.
+(:data:`STATE_NAME`; written atomically), where ``xentap analyze VBD`` reads
+it: at once when the data state changes (an alarm), else at most every
+``publish_interval`` seconds while the VBD is analysed, when the worker goes
+idle, and when the journal's window moved (checked every
+``publish_interval``).  Beside the analysis it names the VBD as dom0's HELLO
+did (``domid``, ``devid``, ``vdev``) and the journal's history ``window``
+(``engines.journal.Journal.window()``): the appliance domain's announcer
+(appliance_domu/image/announce.py) publishes these in xenstore, under its
+status directory, ``vbd/<domid>/<devid>/{window-start, window-end, data-state}``.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from pathlib import Path
 
 from analyzer import events as ev
 from xentap import wire
+from xentap.durable import write_atomically
 
 try:  # numpy: not (yet) in the appliance domain's image (appliance_domu/image/requirements.txt)
     from analyzer.detector import DetectorConfig
@@ -81,10 +88,19 @@ def read_state(vbd_dir: str | os.PathLike) -> dict | None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    # readers never see a mix; not fsynced: it is a view, redone from the stream
+    write_atomically(path, data, durable=False)
+
+
+def _window(rep) -> dict | None:
+    """The journal's history window now (None without an open journal)."""
+    j = rep.journal
+    if j is None:
+        return None
+    try:
+        return j.window()
+    except Exception:  # closed under us: the last one published stays
+        return None
 
 
 def _commit_soon(rep) -> None:
@@ -122,6 +138,7 @@ class _Vbd:
         self.data_state = "unknown"
         self.dirty = False  # state changed since the last publication
         self.published = 0.0
+        self.window: dict | None = None  # the journal's window as last published
         self._base_fd = -1
 
     # what the disk held before the stream (the journal's base image): blocks the
@@ -215,7 +232,8 @@ class Analysis:
             if old is not None:  # the replica was reopened: its analyzer goes on
                 v.__dict__.update({k: getattr(old, k) for k in (
                     "analyzer", "next_seq", "analysed_seq", "skipped", "skipped_ranges",
-                    "restarts", "tags", "tag_errors", "events", "identified", "alarm", "in_gap")})
+                    "restarts", "tags", "tag_errors", "events", "identified", "alarm", "in_gap",
+                    "data_state", "window")})
                 old.close()
             self._vbds[key] = v
         n = wire.payload_bytes(msg)
@@ -311,7 +329,13 @@ class Analysis:
                 else:
                     self._busy = False
                     self._cv.wait(self.publish_interval)
-                    continue
+                    v = False
+            if v is False:  # idle: publish the VBDs whose journal window moved
+                for w in list(self._vbds.values()):
+                    win = _window(w.rep)
+                    if w.dirty or (win is not None and win != w.window):
+                        self._publish(w)
+                continue
             if v is None:  # the queue ran dry: analyse partial batches, publish
                 finish_due = False
                 for w in list(self._vbds.values()):
@@ -404,6 +428,9 @@ class Analysis:
         v.dirty = True
         if tagged:
             _commit_soon(v.rep)
+        a = v.analyzer
+        if a is not None and a.state()["data_state"] != v.data_state:
+            self._publish(v)  # a new data state (an alarm) goes out at once
 
     def _tag(self, v: _Vbd, kw: dict) -> bool:
         j = v.rep.journal
@@ -421,12 +448,16 @@ class Analysis:
 
     def _publish(self, v: _Vbd) -> None:
         a = v.analyzer
-        if a is not None:
-            v.data_state = a.state()["data_state"]
+        state = a.state() if a is not None else None
+        if state is not None:
+            v.data_state = state["data_state"]
+        v.window = _window(v.rep) or v.window
+        rs = v.rep.state
         doc = dict(format=STATE_FORMAT, vbd=v.uuid, updated_ns=time.time_ns(),
+                   domid=rs.domid, devid=rs.devid, vdev=rs.vdev, window=v.window,
                    status=self._vbd_status(v), skipped_ranges=v.skipped_ranges,
                    in_gap=v.in_gap, alarm=v.alarm,
-                   state=a.state() if a is not None else None,
+                   state=state,
                    consistent=[dict(seq=s, time_ns=t, label=lab)
                                for s, t, lab in (a.consistent[-_RECENT_EVENTS:] if a else [])],
                    identified=v.identified, events=list(v.events))

@@ -303,6 +303,30 @@ def appliance_status_path(domid: int) -> str:
     return f"{appliance_path(domid)}/{AP_STATUS}"
 
 
+#: The most VBDs an appliance publishes under ``status/vbd`` (the newest
+#: ones; the rest are left out with a log line).  Each takes at most 5 nodes
+#: (``vbd/<d>``, ``vbd/<d>/<v>`` and its 3 keys), all owned by the appliance
+#: domain: 128 of them stay within xenstored's default quota of 1000 nodes
+#: per domain.  Dom0 reads at most 256 x 256 entries whatever is there.
+APS_MAX_VBDS = 128
+#: Per-VBD keys under ``status/vbd/<domid>/<devid>/``: the journal's history
+#: window, unix seconds (truncated) of its first and last write (absent
+#: while it holds none), and the analyzer's data state (``aps_data_state``).
+APS_VBD_KEYS = (APS_WINDOW_START, APS_WINDOW_END, APS_DATA_STATE)
+
+
+def appliance_vbd_path(appliance: int, domid: int, devid: int) -> str:
+    """Where appliance domain ``appliance`` publishes VBD ``devid`` of guest ``domid``."""
+    return f"{appliance_status_path(appliance)}/{APS_VBD}/{domid}/{devid}"
+
+
+def aps_data_state(state: str) -> str:
+    """A data state as written to xenstore: the analyzer's name
+    (analyzer.stream, ``encryption_suspected``) with hyphens for
+    underscores, as xenstore values are spelt (``encryption-suspected``)."""
+    return state.replace("_", "-")
+
+
 def status_path(domid: int, devid: int) -> str:
     """The per-VBD status node of VBD ``devid`` of guest ``domid``."""
     return f"{STATUS_ROOT}/{domid}/{devid}"
