@@ -318,3 +318,55 @@ def test_hostile_vbd_values_are_refused_by_dom0_and_named(appliance):
     assert res.exit_code == 0, res.output
     line = [ln for ln in res.output.splitlines() if ln.startswith("appliance ")]
     assert len(line) == 1 and "ignored: " in line[0] and "bad data-state of 4/51728" in line[0]
+
+
+# --- waiting for changes to files this session does not own (xentap/daemon.py,
+# xentap/cli_vbd.py): strict xfails, so that the fix turns them into failures
+# until the marker goes.
+
+_PENDING = pytest.mark.xfail(strict=True, reason="needs the proposed xentap/daemon.py and "
+                             "xentap/cli_vbd.py changes (see the commit message)")
+
+
+@pytest.fixture
+def raw_app(appliance, monkeypatch):
+    """The appliance domain's connection, writing any byte (as a hostile kernel
+    may: pyxs itself only sends 7-bit ASCII)."""
+    import re
+
+    import pyxs.client
+    monkeypatch.setattr(pyxs.client, "_re_7bit_ascii", re.compile(rb"^[\x00-\xff]*$", re.S))
+    with Client(unix_socket_path=appliance.domain_socket(APP)) as app:
+        yield app
+
+
+@_PENDING
+def test_digits_that_are_not_ascii_are_refused_not_a_crash(appliance, raw_app):
+    """Latin-1 "\xb9" is str.isdigit(), and int() refuses it."""
+    st = K.appliance_status_path(APP)
+    raw_app.write(f"{st}/{K.APS_STATE}".encode(), b"ready")
+    raw_app.write(f"{st}/{K.APS_HEARTBEAT}".encode(), b"\xb9")
+    raw_app.write(f"{K.appliance_vbd_path(APP, *A)}/{K.APS_WINDOW_START}".encode(), b"1\xb2")
+    with Xs.open(appliance.socket_path) as xs:
+        a = read_appliance_status(xs, APP)
+    assert a["heartbeat"] is None and a["vbds"][0]["window_start"] is None
+    assert sorted(a["problems"]) == ["bad heartbeat", "bad window-start of 3/51712"]
+    res = CliRunner().invoke(cli, ["status", "--xenstore-socket", appliance.socket_path])
+    assert res.exit_code == 0 and "ignored: " in res.output, res.output
+
+
+@_PENDING
+def test_status_shows_each_vbds_window_and_data_state(appliance):
+    st = K.appliance_status_path(APP)
+    with Client(unix_socket_path=appliance.domain_socket(APP)) as app:
+        app.write(f"{st}/{K.APS_STATE}".encode(), b"ready")
+        base = K.appliance_vbd_path(APP, *A)
+        app.write(f"{base}/{K.APS_WINDOW_START}".encode(), b"1790000000")
+        app.write(f"{base}/{K.APS_WINDOW_END}".encode(), b"1790000100")
+        app.write(f"{base}/{K.APS_DATA_STATE}".encode(), b"encryption-suspected")
+        app.write(f"{K.appliance_vbd_path(APP, *B)}/{K.APS_DATA_STATE}".encode(), b"unknown")
+    res = CliRunner().invoke(cli, ["status", "--xenstore-socket", appliance.socket_path])
+    assert res.exit_code == 0, res.output
+    assert ("  domain 3 xvda: window 2026-09-21 14:13:20 .. 2026-09-21 14:15:00 (100s), "
+            "data state encryption-suspected") in res.output.splitlines()
+    assert "  domain 4 xvdb: window -, data state unknown" in res.output.splitlines()
