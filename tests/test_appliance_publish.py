@@ -157,6 +157,12 @@ def test_the_announcer_publishes_each_vbds_journal_window_and_data_state(applian
     for v in (va, vb):
         wait_for(lambda: window_current(data / str(v)), timeout=3, what="the window published")
     t1 = int(time.time())
+    # what a previous announcer left (a VBD whose journal went since) goes
+    with Client(unix_socket_path=appliance.domain_socket(APP)) as app:
+        stale = K.appliance_vbd_path(APP, 77, 51712)
+        app.write(f"{stale}/{K.APS_DATA_STATE}".encode(), b"consistent")
+        app.write(f"{K.appliance_vbd_path(APP, *A)}/{K.APS_DATA_STATE}".encode(), b"unknown")
+        app.write(f"{K.appliance_status_path(APP)}/{K.APS_VBD}/077/1".encode(), b"x")
     r = subprocess.run(announce_cmd(appliance, data, "--once"), capture_output=True, text=True,
                        env=ENV, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

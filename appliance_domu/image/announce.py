@@ -163,12 +163,12 @@ class VbdPublisher:
         if self.published is None:  # what is there now (a previous announcer's too)
             pub: dict[tuple[int, int], dict[str, str | None]] = {}
             for d in _ls(client, vdir):
-                for v in _ls(client, f"{vdir}/{d}") if d.isdigit() else []:
-                    if v.isdigit():  # unknown values: each key is written or removed
+                for v in _ls(client, f"{vdir}/{d}") if _number(d) else []:
+                    if _number(v):  # unknown values: each key is written or removed
                         pub[(int(d), int(v))] = dict.fromkeys(K.APS_VBD_KEYS, "?")
                     else:
                         _rm(client, f"{vdir}/{d}/{v}")
-                if not d.isdigit():
+                if not _number(d):
                     _rm(client, f"{vdir}/{d}")
             self.published = pub
         pub = self.published
@@ -193,6 +193,11 @@ class VbdPublisher:
                 have[k] = v
                 n += 1
         return n
+
+
+def _number(name: str) -> bool:
+    """A node name as this writes numbers (so that int() gives the path back)."""
+    return name.isascii() and name.isdigit() and name == str(int(name))
 
 
 def _ls(client, path: str) -> list[str]:
