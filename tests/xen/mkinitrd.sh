@@ -4,7 +4,8 @@
 # dom0:  busybox + the virtio/9p/overlay modules; its /init (dom0-initramfs-init)
 #        mounts the host root over 9p and switch_roots into it.
 # guest: busybox + xen-blkfront + mke2fs/e2fsck (host binaries and their
-#        shared libraries) + guest/init and the workloads in guest/*.sh.
+#        shared libraries) + guest/init and the workloads in guest/*.sh;
+#        xfs.ko (not loaded by init) and mkfs.xfs (xfsprogs) for guest/xfs.sh.
 # fio-tools: not an initramfs but a read-only ext4 disk image with Debian's
 #        fio in /bin and every library it links in /lib (about 90 MiB: ceph,
 #        gluster, ICU...), for cases/fio-ratio.sh's guests (their xvdb,
@@ -79,6 +80,23 @@ guest)
         add_binary "/sbin/$b"
     done
     ln -sf mke2fs "$T/bin/mkfs.ext4"
+    # XFS for guest/xfs.sh, which loads these itself from /lib/modules/xfs
+    # (in its order file), so that the other guests spend no emulated CPU on
+    # them; mkfs.xfs from Debian's xfsprogs on the host.
+    mkdir -p "$T/lib/modules/xfs"
+    : > "$T/lib/modules/xfs/order"
+    modprobe -d "$KROOT" -S "$KVER" --show-depends xfs | while read -r kw f _; do
+        [ "$kw" = insmod ] || continue
+        b=$(basename "$f"); b=${b%%.ko*}
+        grep -qx "$b" "$T/lib/modules/order" && continue   # init loads it already
+        case "$f" in
+            *.ko.xz) xz -dc "$f" > "$T/lib/modules/xfs/$b.ko";;
+            *.ko.zst) zstd -qdc "$f" > "$T/lib/modules/xfs/$b.ko";;
+            *) cp "$f" "$T/lib/modules/xfs/$b.ko";;
+        esac
+        echo "$b" >> "$T/lib/modules/xfs/order"
+    done
+    add_binary /usr/sbin/mkfs.xfs
     ln -sf e2fsck "$T/bin/fsck.ext4"
     cp /etc/mke2fs.conf "$T/etc/"
     cp "$HERE/guest/init" "$T/init"

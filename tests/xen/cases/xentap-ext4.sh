@@ -16,7 +16,9 @@
 # shows the mirror stopped with everything acknowledged, no error, no
 # overflow, no gap; the appliance's journal verifies (checksums, every seq in
 # order from the empty disk up to the last acknowledged one); restoring at
-# its last checkpoint gives an image equal to the disk (cmp).  The suite runs
+# its last checkpoint gives an image equal to the disk (cmp); `xentap journal
+# export-trace` writes the journal as a write trace to
+# $XT_OUT/traces/<case>.trace.gz.  The suite runs
 # these checks on the appliance domain instead (cases/appliance-domu.sh,
 # phase 1 and the end), where the appliance now lives; the suite daemon's
 # small mirror ring and spill log (run-cases.sh) may overflow with an
@@ -235,6 +237,13 @@ print(v["first_seq"], v["last_seq"], v["frames"], len(c), c[-1]["id"] if c else 
     cmp "$XT_WORK/restored.img" "$img" ||
         fail "the image restored at the last checkpoint ($cp) differs from the disk"
     log "restored at the last checkpoint ($cp of $last): equal to the disk"
+    # The guest's writes as the appliance journaled them, as an analyzer
+    # write trace (host: out/xen/traces/; the small ones kept in tests/data
+    # come from cases/xentap-xfs.sh, whose workload is made for it).
+    mkdir -p "$XT_OUT/traces"
+    "$XENTAP" journal export-trace "$vbd" -o "$XT_OUT/traces/$name.trace.gz" --force \
+        --data-dir "$data" || fail "xentap journal export-trace $vbd"
+    echo "METRIC $name trace_bytes=$(stat -c %s "$XT_OUT/traces/$name.trace.gz")"
     rm -rf "$XT_WORK/restored.img" "$ap" "$XT_WORK/state"
 fi
 rm -f "$img"
