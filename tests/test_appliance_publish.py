@@ -326,12 +326,7 @@ def test_hostile_vbd_values_are_refused_by_dom0_and_named(appliance):
     assert len(line) == 1 and "ignored: " in line[0] and "bad data-state of 4/51728" in line[0]
 
 
-# --- waiting for changes to files this session does not own (xentap/daemon.py,
-# xentap/cli_vbd.py): strict xfails, so that the fix turns them into failures
-# until the marker goes.
-
-_PENDING = pytest.mark.xfail(strict=True, reason="needs the proposed xentap/daemon.py and "
-                             "xentap/cli_vbd.py changes (see the commit message)")
+# --- what dom0 makes of it: hostile bytes, and `xentap status`'s text
 
 
 @pytest.fixture
@@ -346,7 +341,6 @@ def raw_app(appliance, monkeypatch):
         yield app
 
 
-@_PENDING
 def test_digits_that_are_not_ascii_are_refused_not_a_crash(appliance, raw_app):
     """Latin-1 "\xb9" is str.isdigit(), and int() refuses it."""
     st = K.appliance_status_path(APP)
@@ -361,7 +355,6 @@ def test_digits_that_are_not_ascii_are_refused_not_a_crash(appliance, raw_app):
     assert res.exit_code == 0 and "ignored: " in res.output, res.output
 
 
-@_PENDING
 def test_status_shows_each_vbds_window_and_data_state(appliance):
     st = K.appliance_status_path(APP)
     with Client(unix_socket_path=appliance.domain_socket(APP)) as app:

@@ -469,6 +469,14 @@ def _mirror_cells(rows: list[dict[str, Any]]) -> None:
             row["_spill"] = str(m["spill_bytes"])
 
 
+def _utc(t: int) -> str:
+    """Unix seconds an appliance published (validated digits) as UTC."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):  # 20 digits: far beyond time_t
+        return str(t)
+
+
 def _table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
     cells = [[h for h, _ in cols]] + [[str(r[k]) for _, k in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
@@ -532,6 +540,12 @@ def status(as_json: bool, xenstore_socket: str | None) -> None:
                    f"{a['state'] or 'no state'}"
                    + (f", {a['endpoint']}" if a["endpoint"] else "")
                    + (f"; ignored: {', '.join(a['problems'])}" if a["problems"] else ""))
+        for e in sorted(a["vbds"], key=lambda e: (e["domain"], e["devid"])):
+            ws, we = e["window_start"], e["window_end"]
+            win = (f"{_utc(ws)} .. {_utc(we)} ({we - ws}s)" if ws is not None and we is not None
+                   and ws <= we else "-")
+            click.echo(f"  domain {e['domain']} {K.devid_to_vdev(e['devid'])}: window {win}, "
+                       f"data state {e['data_state'] or '-'}")
 
 
 # --- appliance domains ----------------------------------------------------------------

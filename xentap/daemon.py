@@ -725,6 +725,9 @@ class Daemon:
 
 _Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
 _ENDPOINT_RE = re.compile(r"^(tcp://[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}|ipc:///[ -~]{1,200})$")
+# ASCII digits only: str.isdigit() takes "\xb2" (latin-1 for a byte an appliance
+# may write), which int() refuses
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 def grant_appliance(xs: Xs, domid: int, name: str) -> None:
@@ -781,7 +784,7 @@ def read_appliance_status(xs: Xs, domid: int, vbds: bool = True) -> dict[str, An
         "state": get(K.APS_STATE, lambda v: v in K.AP_STATES),
         "endpoint": get(K.APS_ENDPOINT, lambda v: bool(_ENDPOINT_RE.match(v))),
         "public_key": get(K.APS_PUBLIC_KEY, lambda v: len(v) == 40 and all(c in _Z85 for c in v)),
-        "heartbeat": get(K.APS_HEARTBEAT, lambda v: v.isdigit() and len(v) <= 12),
+        "heartbeat": get(K.APS_HEARTBEAT, lambda v: bool(_DIGITS.fullmatch(v)) and len(v) <= 12),
     }
     if out["heartbeat"] is not None:
         out["heartbeat"] = int(out["heartbeat"])
@@ -789,14 +792,15 @@ def read_appliance_status(xs: Xs, domid: int, vbds: bool = True) -> dict[str, An
     vdir = f"{st}/{K.APS_VBD}"
     for d in (xs.ls(vdir) or [])[:256] if vbds else []:
         for v in (xs.ls(f"{vdir}/{d}") or [])[:256]:
-            if not (d.isdigit() and v.isdigit() and len(d) <= 5 and len(v) <= 10):
+            if not (_DIGITS.fullmatch(d) and _DIGITS.fullmatch(v) and len(d) <= 5
+                    and len(v) <= 10):
                 problems.append("bad vbd entry")
                 continue
             base = f"{vdir}/{d}/{v}"
             w = {}
             for key in (K.APS_WINDOW_START, K.APS_WINDOW_END):
                 raw = xs.read(f"{base}/{key}")
-                w[key] = int(raw) if raw is not None and raw.isdigit() and len(raw) <= 20 else None
+                w[key] = int(raw) if raw is not None and _DIGITS.fullmatch(raw) else None
                 if raw is not None and w[key] is None:
                     problems.append(f"bad {key} of {d}/{v}")
             ds = xs.read(f"{base}/{K.APS_DATA_STATE}")
