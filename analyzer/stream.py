@@ -14,14 +14,18 @@ block held before.  Events are :class:`analyzer.events.Event`.
 from __future__ import annotations
 
 from bisect import bisect_right
+from dataclasses import replace
 
 from . import events as ev
+from . import lvm_layout
 from .detector import DetectorConfig, EncryptionDetector
 from .formats import ext4, gpt, luks, lvm, mbr, ntfs, swap, xfs
 from .fstrack import NTFS, XFS, Ext4
 
 HEAD = 64 << 10  # bytes watched at the start of the disk and of every partition
 MAX_PARTITIONS = 128  # partitions watched (a hostile table may list thousands)
+MAX_PVS = 16  # LVM PVs watched (at the disk start and partition starts)
+MAX_NOTES = 32
 
 
 class VbdAnalyzer:
@@ -38,6 +42,12 @@ class VbdAnalyzer:
         self.partitions: list[dict] = []
         self.consistent: list[tuple[int, int, str]] = []  # (seq, time_ns, label)
         self._cseqs: list[int] = []
+        # LVM: PVs whose metadata area is watched, and the LVs it maps ("vg/lv" -> LvSpace)
+        self.pvs: dict[int, lvm_layout.PvWatch] = {}
+        self.lvs: dict[str, lvm_layout.LvSpace] = {}
+        self.lvm_notes: list[str] = []
+        self.lvm_stats = {"metadata_parsed": 0, "metadata_bad": 0, "metadata_checksum_bad": 0,
+                          "mda_unsupported": 0, "lv_limit": 0}
         self.alarm: ev.Event | None = None
         self.last_seq = -1
         self.writes = 0
@@ -56,8 +66,17 @@ class VbdAnalyzer:
         for start in list(self.heads):
             if off < start + HEAD and start < end:
                 self._update_head(seq, time_ns, start, off, data, out)
+        if self.pvs:
+            for pw in list(self.pvs.values()):
+                if pw.on_write(off, data):
+                    self._lvm_layout(seq, time_ns, pw, out)
         for tr in self.trackers.values():
             tr.on_write(seq, time_ns, off, data, out)
+        if self.lvs:
+            for lv in list(self.lvs.values()):
+                ps = lv.pieces(off, len(data))
+                if ps:
+                    self._lv_write(seq, time_ns, lv, ps, data, out)
         s = self.detector.add(seq, time_ns, off, data)
         if s is not None:
             self._alarm(s, seq, time_ns, out)
@@ -74,6 +93,12 @@ class VbdAnalyzer:
                 self._alarm(s, seq, time_ns, out)
         for tr in self.trackers.values():
             tr.on_flush(seq, time_ns, out)
+        for lv in self.lvs.values():
+            if lv.tracker is not None:
+                sub: list[ev.Event] = []
+                lv.tracker.on_flush(seq, time_ns, sub)
+                if sub:
+                    out += self._lv_events(lv, sub)
         for e in out:
             if e.consistent:
                 self.consistent.append((e.seq, e.time_ns, e.label))
@@ -100,13 +125,29 @@ class VbdAnalyzer:
                 done.add(start)
                 buf = read(start, HEAD) or b""
                 self._update_head(-1, 0, start, start, buf, out)
+        for pw in list(self.pvs.values()):
+            if pw.mda is not None:
+                m0, m1 = pw.mda
+                if pw.on_write(m0, (read(m0, m1 - m0) or b"").ljust(m1 - m0, b"\0")):
+                    self._lvm_layout(-1, 0, pw, out)
+        for lv in list(self.lvs.values()):
+            sub: list[ev.Event] = []
+            lv.head[:] = lv.read(read, 0, HEAD)
+            self._identify_lv(-1, 0, lv, sub)
+            if isinstance(lv.tracker, Ext4):
+                self._learn_jsb(lambda o, n, lv=lv: lv.read(read, o, n), lv.tracker, sub)
+            out += self._lv_events(lv, sub)
         for tr in list(self.trackers.values()):
-            if isinstance(tr, Ext4) and tr.jranges:
-                s, _e, lg = tr.jranges[0]
-                if lg == 0:
-                    blk = read(s, tr.bs) or b""
-                    tr._journal_block(-1, 0, 0, bytes(blk), out)
+            self._learn_jsb(read, tr, out)
         return out
+
+    @staticmethod
+    def _learn_jsb(read, tr, out) -> None:
+        if isinstance(tr, Ext4) and tr.jranges:
+            s, _e, lg = tr.jranges[0]
+            if lg == 0:
+                blk = read(s, tr.bs) or b""
+                tr._journal_block(-1, 0, 0, bytes(blk), out)
 
     # ------------------------------------------------------------ layout
     def _update_head(self, seq, t, start, off, data, out) -> None:
@@ -116,21 +157,9 @@ class VbdAnalyzer:
         head[lo - start:hi - start] = data[lo - off:hi - off]
         self._identify(seq, t, start, bytes(head), out)
 
-    def _identify(self, seq, t, start, buf, out) -> None:
-        kind = ident = None
-        obj = None
-        if start == 0:
-            g = gpt.detect(buf, self.sector_size)
-            m = None if g else mbr.detect(buf)
-            parts = []
-            if g is not None and g.partitions:
-                parts = [(p.first_lba * self.sector_size, (p.last_lba + 1) * self.sector_size, p.type_name)
-                         for p in g.partitions]
-            elif m is not None and not m.protective:
-                parts = [(p.lba_first * self.sector_size, p.lba_end * self.sector_size, p.type_name)
-                         for p in m.partitions if not p.is_extended]
-            if parts:
-                self._partitions(seq, t, "gpt" if g else "mbr", parts, out)
+    @staticmethod
+    def _probe(buf):
+        """(kind, parsed header) of what starts ``buf``, or (None, None)."""
         for name, probe in (("luks", luks.detect), ("lvm2_pv", lvm.detect), ("swap", swap.detect),
                             ("xfs", xfs.detect), ("ext4", ext4.detect), ("ntfs", ntfs.detect)):
             try:
@@ -141,23 +170,19 @@ class VbdAnalyzer:
                 continue
             if getattr(obj, "checksum_ok", None) is False or getattr(obj, "crc_ok", None) is False:
                 continue
-            kind = name
-            break
-        if kind is None:
-            return
-        if kind == "ext4":
-            kind = obj.kind
-        ident = getattr(obj, "uuid", None) or ""
+            return (obj.kind if name == "ext4" else name), obj
+        return None, None
+
+    @staticmethod
+    def _ident(kind, obj) -> str:
         if kind == "ntfs":
-            ident = f"{obj.volume_serial_number:016x}"
-        prev = self.found.get(start)
-        if prev == (kind, ident):
-            tr = self.trackers.get(start)
-            if tr is not None:
-                tr.update_sb(seq, t, obj, out)
-            return
-        self.found[start] = (kind, ident)
-        detail = {"uuid": ident}
+            return f"{obj.volume_serial_number:016x}"
+        return getattr(obj, "uuid", None) or ""
+
+    @staticmethod
+    def _tracker(kind, obj, start):
+        """(tracker or None, event detail) for a filesystem found at ``start``."""
+        detail = {}
         tr = None
         if kind in ("ext2", "ext3", "ext4", "jbd"):
             tr = Ext4(start, obj)
@@ -171,9 +196,44 @@ class VbdAnalyzer:
             tr = NTFS(start, obj)
             detail.update(cluster_size=obj.cluster_size, size=obj.size_bytes)
         elif kind == "luks":
+            detail.update(version=type(obj).__name__)
+        return tr, detail
+
+    def _identify(self, seq, t, start, buf, out) -> None:
+        if start == 0:
+            g = gpt.detect(buf, self.sector_size)
+            m = None if g else mbr.detect(buf)
+            parts = []
+            if g is not None and g.partitions:
+                parts = [(p.first_lba * self.sector_size, (p.last_lba + 1) * self.sector_size, p.type_name)
+                         for p in g.partitions]
+            elif m is not None and not m.protective:
+                parts = [(p.lba_first * self.sector_size, p.lba_end * self.sector_size, p.type_name)
+                         for p in m.partitions if not p.is_extended]
+            if parts:
+                self._partitions(seq, t, "gpt" if g else "mbr", parts, out)
+        kind, obj = self._probe(buf)
+        if kind is None:
+            return
+        ident = self._ident(kind, obj)
+        prev = self.found.get(start)
+        if prev == (kind, ident):
+            tr = self.trackers.get(start)
+            if tr is not None:
+                tr.update_sb(seq, t, obj, out)
+            return
+        self.found[start] = (kind, ident)
+        tr, detail = self._tracker(kind, obj, start)
+        detail = {"uuid": ident, **detail}
+        if start in self.pvs:
+            self._drop_pv(start)
+        if kind == "lvm2_pv" and len(self.pvs) < MAX_PVS:
+            self.pvs[start] = lvm_layout.PvWatch(start, obj, self.lvm_stats)
+            detail.update(pv_uuid=obj.pv_uuid_dashed, pe_start=start + obj.data_areas[0][0] if obj.data_areas
+                          else None)
+        if kind == "luks":
             end = self.head_end.get(start)
             self.detector.exclude(start, end if end is not None else 1 << 62)
-            detail.update(version=type(obj).__name__)
             out.append(ev.Event(ev.VOLUME_ENCRYPTED, seq, t, start, kind,
                                 f"LUKS volume at {start}: encrypted as a whole, not alarmed on", detail))
         if tr is not None:
@@ -185,6 +245,83 @@ class VbdAnalyzer:
         out.append(ev.Event(ev.FS_IDENTIFIED, seq, t, start, kind, f"{kind} at byte {start}", detail))
         if tr is not None and tr.mounted:
             out.append(ev.Event(ev.MOUNT, seq, t, start, kind, f"{kind} mounted", {"uuid": ident}))
+
+    # ------------------------------------------------------------ LVM
+    def _drop_pv(self, start) -> None:
+        self.pvs.pop(start, None)
+        for name in [n for n, lv in self.lvs.items() if lv.pv == start]:
+            del self.lvs[name]
+
+    def _lvm_layout(self, seq, t, pw, out) -> None:
+        """The PV's metadata changed: map its LVs again (new, extended, removed)."""
+        _vg, _seqno, maps, notes = pw.layout
+        self.lvm_notes = (self.lvm_notes + notes)[-MAX_NOTES:]
+        for name in [n for n, lv in self.lvs.items() if lv.pv == pw.start and n not in maps]:
+            del self.lvs[name]
+        for name, segs in maps.items():
+            lv = self.lvs.get(name)
+            first = next(d for a, _b, d in segs if a == 0)
+            if lv is not None and lv.pv == pw.start and lv.disk_start == first:
+                if segs != sorted(lv.segs):
+                    lv.set_segments(segs)  # lvextend, lvreduce: same filesystem, more room
+                    if lv.tracker is not None:
+                        self._exclude_lv(lv)
+                continue
+            if lv is None and len(self.lvs) >= lvm_layout.MAX_LVS:
+                self.lvm_stats["lv_limit"] += 1
+                continue
+            lv = lvm_layout.LvSpace(name, segs, HEAD)
+            lv.pv = pw.start
+            self.lvs[name] = lv
+
+    def _exclude_lv(self, lv) -> None:
+        for s, e in lv.tracker.regions:
+            for ds, de in lv.to_disk(s, e):
+                self.detector.exclude(ds, de)
+
+    def _lv_write(self, seq, t, lv, pieces, data, out) -> None:
+        sub: list[ev.Event] = []
+        for lo, i, n in pieces:
+            if lo < HEAD:
+                k = min(n, HEAD - lo)
+                lv.head[lo:lo + k] = data[i:i + k]
+                self._identify_lv(seq, t, lv, sub)
+        tr = lv.tracker
+        if tr is not None:
+            for lo, i, n in pieces:
+                tr.on_write(seq, t, lo, data[i:i + n] if (i, n) != (0, len(data)) else data, sub)
+        if sub:
+            out += self._lv_events(lv, sub)
+
+    def _lv_events(self, lv, sub) -> list[ev.Event]:
+        """Events of an LV's tracker, in LV offsets, as the VBD's: the LV's disk offset and name."""
+        at = lv.disk_start
+        return [replace(e, offset=at if e.offset is not None else None,
+                        label=f"{e.label} (LV {lv.name})", detail={**e.detail, "lv": lv.name}) for e in sub]
+
+    def _identify_lv(self, seq, t, lv, out) -> None:
+        kind, obj = self._probe(bytes(lv.head))
+        if kind is None:
+            return
+        ident = self._ident(kind, obj)
+        if lv.found == (kind, ident):
+            if lv.tracker is not None:
+                lv.tracker.update_sb(seq, t, obj, out)
+            return
+        lv.found = (kind, ident)
+        tr, detail = self._tracker(kind, obj, 0)
+        detail = {"uuid": ident, **detail}
+        lv.tracker = tr
+        if tr is not None:
+            self._exclude_lv(lv)
+        if kind == "luks":
+            for ds, de in lv.to_disk(0, lv.size):
+                self.detector.exclude(ds, de)
+            out.append(ev.Event(ev.VOLUME_ENCRYPTED, seq, t, 0, kind, "LUKS volume: encrypted as a whole, "
+                                "not alarmed on", detail))
+        out.append(ev.Event(ev.FS_IDENTIFIED, seq, t, 0, kind, f"{kind} in LV {lv.name}", detail))
+        if tr is not None and tr.mounted:
+            out.append(ev.Event(ev.MOUNT, seq, t, 0, kind, f"{kind} mounted", {"uuid": ident}))
 
     def _partitions(self, seq, t, scheme, parts, out) -> None:
         new = [{"scheme": scheme, "start": s, "end": e, "type": ty} for s, e, ty in parts]
@@ -225,12 +362,19 @@ class VbdAnalyzer:
             tr = self.trackers.get(start)
             fss.append({"offset": start, "type": kind, "uuid": ident,
                         "mounted": None if tr is None else tr.mounted})
+        for name, lv in sorted(self.lvs.items()):
+            if lv.found is not None:
+                fss.append({"offset": lv.disk_start, "type": lv.found[0], "uuid": lv.found[1], "lv": name,
+                            "mounted": None if lv.tracker is None else lv.tracker.mounted})
         last = self.consistent[-1] if self.consistent else None
         d = self.detector
         return {
             "vbd": self.name,
             "writes": self.writes, "bytes": self.bytes, "flushes": self.flushes, "last_seq": self.last_seq,
             "partitions": self.partitions,
+            "lvm": {"volumes": [{"lv": n, "segments": [list(s) for s in sorted(lv.segs)]}
+                                for n, lv in sorted(self.lvs.items())],
+                    "notes": list(self.lvm_notes), "counters": dict(self.lvm_stats)},
             "filesystems": fss,
             "consistent_points": len(self.consistent),
             "last_consistent": None if last is None else {"seq": last[0], "time_ns": last[1], "label": last[2]},
