@@ -22,8 +22,8 @@ from bisect import bisect_right
 
 from .formats import lvm
 
-MAX_TEXT = 1 << 20  # metadata text parsed at most (LVM's own default area is 1020 KiB)
-MAX_TOKENS = 200_000
+MAX_TEXT = 512 << 10  # metadata text parsed at most (about 1500 LVs)
+MAX_TOKENS = 60_000  # (parsing that many takes about 0.15 s)
 MAX_DEPTH = 8  # vg > logical_volumes > lv > segment is 4 deep
 MAX_ARRAY = 4096
 MAX_LVS = 256

@@ -26,6 +26,7 @@ HEAD = 64 << 10  # bytes watched at the start of the disk and of every partition
 MAX_PARTITIONS = 128  # partitions watched (a hostile table may list thousands)
 MAX_PVS = 16  # LVM PVs watched (at the disk start and partition starts)
 MAX_NOTES = 32
+MAX_EBRS = 64  # logical partitions followed in an MBR's extended partition
 
 
 class VbdAnalyzer:
@@ -40,6 +41,13 @@ class VbdAnalyzer:
         self.found: dict[int, tuple[str, str]] = {}  # start -> (type, identity)
         self.trackers: dict[int, object] = {}
         self.partitions: list[dict] = []
+        self._primary: tuple[str, list] = ("mbr", [])
+        self._logical: list[tuple[int, int, str]] = []
+        # MBR extended partition: its start, the EBRs of its chain as written, and
+        # recent sectors that looked like boot records (an EBR may come before the MBR)
+        self.ext_base: int | None = None
+        self.ebrs: dict[int, bytearray] = {}
+        self._bootsecs: dict[int, bytes] = {}
         self.consistent: list[tuple[int, int, str]] = []  # (seq, time_ns, label)
         self._cseqs: list[int] = []
         # LVM: PVs whose metadata area is watched, and the LVs it maps ("vg/lv" -> LvSpace)
@@ -63,6 +71,17 @@ class VbdAnalyzer:
         self.last_seq = seq
         self.writes += 1
         self.bytes += len(data)
+        if data[510:512] == b"\x55\xaa" and off < (1 << 62):
+            self._bootsecs[off] = bytes(data[:512])
+            if len(self._bootsecs) > MAX_EBRS:
+                self._bootsecs.pop(next(iter(self._bootsecs)))
+        if self.ebrs:
+            for e0 in list(self.ebrs):
+                buf = self.ebrs.get(e0)
+                if buf is not None and off < e0 + 512 and e0 < end:
+                    lo, hi = max(off, e0), min(end, e0 + 512)
+                    buf[lo - e0:hi - e0] = data[lo - off:hi - off]
+                    self._ebr_chain(seq, time_ns, out)
         for start in list(self.heads):
             if off < start + HEAD and start < end:
                 self._update_head(seq, time_ns, start, off, data, out)
@@ -119,8 +138,13 @@ class VbdAnalyzer:
         done: set[int] = set()
         while True:
             todo = [s for s in self.heads if s not in done]
-            if not todo:
+            ebrs = [e for e in self.ebrs if -1 - e not in done]
+            if not todo and not ebrs:
                 break
+            for e0 in ebrs:
+                done.add(-1 - e0)
+                self.ebrs[e0][:] = (read(e0, 512) or b"").ljust(512, b"\0")[:512]
+                self._ebr_chain(-1, 0, out)
             for start in todo:
                 done.add(start)
                 buf = read(start, HEAD) or b""
@@ -210,8 +234,17 @@ class VbdAnalyzer:
             elif m is not None and not m.protective:
                 parts = [(p.lba_first * self.sector_size, p.lba_end * self.sector_size, p.type_name)
                          for p in m.partitions if not p.is_extended]
-            if parts:
-                self._partitions(seq, t, "gpt" if g else "mbr", parts, out)
+                ext = next((p for p in m.partitions if p.is_extended), None)
+                base = None if ext is None else ext.lba_first * self.sector_size
+                if base != self.ext_base:
+                    self.ext_base = base
+                    self.ebrs = {} if base is None else {base: bytearray(self._bootsecs.get(base, bytes(512)))}
+                    self._logical = []
+                    if base is not None:
+                        self._ebr_chain(seq, t, None)
+            if parts or self._logical:
+                self._primary = ("gpt" if g else "mbr", parts)
+                self._partitions(seq, t, "gpt" if g else "mbr", parts + self._logical, out)
         kind, obj = self._probe(buf)
         if kind is None:
             return
@@ -322,6 +355,30 @@ class VbdAnalyzer:
         out.append(ev.Event(ev.FS_IDENTIFIED, seq, t, 0, kind, f"{kind} in LV {lv.name}", detail))
         if tr is not None and tr.mounted:
             out.append(ev.Event(ev.MOUNT, seq, t, 0, kind, f"{kind} mounted", {"uuid": ident}))
+
+    def _ebr_chain(self, seq, t, out) -> None:
+        """Walk the extended partition's EBR chain: its logical partitions (5, 6, ...)."""
+        base, ss = self.ext_base, self.sector_size
+        logical, at, seen = [], base, set()
+        while at is not None and at not in seen and len(seen) < MAX_EBRS:
+            seen.add(at)
+            if at not in self.ebrs:
+                self.ebrs[at] = bytearray(self._bootsecs.get(at, bytes(512)))
+            e = mbr.detect(bytes(self.ebrs[at]))
+            at2 = None
+            for p in e.partitions if e is not None else ():
+                if p.is_extended:
+                    at2 = base + p.lba_first * ss if at2 is None else at2
+                elif not logical or logical[-1][0] != at + p.lba_first * ss:
+                    logical.append((at + p.lba_first * ss, at + p.lba_end * ss, p.type_name))
+            at = at2
+        for e0 in [e0 for e0 in self.ebrs if e0 not in seen]:
+            del self.ebrs[e0]  # no longer in the chain
+        if logical != self._logical:
+            self._logical = logical
+            if out is not None:
+                scheme, parts = self._primary
+                self._partitions(seq, t, scheme, parts + logical, out)
 
     def _partitions(self, seq, t, scheme, parts, out) -> None:
         new = [{"scheme": scheme, "start": s, "end": e, "type": ty} for s, e, ty in parts]

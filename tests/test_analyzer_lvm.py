@@ -331,36 +331,63 @@ def cut(image, segs, out) -> None:
             dst.write(src.read(b - a))
 
 
+def shifted(segs, base):
+    return {k: [(a, b, d + base) for a, b, d in v] for k, v in segs.items()}
+
+
 @need_capture
 @pytest.mark.slow
-def test_real_lvm_ext4_in_an_lv_is_identified_tracked_and_every_consistent_point_passes_fsck(tmp_path):
+@pytest.mark.parametrize("table", ["none", "debian-mbr"])
+def test_real_lvm_ext4_in_an_lv_is_identified_tracked_and_every_consistent_point_passes_fsck(tmp_path, table):
+    """The PV is the whole disk, or (Debian's installer, BIOS: "guided - use entire
+    disk and set up LVM") an MBR with /boot in partition 1 and the PV in logical
+    partition 5 of an extended partition 2."""
     img, trace_path, mnt = tmp_path / "disk.img", tmp_path / "trace.bin", tmp_path / "mnt"
     mnt.mkdir()
+    size = 128 * MB
     with open(img, "wb") as f:
-        f.truncate(128 * MB)
+        f.truncate(size)
     vg = "xtlvm" + _uuid.uuid4().hex[:6]
+    base, pvdev = 0, None
     with Capture(img, trace_path) as dev:  # (nothing is active: the VG is left on the image)
-        lvm_cmd(dev, "pvcreate", "-q", dev)
-        lvm_cmd(dev, "vgcreate", "-q", "-s", "4m", vg, dev)
-        lvm_cmd(dev, "lvcreate", "-q", "-an", "-Zn", "-L", "8m", "-n", "swap", vg)
-        lvm_cmd(dev, "lvcreate", "-q", "-an", "-Zn", "-L", "48m", "-n", "root", vg)
-        segs = lv_segments(dev, vg)
-        (a0, b0, d0), = segs[f"{vg}/root"]
-        ld = loop_at(dev, d0, b0 - a0)
         try:
-            fs_workload(ld, mnt, "ext4")
+            pvdev = dev
+            if table == "debian-mbr":
+                run("sfdisk", "-q", dev, input="label: dos\nstart=2048, size=30720, type=83, bootable\n"
+                    "start=32768, type=5\nstart=34816, type=8e\n")
+                parts = json.loads(run("sfdisk", "--json", dev).stdout)["partitiontable"]["partitions"]
+                assert len(parts) == 3
+                boot = loop_at(dev, 2048 * 512, 30720 * 512)
+                try:
+                    run("mkfs.ext4", "-q", "-F", "-b", "4096", boot)
+                finally:
+                    run("losetup", "-d", boot, check=False)
+                base = parts[2]["start"] * 512
+                pvdev = loop_at(dev, base, parts[2]["size"] * 512)
+            lvm_cmd(pvdev, "pvcreate", "-q", pvdev)
+            lvm_cmd(pvdev, "vgcreate", "-q", "-s", "4m", vg, pvdev)
+            lvm_cmd(pvdev, "lvcreate", "-q", "-an", "-Zn", "-L", "8m", "-n", "swap", vg)
+            lvm_cmd(pvdev, "lvcreate", "-q", "-an", "-Zn", "-L", "48m", "-n", "root", vg)
+            segs = shifted(lv_segments(pvdev, vg), base)
+            (a0, b0, d0), = segs[f"{vg}/root"]
+            ld = loop_at(dev, d0, b0 - a0)
+            try:
+                fs_workload(ld, mnt, "ext4")
+            finally:
+                run("losetup", "-d", ld, check=False)
+            lvm_cmd(pvdev, "lvcreate", "-q", "-an", "-Zn", "-L", "16m", "-n", "data", vg)
+            segs2 = shifted(lv_segments(pvdev, vg), base)
+            (a1, b1, d1), = segs2[f"{vg}/data"]
+            ld = loop_at(dev, d1, b1 - a1)
+            try:
+                run("mkfs.ext4", "-q", "-F", "-b", "4096", ld)
+            finally:
+                run("losetup", "-d", ld, check=False)
+            lvm_cmd(pvdev, "lvextend", "-q", "-L", "+8m", f"{vg}/root")  # after data: a second segment
+            segs2 = shifted(lv_segments(pvdev, vg), base)
         finally:
-            run("losetup", "-d", ld, check=False)
-        lvm_cmd(dev, "lvcreate", "-q", "-an", "-Zn", "-L", "16m", "-n", "data", vg)
-        segs2 = lv_segments(dev, vg)
-        (a1, b1, d1), = segs2[f"{vg}/data"]
-        ld = loop_at(dev, d1, b1 - a1)
-        try:
-            run("mkfs.ext4", "-q", "-F", "-b", "4096", ld)
-        finally:
-            run("losetup", "-d", ld, check=False)
-        lvm_cmd(dev, "lvextend", "-q", "-L", "+8m", f"{vg}/root")  # after data: a second segment
-        segs2 = lv_segments(dev, vg)
+            if pvdev not in (None, dev):
+                run("losetup", "-d", pvdev, check=False)
     a, evs = analyze_trace(trace_path)
     st = a.state()
     assert not st["lvm"]["counters"]["metadata_bad"], st["lvm"]
@@ -368,18 +395,59 @@ def test_real_lvm_ext4_in_an_lv_is_identified_tracked_and_every_consistent_point
     assert vols == segs2, (vols, segs2)
     assert len(segs2[f"{vg}/root"]) == 2  # lvextend gave root a second segment: learnt again
     ident = [e for e in evs if e.kind == "fs_identified" and e.fstype == "ext4"]
-    assert [(e.detail["lv"], e.offset) for e in ident] == [(f"{vg}/root", d0), (f"{vg}/data", d1)]
+    want = [(f"{vg}/root", d0), (f"{vg}/data", d1)]
+    if table == "debian-mbr":
+        assert [(p["start"], p["end"]) for p in st["partitions"]] == [
+            (2048 * 512, 32768 * 512), (base, size)]
+        want.insert(0, (None, 2048 * 512))
+    assert [(e.detail.get("lv"), e.offset) for e in ident] == want
+    assert any(e.kind == "fs_identified" and e.fstype == "lvm2_pv" and e.offset == base for e in evs)
     kinds = [e.kind for e in evs if e.detail.get("lv") == f"{vg}/root"]
     assert "mount" in kinds and "unmount" in kinds
     points = [e for e in evs if e.consistent]
-    assert len(points) >= 3 and all(e.detail["lv"] == f"{vg}/root" for e in points), points
+    assert len(points) >= 3 and all(e.detail.get("lv") == f"{vg}/root" for e in points[-3:]), points
     assert points[-1].detail["reason"] == "clean_unmount"
     assert a.alarm is None
     lvimg = tmp_path / "lv.img"
     bad = []
-    for seq, image in images_at(trace_path, [p.seq for p in points], tmp_path, 128 * MB):
-        cut(image, segs[f"{vg}/root"], lvimg)
-        ok, out = fsck_clean("ext4", lvimg, tmp_path)
-        if not ok:
-            bad.append((seq, out[-400:]))
+    where = {**segs2, None: [(0, 30720 * 512, 2048 * 512)]}  # an LV, or /boot
+    for seq, image in images_at(trace_path, [p.seq for p in points], tmp_path, size):
+        for lvname in {p.detail.get("lv") for p in points if p.seq == seq}:
+            cut(image, where[lvname], lvimg)
+            ok, out = fsck_clean("ext4", lvimg, tmp_path)
+            if not ok:
+                bad.append((seq, lvname, out[-400:]))
     assert not bad, f"{len(bad)}/{len(points)} consistent points fail fsck: {bad[:2]}"
+
+
+def _boot_record(*entries) -> bytes:
+    """An MBR/EBR sector with (type, lba_first, num_sectors) entries."""
+    sec = bytearray(512)
+    for i, (ty, first, n) in enumerate(entries):
+        e = 446 + 16 * i
+        sec[e + 4] = ty
+        sec[e + 8:e + 16] = first.to_bytes(4, "little") + n.to_bytes(4, "little")
+    sec[510:512] = b"\x55\xaa"
+    return bytes(sec)
+
+
+@pytest.mark.parametrize("ebr_first", [False, True])
+def test_logical_partitions_of_an_mbr_extended_partition_are_followed(ebr_first):
+    ext = 4096  # sectors
+    writes = [(0, _boot_record((0x83, 2048, 2048), (0x05, ext, 100_000))),
+              (ext * 512, _boot_record((0x8E, 2048, 40_000), (0x05, 50_000, 40_000))),
+              ((ext + 50_000) * 512, _boot_record((0x83, 2048, 30_000)))]
+    if ebr_first:
+        writes = writes[1:] + writes[:1]
+    a = VbdAnalyzer()
+    feed(a, writes)
+    got = [(p["start"] // 512, p["end"] // 512, p["type"]) for p in a.state()["partitions"]]
+    assert [g[:2] for g in got] == [(2048, 4096), (ext + 2048, ext + 42_048), (ext + 52_048, ext + 82_048)]
+    # the PV in logical partition 5 is found and followed
+    base = (ext + 2048) * 512
+    evs, _ = feed(a, [(base + off, d) for off, d in pv_writes(metadata(lv("root", (0, 2, 0))))], 10)
+    assert [(e.fstype, e.offset) for e in evs] == [("lvm2_pv", base)]
+    assert a.state()["lvm"]["volumes"] == [{"lv": "vg0/root", "segments": [[0, 8 * MB, base + MB]]}]
+    # a chain that loops back on itself ends
+    feed(a, [((ext + 50_000) * 512, _boot_record((0x83, 2048, 30_000), (0x05, 50_000, 40_000)))], 20)
+    assert len(a.state()["partitions"]) == 3
