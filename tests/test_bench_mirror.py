@@ -34,6 +34,7 @@ def test_bench_mirror_result_shape(tmp_path):
     if j["fs"] == "tmpfs":      # the default when /dev/shm has room
         assert j["same_device_as_images"] is False
     assert not glob.glob(j["path"])             # cleaned up after
+    assert r["spill_log"]["same_device_as_images"] is True     # beside the images by default
     table = bm.format_table(r)
     assert "appliance journal and replica: " + j["path"] in table
     assert "CPU in cores" in table
@@ -45,11 +46,12 @@ def test_bench_mirror_appliance_dir_is_chosen_and_named(tmp_path):
     bm.JOBS, jobs = bm.JOBS[:1], bm.JOBS
     try:
         r = bm.run(str(tmp_path), 32 * MiB, 0.2, 1, 4 * MiB, lambda m: None,
-                   appliance_dir=str(adir))
+                   appliance_dir=str(adir), spill_dir=str(adir))
     finally:
         bm.JOBS = jobs
     j = r["appliance_journal"]
     assert j["path"].startswith(str(adir)) and "--appliance-dir" in j["why"]
     assert j["same_device_as_images"] is True       # tmp_path holds both
+    assert r["spill_log"]["path"].startswith(str(adir))
     assert "THE SAME DEVICE" in bm.format_table(r)
     assert list(adir.iterdir()) == []

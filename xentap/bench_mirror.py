@@ -316,13 +316,15 @@ def _summary(job: bd.Job, offs: list[dict], ons: list[dict]) -> dict:
 
 
 def run(directory: str | None, size: int, seconds: float, repeat: int, ring_bytes: int,
-        progress, appliance_dir: str | None = None) -> dict:
+        progress, appliance_dir: str | None = None, spill_dir: str | None = None) -> dict:
     """`appliance_dir`: where the appliance keeps its journal and replica (a
     fresh directory is made in it and removed after); default a directory
     on tmpfs (/dev/shm) when it has room, else beside the images (and the
-    output says so)."""
+    output says so).  `spill_dir`: where the drainer's spill log goes (a
+    fresh directory in it, removed after); default beside the images, as
+    the daemon's state dir on a one-disk dom0."""
     workdir = tempfile.mkdtemp(prefix="xentap-bench-mirror-", dir=directory)
-    appliance = adir = None
+    appliance = adir = sdir = None
     try:
         paths = [os.path.join(workdir, n) for n in ("off.img", "on.img")]
         images = _storage(workdir)
@@ -357,8 +359,10 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
         on = bd.ShimSide(paths[1], os.path.join(workdir, "on"), mirror_bytes=ring_bytes)
         ident = VbdIdentity(vbd_uuid=uuid.uuid4(), domid=1, devid=51712, vdev="xvda",
                             size_bytes=size)
+        sdir = tempfile.mkdtemp(prefix="xentap-bench-spill-", dir=spill_dir or workdir)
+        spill = _storage(sdir)
         drainer = CountingDrainer(on.vbd, ident, appliance.endpoint, image_path=paths[1],
-                                  spill_dir=os.path.join(workdir, "spill"), spill_limit=1 << 30,
+                                  spill_dir=sdir, spill_limit=1 << 30,
                                   socket_setup=appliance.socket_setup).start()
         while drainer._thread.native_id is None:      # noqa: SLF001 - set once it runs
             time.sleep(0.001)
@@ -386,6 +390,8 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
         results["replica_equals_source"] = bd.same_file(replica, paths[1])
         results["appliance_journal"] = journal
         results["images"] = {"path": workdir, "fs": images["fs"], "device": images["device"]}
+        results["spill_log"] = {"path": sdir, "fs": spill["fs"], "device": spill["device"],
+                                "same_device_as_images": spill["st_dev"] == images["st_dev"]}
         results["cpus"] = os.cpu_count()
         results["ring_mib"] = ring_bytes // MiB
         results["seconds_per_run"] = seconds
@@ -397,8 +403,9 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
     finally:
         if appliance:
             appliance.stop()
-        if adir:
-            shutil.rmtree(adir, ignore_errors=True)
+        for d in (adir, sdir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -443,8 +450,7 @@ def format_table(r: dict) -> str:
     j = r["appliance_journal"]
     lines.append("")
     lines.append(f"replica equals source: {r['replica_equals_source']}; ring {r['ring_mib']} MiB; "
-                 f"{r['image_mib']} MiB images and the drainer's spill log on "
-                 f"{r['images']['device']} ({r['images']['fs']}); "
+                 f"{r['image_mib']} MiB images on {r['images']['device']} ({r['images']['fs']}); "
                  f"{r['repeat']} pairs of runs of {r['seconds_per_run']} s back to back in "
                  f"alternating order after {r['warmup_seconds']} s unmeasured per side; on/off is the "
                  f"median of the pairs' ratios; CurveZMQ on loopback")
@@ -453,6 +459,11 @@ def format_table(r: dict) -> str:
             "mirror" if j["same_device_as_images"] else "")
     lines.append(f"appliance journal and replica: {j['path']} on {j['device']} ({j['fs']}; "
                  f"{j['why']}){note}")
+    sp = r["spill_log"]
+    lines.append(f"drainer's spill log (written while the ring is over a quarter full): {sp['path']} on "
+                 f"{sp['device']} ({sp['fs']})" + (", the guest's disk: what it spills competes "
+                                                    "with the guest's writes"
+                                                    if sp["same_device_as_images"] else ""))
     lines.append(f"the appliance runs on this machine's {r['cpus']} CPUs beside the guest and the "
                  "shim (its own domain would have its own vCPUs): the CPU table shows what each "
                  "part took; guest = the simulated guest's process, shim = the shim's queue "
