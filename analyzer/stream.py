@@ -344,6 +344,10 @@ class VbdAnalyzer:
         lv.found = (kind, ident)
         tr, detail = self._tracker(kind, obj, 0)
         detail = {"uuid": ident, **detail}
+        for k in ("journal_offset", "log_offset"):  # on the disk, as a partition's
+            if detail.get(k) is not None:
+                at = lv.to_disk(detail[k], detail[k] + 1)
+                detail[k] = at[0][0] if at else None
         lv.tracker = tr
         if tr is not None:
             self._exclude_lv(lv)

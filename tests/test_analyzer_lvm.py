@@ -337,14 +337,16 @@ def shifted(segs, base):
 
 @need_capture
 @pytest.mark.slow
-@pytest.mark.parametrize("table", ["none", "debian-mbr"])
-def test_real_lvm_ext4_in_an_lv_is_identified_tracked_and_every_consistent_point_passes_fsck(tmp_path, table):
+@pytest.mark.parametrize("table,fstype", [("none", "ext4"), ("debian-mbr", "ext4"), ("none", "xfs")])
+def test_real_lvm_filesystem_in_an_lv_is_identified_tracked_and_every_consistent_point_passes_fsck(
+        tmp_path, table, fstype):
     """The PV is the whole disk, or (Debian's installer, BIOS: "guided - use entire
     disk and set up LVM") an MBR with /boot in partition 1 and the PV in logical
     partition 5 of an extended partition 2."""
     img, trace_path, mnt = tmp_path / "disk.img", tmp_path / "trace.bin", tmp_path / "mnt"
     mnt.mkdir()
-    size = 128 * MB
+    size = 128 * MB if fstype == "ext4" else 448 * MB
+    root_mb = 48 if fstype == "ext4" else 320  # mkfs.xfs wants 300 MB
     with open(img, "wb") as f:
         f.truncate(size)
     vg = "xtlvm" + _uuid.uuid4().hex[:6]
@@ -367,12 +369,12 @@ def test_real_lvm_ext4_in_an_lv_is_identified_tracked_and_every_consistent_point
             lvm_cmd(pvdev, "pvcreate", "-q", pvdev)
             lvm_cmd(pvdev, "vgcreate", "-q", "-s", "4m", vg, pvdev)
             lvm_cmd(pvdev, "lvcreate", "-q", "-an", "-Zn", "-L", "8m", "-n", "swap", vg)
-            lvm_cmd(pvdev, "lvcreate", "-q", "-an", "-Zn", "-L", "48m", "-n", "root", vg)
+            lvm_cmd(pvdev, "lvcreate", "-q", "-an", "-Zn", "-L", f"{root_mb}m", "-n", "root", vg)
             segs = shifted(lv_segments(pvdev, vg), base)
             (a0, b0, d0), = segs[f"{vg}/root"]
             ld = loop_at(dev, d0, b0 - a0)
             try:
-                fs_workload(ld, mnt, "ext4")
+                fs_workload(ld, mnt, fstype)
             finally:
                 run("losetup", "-d", ld, check=False)
             lvm_cmd(pvdev, "lvcreate", "-q", "-an", "-Zn", "-L", "16m", "-n", "data", vg)
@@ -394,13 +396,16 @@ def test_real_lvm_ext4_in_an_lv_is_identified_tracked_and_every_consistent_point
     vols = {v["lv"]: [tuple(s) for s in v["segments"]] for v in st["lvm"]["volumes"]}
     assert vols == segs2, (vols, segs2)
     assert len(segs2[f"{vg}/root"]) == 2  # lvextend gave root a second segment: learnt again
-    ident = [e for e in evs if e.kind == "fs_identified" and e.fstype == "ext4"]
+    ident = [e for e in evs if e.kind == "fs_identified" and e.fstype in ("ext4", "xfs")]
     want = [(f"{vg}/root", d0), (f"{vg}/data", d1)]
     if table == "debian-mbr":
         assert [(p["start"], p["end"]) for p in st["partitions"]] == [
             (2048 * 512, 32768 * 512), (base, size)]
         want.insert(0, (None, 2048 * 512))
     assert [(e.detail.get("lv"), e.offset) for e in ident] == want
+    assert ident[-2].fstype == fstype
+    jo = ident[-2].detail["journal_offset" if fstype == "ext4" else "log_offset"]
+    assert d0 < jo < d0 + b0 - a0  # the journal/log, on the disk, inside root
     assert any(e.kind == "fs_identified" and e.fstype == "lvm2_pv" and e.offset == base for e in evs)
     kinds = [e.kind for e in evs if e.detail.get("lv") == f"{vg}/root"]
     assert "mount" in kinds and "unmount" in kinds
@@ -412,11 +417,11 @@ def test_real_lvm_ext4_in_an_lv_is_identified_tracked_and_every_consistent_point
     bad = []
     where = {**segs2, None: [(0, 30720 * 512, 2048 * 512)]}  # an LV, or /boot
     for seq, image in images_at(trace_path, [p.seq for p in points], tmp_path, size):
-        for lvname in {p.detail.get("lv") for p in points if p.seq == seq}:
-            cut(image, where[lvname], lvimg)
-            ok, out = fsck_clean("ext4", lvimg, tmp_path)
+        for p in {(p.detail.get("lv"), p.fstype) for p in points if p.seq == seq}:
+            cut(image, where[p[0]], lvimg)
+            ok, out = fsck_clean(p[1], lvimg, tmp_path)
             if not ok:
-                bad.append((seq, lvname, out[-400:]))
+                bad.append((seq, p, out[-400:]))
     assert not bad, f"{len(bad)}/{len(points)} consistent points fail fsck: {bad[:2]}"
 
 
@@ -451,3 +456,31 @@ def test_logical_partitions_of_an_mbr_extended_partition_are_followed(ebr_first)
     # a chain that loops back on itself ends
     feed(a, [((ext + 50_000) * 512, _boot_record((0x83, 2048, 30_000), (0x05, 50_000, 40_000)))], 20)
     assert len(a.state()["partitions"]) == 3
+
+
+def test_mutated_metadata_with_valid_checksums_never_raises():
+    import random
+    rng = random.Random(11)
+    good = metadata(lv("root", (0, 4, 0), (4, 2, 6)) + lv("home", (0, 2, 4))).encode()
+    a = VbdAnalyzer()
+    seq = 0
+    _, seq = feed(a, pv_writes(good[:10]), seq)  # the label first (its text is bad: counted)
+    for i in range(400):
+        t = bytearray(good)
+        for _ in range(rng.randint(1, 8)):
+            op = rng.randrange(3)
+            at = rng.randrange(len(t))
+            if op == 0:
+                t[at] = rng.choice(b'{}[]=,"#\n 0123456789-abcz\\\xff')
+            elif op == 1:
+                del t[at:at + rng.randint(1, 40)]
+            else:
+                t[at:at] = t[rng.randrange(len(t)):][:rng.randint(1, 200)]
+        w = pv_writes(bytes(t), text_off=512 + (i % 64) * 4096)
+        _, seq = feed(a, w[1:], seq)
+        st = a.state()
+        for v in st["lvm"]["volumes"]:
+            assert all(0 <= s[0] < s[1] for s in v["segments"])
+    c = a.state()["lvm"]["counters"]
+    assert c["metadata_bad"] > 0 and c["metadata_parsed"] > 0
+    assert c["metadata_bad"] + c["metadata_parsed"] + c["metadata_checksum_bad"] >= 300, c
