@@ -248,6 +248,7 @@ class _Side:
         r = self.side.run(job, size, seconds)
         c1, t1 = self.meter.sample(guest), time.monotonic()
         wall = t1 - t0
+        w_end = d.snapshot() if d else None
         r["cpu"] = {k: (c1[k] - c0[k]) / wall for k in c0}
         if d:
             # After the run, not in it: everything acknowledged, then the
@@ -261,7 +262,8 @@ class _Side:
             r["appliance_after_cpu_s"] = c2["appliance"] - c1["appliance"]
             r["drainer_after_cpu_s"] = c2["drainer"] - c1["drainer"]
             w1 = d.snapshot()
-            r["wakes"] = {k: (w1[k] - w0[k]) / wall for k in w1 if k != "spilled_bytes"}
+            # rates during the run; what was spilled, until the appliance caught up
+            r["wakes"] = {k: (w_end[k] - w0[k]) / wall for k in w1 if k != "spilled_bytes"}
             r["spilled_mib"] = (w1["spilled_bytes"] - w0["spilled_bytes"]) / MiB
             r["overflows"] = self.side.vbd.mirror_stats()["overflows"] - over0
             r["lag_ms"] = d.stats()["lag_ms"]
