@@ -356,7 +356,7 @@ class VbdAnalyzer:
                 self.detector.exclude(ds, de)
             out.append(ev.Event(ev.VOLUME_ENCRYPTED, seq, t, 0, kind, "LUKS volume: encrypted as a whole, "
                                 "not alarmed on", detail))
-        out.append(ev.Event(ev.FS_IDENTIFIED, seq, t, 0, kind, f"{kind} in LV {lv.name}", detail))
+        out.append(ev.Event(ev.FS_IDENTIFIED, seq, t, 0, kind, f"{kind} at byte {lv.disk_start}", detail))
         if tr is not None and tr.mounted:
             out.append(ev.Event(ev.MOUNT, seq, t, 0, kind, f"{kind} mounted", {"uuid": ident}))
 
