@@ -8,7 +8,11 @@ parses the text (:func:`parse_text`: bounded and iterative, the text is
 guest-written) and maps every LV's linear segments on this PV to byte ranges
 of the disk (:func:`lv_maps`).  An :class:`LvSpace` translates disk writes
 into LV-relative writes, so the filesystem inside an LV is tracked exactly as
-a partition's.
+a partition's; the VBD analyzer maps the LVs again on every new metadata
+(lvextend: same filesystem, more segments; lvrename: same LV; lvremove: no
+longer followed; lvcreate: a new LV, its start read from the replica when
+the analyzer can read it).  Only the PV's first metadata area is watched (a
+PV without one, or with it marked ignored, gives no layout).
 
 Supported: linear LVs (``type = "striped"`` with ``stripe_count = 1``), in
 any number of segments, all on this PV.  Not supported, ignored with a note:

@@ -4,9 +4,11 @@
     for rec in stream:
         events = a.feed(seq, time_ns, sector, data) if write else a.flush(seq, time_ns)
 
-It learns the layout from the writes themselves (a partition table, then the
-superblocks at each partition start, then where the jbd2 journal or the XFS
-log lives), so it is useful from the first write; ``learn(read)`` lets it
+It learns the layout from the writes themselves (a partition table, with the
+logical partitions of an MBR extended partition, then the superblocks at each
+partition start, then where the jbd2 journal or the XFS log lives; an LVM PV's
+VG metadata, then the filesystem in each linear LV, tracked in LV offsets:
+:mod:`analyzer.lvm_layout`), so it is useful from the first write; ``learn(read)`` lets it
 also look at the disk as it was before the stream (the replica), and
 ``read_old`` lets the encryption detector compare a write with what the same
 block held before.  Events are :class:`analyzer.events.Event`.
@@ -289,11 +291,17 @@ class VbdAnalyzer:
         """The PV's metadata changed: map its LVs again (new, extended, removed)."""
         _vg, _seqno, maps, notes = pw.layout
         self.lvm_notes = (self.lvm_notes + notes)[-MAX_NOTES:]
+        gone = {}  # disk start -> LV no longer under its name (removed, or renamed)
         for name in [n for n, lv in self.lvs.items() if lv.pv == pw.start and n not in maps]:
-            del self.lvs[name]
+            lv = self.lvs.pop(name)
+            gone[lv.disk_start] = lv
         for name, segs in maps.items():
             lv = self.lvs.get(name)
             first = next(d for a, _b, d in segs if a == 0)
+            if lv is None and first in gone:  # lvrename: the same LV, its filesystem kept
+                lv = gone.pop(first)
+                lv.name = name
+                self.lvs[name] = lv
             if lv is not None and lv.pv == pw.start and lv.disk_start == first:
                 if segs != sorted(lv.segs):
                     lv.set_segments(segs)  # lvextend, lvreduce: same filesystem, more room
@@ -306,6 +314,15 @@ class VbdAnalyzer:
             lv = lvm_layout.LvSpace(name, segs, HEAD)
             lv.pv = pw.start
             self.lvs[name] = lv
+            read = self.detector.read_old
+            if read is not None and seq >= 0:  # what the LV already holds, from the replica
+                try:
+                    lv.head[:] = lv.read(read, 0, HEAD)
+                except Exception:  # noqa: BLE001 - a replica read error: learnt from the writes only
+                    continue
+                sub: list[ev.Event] = []
+                self._identify_lv(seq, t, lv, sub)
+                out += self._lv_events(lv, sub)
 
     def _exclude_lv(self, lv) -> None:
         for s, e in lv.tracker.regions:

@@ -504,3 +504,19 @@ def test_mutated_metadata_with_valid_checksums_never_raises():
     c = a.state()["lvm"]["counters"]
     assert c["metadata_bad"] > 0 and c["metadata_parsed"] > 0
     assert c["metadata_bad"] + c["metadata_parsed"] + c["metadata_checksum_bad"] >= 300, c
+
+
+def test_a_renamed_lv_keeps_its_filesystem_and_a_new_lv_is_read_from_the_replica():
+    img = bytearray(64 * MB)
+    head = ext4_head(16 * MB)
+    img[MB + 8 * MB:MB + 8 * MB + len(head)] = head  # already in the replica, before this stream
+    a = VbdAnalyzer(read_old=lambda off, n: bytes(img[off:off + n]))
+    evs, seq = feed(a, pv_writes(metadata(lv("root", (0, 2, 0)))))
+    evs, seq = feed(a, [(MB, head)], seq)
+    assert [(e.kind, e.detail.get("lv")) for e in evs] == [("fs_identified", "vg0/root")]
+    evs, seq = feed(a, pv_writes(metadata(lv("system", (0, 2, 0)) + lv("home", (0, 2, 2)), seqno=2),
+                                 text_off=8192)[1:], seq)
+    assert [(e.kind, e.fstype, e.offset, e.detail.get("lv")) for e in evs] == [
+        ("fs_identified", "ext4", MB + 8 * MB, "vg0/home")]
+    fss = {f["lv"]: f["offset"] for f in a.state()["filesystems"] if f.get("lv")}
+    assert fss == {"vg0/system": MB, "vg0/home": MB + 8 * MB}
