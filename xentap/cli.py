@@ -101,8 +101,14 @@ def bench_datapath(directory, size, seconds, repeat, as_json) -> None:
 @click.option("--seconds", default=5.0, show_default=True, help="Length of each run.")
 @click.option("--repeat", default=3, show_default=True, help="Alternating runs per side.")
 @click.option("--ring", default="64M", show_default=True, help="Mirror ring size.")
+@click.option("--appliance-dir", type=click.Path(file_okay=False, exists=True),
+              help="Where the appliance keeps its journal and replica (default: tmpfs under "
+                   "/dev/shm, its own storage, as an appliance domain's disk would be).")
+@click.option("--spill-dir", type=click.Path(file_okay=False, exists=True),
+              help="Where the drainer's spill log goes (default: beside the images).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench_mirror(directory, size, seconds, repeat, ring, as_json) -> None:
+def bench_mirror(directory, size, seconds, repeat, ring, appliance_dir, spill_dir,
+                 as_json) -> None:
     """The shim with mirroring off and on; prints on/off ratios and the lag."""
     import json
 
@@ -116,7 +122,8 @@ def bench_mirror(directory, size, seconds, repeat, ring, as_json) -> None:
     if ring_bytes < 1 << 20 or ring_bytes & (ring_bytes - 1):
         raise XentapError("--ring must be a power of two, at least 1M")
     progress = (lambda m: click.echo(f"bench: {m}", err=True))
-    result = bm.run(directory, nbytes, seconds, repeat, ring_bytes, progress)
+    result = bm.run(directory, nbytes, seconds, repeat, ring_bytes, progress,
+                    appliance_dir=appliance_dir, spill_dir=spill_dir)
     click.echo(json.dumps(result, indent=2) if as_json else bm.format_table(result))
 
 
