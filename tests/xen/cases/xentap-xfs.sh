@@ -12,6 +12,7 @@
 # out/xen/traces/), where tests/data/xen-*.trace.gz come from
 # (tests/data/README).
 # xt-timeout: 800
+# xt-known-bug: the appliance in dom0 falls behind and the stream livelocks: the drainer reconnects after 3 s without a word from it (DEAD_AFTER), frames of the old epoch then end the new session (EpochError); 55 sessions for xvda in 6 min, overflows and GAPs (xentap/drainer.py, appliance_domu/receiver.py)
 # xt-lane: blkback
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
