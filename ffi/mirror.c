@@ -34,6 +34,7 @@ struct xt_mirror {
     uint32_t chunk_bytes;
     int fd;
     int wake_fd;                /* eventfd: the drainer has something to do */
+    atomic_bool want_wake;      /* the drainer sent everything and sleeps (arm_wake) */
     pthread_mutex_t lock;       /* producers, and the consumer's marker requests */
     atomic_uint_fast64_t head;  /* bytes ever written (producer) */
     atomic_uint_fast64_t tail;  /* bytes ever released (consumer) */
@@ -169,10 +170,19 @@ static void put(struct xt_mirror *m, uint32_t flags, uint64_t sector, uint32_t l
     if (sz > REC_HDR + payload_len)
         memset(p + REC_HDR + payload_len, 0, sz - REC_HDR - payload_len);
     atomic_store_explicit(&m->head, head + sz, memory_order_release);
-    /* Wake the drainer when the ring stops being empty, and when it passes
-     * a quarter full: one syscall per wakeup, not per record. */
+    /* Wake the drainer when it asked to be (it sent everything it had, see
+     * xt_mirror_arm_wake), when the ring stops being empty, and when it
+     * passes a quarter full: one syscall per wakeup, not per record.  The
+     * fence orders the head's store before want_wake's load, as the arming
+     * side orders want_wake's store before the head's load: one of the two
+     * sides always sees the other. */
+    atomic_thread_fence(memory_order_seq_cst);
     uint64_t used = head + sz - atomic_load_explicit(&m->tail, memory_order_acquire);
-    if (used == sz || (used >= m->size / 4 && used - sz < m->size / 4)) {
+    bool wake = used == sz || (used >= m->size / 4 && used - sz < m->size / 4);
+    if (atomic_load_explicit(&m->want_wake, memory_order_relaxed) &&
+        atomic_exchange_explicit(&m->want_wake, false, memory_order_relaxed))
+        wake = true;
+    if (wake) {
         uint64_t one = 1;
         ssize_t w = write(m->wake_fd, &one, sizeof(one));
         (void)w;
@@ -347,6 +357,14 @@ out:
 int xt_mirror_wake_fd(struct xt_mirror *m)
 {
     return m->wake_fd;
+}
+
+bool xt_mirror_arm_wake(struct xt_mirror *m, uint64_t sent)
+{
+    atomic_store_explicit(&m->want_wake, true, memory_order_seq_cst);
+    uint64_t head = atomic_load_explicit(&m->head, memory_order_seq_cst);
+    uint64_t tail = atomic_load_explicit(&m->tail, memory_order_acquire);
+    return head - tail > sent;
 }
 
 void xt_mirror_get_stats(struct xt_mirror *m, struct xt_mirror_stats *out)

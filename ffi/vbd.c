@@ -501,3 +501,8 @@ int xt_vbd_mirror_wake_fd(xt_vbd *v)
 {
     return v->mirror ? xt_mirror_wake_fd(v->mirror) : -ENODEV;
 }
+
+int xt_vbd_mirror_arm_wake(xt_vbd *v, uint64_t sent)
+{
+    return v->mirror ? (int)xt_mirror_arm_wake(v->mirror, sent) : -ENODEV;
+}

@@ -197,8 +197,14 @@ int xt_vbd_mirror_resync_step(xt_vbd *v);
 int xt_vbd_mirror_checkpoint(xt_vbd *v, const char *label, char *err);
 int xt_vbd_mirror_stats(xt_vbd *v, struct xt_mirror_stats *out);
 /* An eventfd that becomes readable when the ring stops being empty or
- * passes a quarter full (the drainer polls it; read it to clear). */
+ * passes a quarter full (the drainer polls it; read it to clear), and on
+ * the next record after xt_vbd_mirror_arm_wake. */
 int xt_vbd_mirror_wake_fd(xt_vbd *v);
+/* Before a consumer that sent the first `sent` bytes past the oldest
+ * unreleased record sleeps on the wake fd: the next record wakes it.
+ * Returns 1 if there is already more than `sent` (do not sleep), 0 when
+ * armed, -ENODEV if mirroring is off. */
+int xt_vbd_mirror_arm_wake(xt_vbd *v, uint64_t sent);
 
 /* Where the shim writes its log lines (default 2, stderr). */
 void xt_set_log_fd(int fd);

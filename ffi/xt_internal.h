@@ -334,6 +334,7 @@ void xt_mirror_release(struct xt_mirror *m, uint64_t nbytes);
 int xt_mirror_resync_step(struct xt_mirror *m);
 void xt_mirror_get_stats(struct xt_mirror *m, struct xt_mirror_stats *out);
 int xt_mirror_wake_fd(struct xt_mirror *m);
+bool xt_mirror_arm_wake(struct xt_mirror *m, uint64_t sent);
 
 void *xt_queue_main(void *arg);
 /* One turn of a queue's loop: take requests, wait (if may_block), complete.

@@ -136,3 +136,51 @@ def test_mirror_enable_errors(tmp_path, image):
             g.vbd.mirror_enable(MiB)
     finally:
         g.close()
+
+
+def _readable(fd: int) -> bool:
+    import select
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _clear(fd: int) -> None:
+    import os
+    while _readable(fd):
+        os.read(fd, 8)
+
+
+def test_an_armed_wake_fires_on_the_next_record_while_records_wait_for_their_ack(tmp_path, image):
+    """The drainer keeps what it sent until the appliance acknowledges it, so
+    the ring is rarely empty: without arming, a new record would wait for the
+    next ACK or the drainer's timeout."""
+    g = mirrored(tmp_path, image)
+    try:
+        fd = g.vbd.mirror_wake_fd()
+        assert_clean(g.front.run(block_size=4096, queue_depth=1, read_pct=0, max_ios=1, size=MiB))
+        assert _readable(fd)                      # empty -> non-empty
+        _clear(fd)
+        sent = g.vbd.mirror_peek().nbytes         # sent, not yet acknowledged
+        assert_clean(g.front.run(block_size=4096, queue_depth=1, read_pct=0, max_ios=1, size=MiB))
+        assert not _readable(fd)                  # no wake: the ring was not empty
+        assert g.vbd.mirror_arm_wake(sent)        # more than sent is there: do not sleep
+        sent = g.vbd.mirror_stats()["used_bytes"]
+        _clear(fd)
+        assert not g.vbd.mirror_arm_wake(sent)    # everything sent: armed
+        assert not _readable(fd)
+        assert_clean(g.front.run(block_size=4096, queue_depth=1, read_pct=0, max_ios=2, size=MiB))
+        assert _readable(fd)                      # the next record woke it
+        _clear(fd)
+        sent = g.vbd.mirror_stats()["used_bytes"]
+        assert_clean(g.front.run(block_size=4096, queue_depth=1, read_pct=0, max_ios=1, size=MiB))
+        assert not _readable(fd)                  # one wake per arming, not per record
+    finally:
+        g.close()
+
+
+def test_arming_a_vbd_without_mirroring_is_an_error(tmp_path, image):
+    g = Guest(tmp_path, image)
+    try:
+        with pytest.raises(OSError, match="mirroring is off"):
+            g.vbd.mirror_arm_wake(0)
+    finally:
+        g.close()

@@ -341,6 +341,15 @@ class Vbd:
             raise OSError(-fd, "mirroring is off")
         return fd
 
+    def mirror_arm_wake(self, sent: int) -> bool:
+        """Before sleeping on :meth:`mirror_wake_fd` having sent the first `sent`
+        bytes past the oldest unreleased record: the next record wakes it.
+        True if more than `sent` is already there (do not sleep)."""
+        rc = lib.xt_vbd_mirror_arm_wake(self._v, sent)
+        if rc < 0:
+            raise OSError(-rc, "mirroring is off")
+        return bool(rc)
+
     def mirror_stats(self) -> dict[str, int] | None:
         st = ffi.new("struct xt_mirror_stats *")
         if lib.xt_vbd_mirror_stats(self._v, st) < 0:
