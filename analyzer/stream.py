@@ -145,8 +145,9 @@ class VbdAnalyzer:
                 break
             for e0 in ebrs:
                 done.add(-1 - e0)
-                self.ebrs[e0][:] = (read(e0, 512) or b"").ljust(512, b"\0")[:512]
-                self._ebr_chain(-1, 0, out)
+                if e0 in self.ebrs:  # (still in the chain)
+                    self.ebrs[e0][:] = (read(e0, 512) or b"").ljust(512, b"\0")[:512]
+                    self._ebr_chain(-1, 0, out)
             for start in todo:
                 done.add(start)
                 buf = read(start, HEAD) or b""

@@ -520,3 +520,22 @@ def test_a_renamed_lv_keeps_its_filesystem_and_a_new_lv_is_read_from_the_replica
         ("fs_identified", "ext4", MB + 8 * MB, "vg0/home")]
     fss = {f["lv"]: f["offset"] for f in a.state()["filesystems"] if f.get("lv")}
     assert fss == {"vg0/system": MB, "vg0/home": MB + 8 * MB}
+
+
+def test_learning_an_mbr_with_logical_partitions_and_a_pv_in_one_from_the_replica():
+    ext = 4096
+    img = bytearray(64 * MB)
+    base = (ext + 2048) * 512
+    writes = [(0, _boot_record((0x83, 2048, 2048), (0x05, ext, 100_000))),
+              (ext * 512, _boot_record((0x8E, 2048, 40_000), (0x05, 50_000, 40_000))),
+              ((ext + 50_000) * 512, _boot_record((0x83, 2048, 30_000), (0x05, 60_000, 100))),
+              ((ext + 60_000) * 512, _boot_record((0x05, 50_000, 40_000)))]  # a loop back
+    writes += [(base + off, d) for off, d in pv_writes(metadata(lv("root", (0, 2, 0))))]
+    head = ext4_head(8 * MB)
+    writes.append((base + MB, head))
+    for off, d in writes:
+        img[off:off + len(d)] = d
+    a = VbdAnalyzer()
+    evs = a.learn(lambda off, n: bytes(img[off:off + n]))
+    assert len(a.state()["partitions"]) == 3
+    assert ("ext4", base + MB, "vg0/root") in [(e.fstype, e.offset, e.detail.get("lv")) for e in evs]
