@@ -12,6 +12,7 @@ Checks, printing one line each and `FAILED: ...` for the first that fails
     reading of every frame's record table): exactly one, after S1, with
     RESYNC records in it
   - `checkpoints --json`: none inside the window is offered as consistent
+  - `restore --seq S1` equals PHASE1_IMG and is write-ordered
   - `restore --checkpoint` at the last checkpoint up to S1 equals PHASE1_IMG
     (the disk as dom0 copied it when every write up to S1 was acknowledged)
     and is write-ordered; at the last checkpoint it equals DISK_IMG
@@ -110,6 +111,13 @@ def main() -> int:
         return filecmp.cmp(a, b, shallow=False)
 
     restored = os.path.join(work, "restored.img")
+    # any point in time: the restore at S1 itself is the disk dom0 copied then
+    r = restore("--seq", s1)
+    if not same(restored, phase1):
+        return fail(f"restore at seq {s1} differs from the disk at the end of phase 1")
+    if not r["write_ordered"]:
+        return fail(f"restore at seq {s1} says not write-ordered")
+    print(f"restored at seq {s1}, the end of phase 1: equal to the disk then")
     r = restore("--checkpoint", cp1["id"])
     if not same(restored, phase1):
         return fail(f"restore at checkpoint {cp1['id']} (seq {cp1['seq']}) differs from the "

@@ -38,7 +38,6 @@
 #   write-ordered, while one before it is.
 # METRIC lines: boot times, image size, memory, catch-up after the restart.
 # xt-lane: appliance
-# xt-known-bug: after the appliance domain is destroyed and started again, the drainer's new session starts below the appliance's high water and the receiver ends it (SequenceGap), then libzmq aborts the appliance's serve process (issue 9)
 # xt-timeout: 1300
 . "$XT_REPO/tests/xen/lib.sh"
 set -u

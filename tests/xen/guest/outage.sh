@@ -27,6 +27,14 @@ wait_dev() {   # wait_dev present|absent DEV TENTHS
     done
     return 1
 }
+# flush_dev: a cache flush of xvda itself (fsync of the block device), so that
+# a phase ends with a FLUSH in the mirror stream: ext4's last write of a sync
+# is a jbd2 commit block written with FUA *after* its pre-flush, and a point
+# in the journal is a checkpoint only at a FLUSH.
+flush_dev() {
+    dd if=/dev/null of=/dev/xvda bs=512 count=0 conv=notrunc,fsync 2>/dev/null ||
+        sync /dev/xvda || bad "flush /dev/xvda"
+}
 # put NAME BYTES: a file of random bytes written through a pipe that hashes
 # what it writes (no copy kept in the guest's memory).
 put() {
@@ -44,6 +52,7 @@ mount -t ext4 -o noatime,noinit_itable /dev/xvda /mnt/d || give_up mount
 # --- phase 1
 for n in 1 2 3 4; do put f$n $((n * 262144 + n * 4097)); done
 sync
+flush_dev
 echo "guest: phase 1 done at $(up)s"
 echo "XT-PHASE1-DONE"
 wait_dev present xvdb 6000 || give_up "no go for phase 2 (xvdb) after 600s"
@@ -74,6 +83,7 @@ for f in f1 f2 f3 f4 g1 g2 g3 g4 g5 h1; do
 done
 umount /mnt/d || bad "umount ro"
 e2fsck -fn /dev/xvda >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; bad "e2fsck"; }
+flush_dev
 if dmesg | grep -Ei 'i/o error|blk_update_request|buffer i/o|ext4-fs error|aborting journal'; then
     bad "I/O errors in the kernel log"
 else
