@@ -364,7 +364,12 @@ bool xt_mirror_arm_wake(struct xt_mirror *m, uint64_t sent)
     atomic_store_explicit(&m->want_wake, true, memory_order_seq_cst);
     uint64_t head = atomic_load_explicit(&m->head, memory_order_seq_cst);
     uint64_t tail = atomic_load_explicit(&m->tail, memory_order_acquire);
-    return head - tail > sent;
+    if (head - tail <= sent)
+        return false;
+    /* Not armed: a consumer with records it cannot send yet (no credit)
+     * would otherwise be woken by every new one. */
+    atomic_store_explicit(&m->want_wake, false, memory_order_relaxed);
+    return true;
 }
 
 void xt_mirror_get_stats(struct xt_mirror *m, struct xt_mirror_stats *out)

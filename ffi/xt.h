@@ -202,8 +202,9 @@ int xt_vbd_mirror_stats(xt_vbd *v, struct xt_mirror_stats *out);
 int xt_vbd_mirror_wake_fd(xt_vbd *v);
 /* Before a consumer that sent the first `sent` bytes past the oldest
  * unreleased record sleeps on the wake fd: the next record wakes it.
- * Returns 1 if there is already more than `sent` (do not sleep), 0 when
- * armed, -ENODEV if mirroring is off. */
+ * Returns 0 when armed; 1, not armed, if there is already more than `sent`
+ * (do not sleep unless something else, such as credit, holds it back);
+ * -ENODEV if mirroring is off. */
 int xt_vbd_mirror_arm_wake(xt_vbd *v, uint64_t sent);
 
 /* Where the shim writes its log lines (default 2, stderr). */

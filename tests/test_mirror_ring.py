@@ -162,7 +162,9 @@ def test_an_armed_wake_fires_on_the_next_record_while_records_wait_for_their_ack
         sent = g.vbd.mirror_peek().nbytes         # sent, not yet acknowledged
         assert_clean(g.front.run(block_size=4096, queue_depth=1, read_pct=0, max_ios=1, size=MiB))
         assert not _readable(fd)                  # no wake: the ring was not empty
-        assert g.vbd.mirror_arm_wake(sent)        # more than sent is there: do not sleep
+        assert g.vbd.mirror_arm_wake(sent)        # more than sent is there: not armed
+        assert_clean(g.front.run(block_size=4096, queue_depth=1, read_pct=0, max_ios=1, size=MiB))
+        assert not _readable(fd)                  # (a consumer short of credit sleeps on)
         sent = g.vbd.mirror_stats()["used_bytes"]
         _clear(fd)
         assert not g.vbd.mirror_arm_wake(sent)    # everything sent: armed

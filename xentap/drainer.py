@@ -53,9 +53,12 @@ log = logging.getLogger("xentap.drainer")
 
 BATCH_BYTES = 4 << 20           # a WRITES frame carries at most this much of the ring (per-frame costs are paid less often)
 HEARTBEAT_EVERY = 1.0           # seconds
-DEAD_AFTER = 3.0                # no word from the appliance: reconnect
+DEAD_AFTER = 10.0               # no word from the appliance: reconnect (3 s made a busy
+                                # appliance under emulation reconnect over and over)
 HELLO_EVERY = 1.0
-SPILL_AT = 0.25                 # ring fill above which a slow appliance means spill
+SPILL_AT = 0.25                 # ring fill above which a slow appliance means spill (0.5 and
+                                # 0.75 overflowed a 64 MiB ring on a burst of 32 MiB: the
+                                # headroom is what absorbs a burst while the spill catches up)
 RESYNC_CHUNK = 1 << 20          # bytes per RESYNC of a takeover's full resync
 LAG_SAMPLES = 65536
 STREAM_STATE = "stream"         # in the spill dir: {"last_seq": ..., "epoch": ...}
@@ -284,6 +287,8 @@ class Drainer:
         try:
             self._connect()
             while not self._stop.is_set():
+                if self.in_session:     # armed before looking: a record after this wakes the poll
+                    self.vbd.mirror_arm_wake(self.ring_sent_bytes)
                 busy = self._step()
                 self._poll(0 if busy else 0.1)
         except BaseException as e:      # surfaced to the owner through .error

@@ -344,7 +344,7 @@ class Vbd:
     def mirror_arm_wake(self, sent: int) -> bool:
         """Before sleeping on :meth:`mirror_wake_fd` having sent the first `sent`
         bytes past the oldest unreleased record: the next record wakes it.
-        True if more than `sent` is already there (do not sleep)."""
+        True, and not armed, if more than `sent` is already there."""
         rc = lib.xt_vbd_mirror_arm_wake(self._v, sent)
         if rc < 0:
             raise OSError(-rc, "mirroring is off")
