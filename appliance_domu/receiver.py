@@ -102,6 +102,7 @@ _IDLE_POLL_MS = 50  # also the stop() latency
 
 _HDR, _HDR_FIELDS = derive_struct(wire.Header)  # same layout as wire.decode()
 _TYPE_IDX, _STREAM_IDX = _HDR_FIELDS.index("type"), _HDR_FIELDS.index("stream_id")
+_EPOCH_IDX = _HDR_FIELDS.index("epoch")
 
 
 class SessionChecker(wire.StreamChecker):
@@ -254,7 +255,8 @@ class Receiver:
         self.replicas: dict[uuid.UUID, Replica] = {}
         self._bound_session: dict[uuid.UUID, Session] = {}  # replica -> its session
         self.stats = dict(frames=0, bytes=0, records=0, data_bytes=0, rejected=0,
-                          dropped_no_session=0, duplicates=0, hellos=0, acks=0,
+                          dropped_no_session=0, dropped_stale_epoch=0, duplicates=0,
+                          hellos=0, acks=0,
                           heartbeats=0, syncs=0)
         self._ratelog = _RateLimitedLog()
         self._stop = threading.Event()
@@ -538,6 +540,18 @@ class Receiver:
                           "%s stream %#x: %s frame without a session (no HELLO, or the "
                           "session ended) dropped", peer_name, stream_id,
                           _type_name(mtype))
+            return
+        if h[_EPOCH_IDX] < sess.epoch:
+            # Sent in an earlier session of this stream and still in flight when
+            # dom0 opened this one (a reconnect, a HELLO sent again while this
+            # appliance was slow to answer): this session resumes from what the
+            # appliance holds, so the frame is dropped.  Ending the session on
+            # it, as before, dropped the new session's frames in turn, and a
+            # slow appliance under emulation livelocked (55 sessions in 6 min).
+            st["dropped_stale_epoch"] += 1
+            self._ratelog(("stale", key), logging.INFO,
+                          "%s: %s frame of epoch %d, from before session epoch %d, dropped",
+                          sess.checker.vbd, _type_name(mtype), h[_EPOCH_IDX], sess.epoch)
             return
         sess.route = route
         try:
