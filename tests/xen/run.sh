@@ -22,7 +22,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 XT_CACHE=${XT_CACHE:-/var/cache/xentap-xen}
 XT_OUT=${XT_OUT:-$REPO/out/xen}
-XT_TIMEOUT=${XT_TIMEOUT:-1500}
+XT_TIMEOUT=${XT_TIMEOUT:-2100}
 XT_CASE_TIMEOUT=${XT_CASE_TIMEOUT:-300}
 XT_CPU=${XT_CPU:-max,xsave=off}
 T0=$(date +%s)

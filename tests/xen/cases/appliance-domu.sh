@@ -38,7 +38,7 @@
 #   write-ordered, while one before it is.
 # METRIC lines: boot times, image size, memory, catch-up after the restart.
 # xt-lane: appliance
-# xt-timeout: 1300
+# xt-timeout: 1700
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
 ap=xentap-appliance                        # the appliance domain's name
