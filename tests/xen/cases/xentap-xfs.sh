@@ -24,37 +24,10 @@ dlog=${XT_DAEMON_LOG:-$XT_OUT/cases/$name.daemon.log}
 traces=$XT_OUT/traces
 trap 'xentap_daemon_stop; xentap_appliance_stop' EXIT
 
-# xentap_appliance_start of lib.sh, with 300 s instead of 90 for keys and
-# start-up together: with other cases beside it on a loaded host, `xentap
-# keys` alone has taken a minute of emulated Python.
-appliance_start() {
-    local dir=$1 alog=$2 t0=$SECONDS
-    mkdir -p "$dir/keys/allowed" "$dir/data" || fail "cannot make $dir"
-    ip link set lo up || fail "cannot bring lo up"
-    if [ -n "${XT_KEYS:-}" ]; then
-        cp "$XT_KEYS/dom0.key" "$XT_KEYS/dom0.key_secret" "$dir/keys/" || fail "no dom0 keys in $XT_KEYS"
-    else
-        "$XENTAP" keys --dir "$dir/keys" --role dom0 > /dev/null || fail "xentap keys --role dom0"
-    fi
-    "$XENTAP" keys --dir "$dir/keys" --role appliance > /dev/null || fail "xentap keys --role appliance"
-    cp "$dir/keys/dom0.key" "$dir/keys/allowed/" || fail "cannot allow dom0's key"
-    log "starting xentap appliance serve on $XT_APPLIANCE_ENDPOINT after $((SECONDS - t0))s of keys (log: ${alog#$XT_OUT/})"
-    "$XENTAP" appliance serve --listen "$XT_APPLIANCE_ENDPOINT" --data-dir "$dir/data" \
-        --keys "$dir/keys" --allow "$dir/keys/allowed" -v > "$alog" 2>&1 &
-    xentap_appliance_pid=$!
-    until grep -q 'listening on' "$alog" 2>/dev/null; do
-        kill -0 "$xentap_appliance_pid" 2>/dev/null ||
-            { cat "$alog"; xentap_appliance_pid=; fail "xentap appliance exited"; }
-        [ $((SECONDS - t0)) -lt 300 ] || { cat "$alog"; fail "appliance not listening after 300s"; }
-        sleep 1
-    done
-    log "xentap appliance listening after $((SECONDS - t0))s"
-}
-
 declare -A img size fs
 img[xvda]=$XT_WORK/ext4.img size[xvda]=64M fs[xvda]=ext4
 img[xvdb]=$XT_WORK/xfs.img size[xvdb]=320M fs[xvdb]=xfs
-appliance_start "$ap" "$XT_OUT/cases/$name.appliance.log"
+xentap_appliance_start "$ap" "$XT_OUT/cases/$name.appliance.log"
 xentap_daemon_start "$dlog" --keys-dir "$ap/keys" --state-dir "$XT_WORK/state" --drain-timeout 120
 disks=()
 for v in xvda xvdb; do
