@@ -118,6 +118,19 @@ def _name(st: dict) -> str:
     return "-"
 
 
+def _check_writable(path: Path, force: bool) -> Path:
+    """Refuses, in one line, an output file that exists (without --force) or
+    cannot be written; returns its directory."""
+    if path.exists() and not force:
+        raise JournalCliError(f"{path} exists (use --force to overwrite it)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise JournalCliError(f"cannot write {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise JournalCliError(f"cannot write {path}: permission denied")
+    return parent
+
+
 def _find(data_dir: Path, vbd: str) -> tuple[str, Path, dict]:
     """A VBD by uuid, unique uuid prefix, or domN/vdev."""
     vbds = _vbds(data_dir)
@@ -251,13 +264,7 @@ def restore_cmd(vbd: str, at, checkpoint, seq, target: str, force: bool, data_di
     except ValueError as e:
         raise JournalCliError(str(e)) from None
     tgt = Path(target)
-    if tgt.exists() and not force:
-        raise JournalCliError(f"{tgt} exists (use --force to overwrite it)")
-    parent = tgt.parent if str(tgt.parent) else Path(".")
-    if not parent.is_dir():
-        raise JournalCliError(f"cannot write {tgt}: no directory {parent}")
-    if not os.access(parent, os.W_OK) or (tgt.exists() and not os.access(tgt, os.W_OK)):
-        raise JournalCliError(f"cannot write {tgt}: permission denied")
+    _check_writable(tgt, force)
     u, d, _ = _find(Path(data_dir), vbd)
     j = _open(d)
     try:
@@ -500,13 +507,7 @@ def export_trace_cmd(vbd: str, output: str, to_seq, force: bool, data_dir: str,
     from engines.journal import JournalError
 
     out = Path(output)
-    if out.exists() and not force:
-        raise JournalCliError(f"{out} exists (use --force to overwrite it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise JournalCliError(f"cannot write {out}: no directory {parent}")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise JournalCliError(f"cannot write {out}: permission denied")
+    parent = _check_writable(out, force)
     u, d, _ = _find(Path(data_dir), vbd)
     j = _open(d)
     tmp = parent / f".part.{out.name}"  # same suffix: same compression
