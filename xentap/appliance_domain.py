@@ -514,10 +514,8 @@ def _one_line(fn):
         except click.ClickException:
             raise
         except OSError as e:   # XenstoreError included
-            msg = e.strerror or str(e)
-            if e.filename and str(e.filename) not in msg:
-                msg += f": {e.filename}"
-            raise ApplianceDomainError(msg) from None
+            from xentap.cli_journal import one_line
+            raise ApplianceDomainError(one_line(e)) from None
         except ValueError as e:
             raise ApplianceDomainError(str(e).splitlines()[0] if str(e) else "bad value") from None
     return wrapper

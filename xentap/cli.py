@@ -26,7 +26,8 @@ class Group(click.Group):
             click.echo("xentap: interrupted", err=True)
             sys.exit(130)
         except OSError as e:
-            raise XentapError(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")) from None
+            from xentap.cli_journal import one_line
+            raise XentapError(one_line(e)) from None
         except Exception as e:  # a bug: still one line, with its type
             raise XentapError(f"{type(e).__name__}: {e}") from None
 

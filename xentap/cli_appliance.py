@@ -17,6 +17,7 @@ import threading
 import click
 
 from xentap import keys as keys_mod
+from xentap.cli_journal import one_line as _one_line
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7788"
 DEFAULT_DATA_DIR = "/var/lib/xentap/appliance"
@@ -27,13 +28,6 @@ class ApplianceError(click.ClickException):
 
     def show(self, file=None) -> None:  # noqa: D401 - click API
         click.echo(f"xentap: {self.format_message()}", err=True)
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:     # no "[Errno 2]" for a user
-        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
-    s = str(e) or type(e).__name__
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def _size_arg(text: str) -> int:

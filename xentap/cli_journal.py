@@ -28,7 +28,10 @@ class JournalCliError(click.ClickException):
         click.echo(f"xentap: {self.format_message()}", err=True)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception as one line for a user (every `xentap` command's errors):
+    an OS error as its reason and file, without "[Errno N]"; anything else as
+    the first line of its text."""
     s = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
     if isinstance(e, OSError) and e.filename and str(e.filename) not in s:
         s += f": {e.filename}"
@@ -150,7 +153,7 @@ def _open(d: Path):
     try:
         return Journal.open(d / "journal")
     except OSError as e:
-        raise JournalCliError(_one_line(e)) from None
+        raise JournalCliError(one_line(e)) from None
 
 
 # ------------------------------------------------------------------ commands
@@ -303,9 +306,9 @@ def restore_cmd(vbd: str, at, checkpoint, seq, target: str, force: bool, data_di
                         pass
                 raise
         except OutOfWindow as e:
-            raise JournalCliError(_one_line(e)) from None
+            raise JournalCliError(one_line(e)) from None
         except OSError as e:
-            raise JournalCliError(_one_line(e)) from None
+            raise JournalCliError(one_line(e)) from None
     finally:
         j.close()
     if latest_note and not as_json:
@@ -541,9 +544,9 @@ def export_trace_cmd(vbd: str, output: str, to_seq, force: bool, data_dir: str,
         except JournalCliError:
             raise
         except (JournalError, OSError, EOFError, ValueError) as e:
-            raise JournalCliError(_one_line(e)) from None
+            raise JournalCliError(one_line(e)) from None
         except Exception as e:  # zstd's errors and the like: still one line
-            raise JournalCliError(f"{type(e).__name__}: {_one_line(e)}") from None
+            raise JournalCliError(f"{type(e).__name__}: {one_line(e)}") from None
         finally:
             tmp.unlink(missing_ok=True)
     finally:
