@@ -59,6 +59,9 @@ HELLO_EVERY = 1.0
 SPILL_AT = 0.25                 # ring fill above which a slow appliance means spill (0.5 and
                                 # 0.75 overflowed a 64 MiB ring on a burst of 32 MiB: the
                                 # headroom is what absorbs a burst while the spill catches up)
+STEP_BYTES = 16 << 20           # a step moves at most about this much (and STEP_FRAMES frames),
+STEP_FRAMES = 256               # then looks at the ring again (64 MiB sent in one step let a
+                                # disk-speed guest fill the ring before the drainer spilled)
 RESYNC_CHUNK = 1 << 20          # bytes per RESYNC of a takeover's full resync
 LAG_SAMPLES = 65536
 STREAM_STATE = "stream"         # in the spill dir: {"last_seq": ..., "epoch": ...}
@@ -504,8 +507,20 @@ class Drainer:
     # ---- moving the stream ----
 
     def _step(self) -> bool:
-        """Moves what can be moved now; True if it did anything."""
+        """Moves what can be moved now; True if it did anything.
+
+        Spilling comes before sending: a guest writing at disk speed fills the
+        ring faster than the appliance takes it, and a sent batch stays in the
+        ring until acknowledged, so a drainer that sent first spent its time
+        on frames the ring could not yet release while the ring overflowed."""
         busy = self._resync()
+        # the ring's seqs follow a takeover's frames: nothing to spill before they are sent
+        if not self.takeover and not self._resync_unsent():
+            used = self.vbd.mirror_stats()["used_bytes"]
+            if (not self.in_session and used) or used > SPILL_AT * self.ring_size:
+                if self._spill_from_ring() and \
+                        self.vbd.mirror_stats()["used_bytes"] > SPILL_AT * self.ring_size:
+                    return True     # still filling: sending waits, the ring comes first
         if self.in_session:     # in seq order: spilled, a takeover's frames, spilled, ring
             if self._resync_unsent() and self.sent_seq + 1 >= self.resync_first:
                 busy |= self._send_resync()
@@ -513,11 +528,6 @@ class Drainer:
                 busy |= self._send_spilled()
                 if not self._spill_unsent() and not self._resync_unsent():
                     busy |= self._send_from_ring()
-        if self.takeover or self._resync_unsent():
-            return busy     # the ring's seqs follow the takeover's frames: nothing to spill yet
-        st_used = self.vbd.mirror_stats()["used_bytes"]
-        if (not self.in_session and st_used) or st_used > SPILL_AT * self.ring_size:
-            busy |= self._spill_from_ring()
         return busy
 
     def _resync(self) -> bool:
@@ -577,7 +587,10 @@ class Drainer:
         if self.spill_cursor is None:
             self.spill_cursor = self.spill.frames_after(self.sent_seq)
         did = False
-        for _ in range(16):
+        moved = 0
+        for _ in range(STEP_FRAMES):
+            if moved >= STEP_BYTES:
+                break
             try:
                 first, last, frame = next(self.spill_cursor)
             except StopIteration:
@@ -595,12 +608,16 @@ class Drainer:
                 break
             self.credit.sent(last, payload)
             self._sent(last, len(frame), _oldest_ts(frame), first)
+            moved += len(frame)
             did = True
         return did
 
     def _send_from_ring(self) -> bool:
         did = False
-        for _ in range(16):
+        moved = 0
+        for _ in range(STEP_FRAMES):
+            if moved >= STEP_BYTES:
+                break
             b = self.vbd.mirror_peek(self.ring_sent_bytes, self.batch_bytes)
             if b is None:
                 break
@@ -611,6 +628,7 @@ class Drainer:
             self.ring_sent.append((last, b.nbytes, b.count))
             self.ring_sent_bytes += b.nbytes
             self._sent(last, len(frame), ts, b.first_seq + self.seq_base)
+            moved += b.nbytes
             did = True
         return did
 
@@ -630,7 +648,10 @@ class Drainer:
     def _spill_from_ring(self) -> bool:
         """Moves the oldest records of the ring, sent or not, to the spill log."""
         did = False
-        for _ in range(16):
+        moved = 0
+        for _ in range(STEP_FRAMES):
+            if moved >= STEP_BYTES:
+                break
             if self.ring_sent:      # a sent batch: the same run again, then spilled
                 last, nbytes, count = self.ring_sent[0]
                 b = self.vbd.mirror_peek(0, nbytes, count)
@@ -646,5 +667,6 @@ class Drainer:
                 self.ring_sent.popleft()
                 self.ring_sent_bytes -= b.nbytes
             self.vbd.mirror_release(b.nbytes)
+            moved += b.nbytes
             did = True
         return did
