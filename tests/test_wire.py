@@ -601,6 +601,129 @@ def test_credit_enforced():
         c.check(flush(7, epoch=2))
 
 
+# ------------------------------------------- resume=True: the appliance's checker
+
+def resumed_checker(high_water=9, next_seq=4, **kw):
+    """A resume=True checker for a stream the appliance holds up to `high_water`,
+    in a new session whose HELLO (epoch 2) says `next_seq`."""
+    c = w.StreamChecker(SID, high_water=high_water, epoch=1, vbd_uuid=VBD, resume=True, **kw)
+    c.check(hello(epoch=2, next_seq=next_seq))
+    return c
+
+
+def test_resume_frames_may_skip_seqs_the_appliance_holds():
+    c = resumed_checker()  # dom0 saw ACKs up to 3, the appliance holds up to 9
+    out = c.check(wr(10, 2, epoch=2))  # goes on after the ACK's seq: 4..9 skipped
+    assert out is not None and w.seq_range(out) == (10, 11)
+    assert (c.cursor, c.high_water, c.skipped, c.received) == (12, 11, 6, True)
+    # seqs after the skip must be in order again
+    with pytest.raises(w.SequenceReplay):
+        c.check(flush(10, epoch=2))
+
+
+def test_resume_skip_may_end_inside_what_is_held():
+    c = resumed_checker()
+    assert c.check(flush(7, epoch=2)) is None  # 4..6 skipped, 7 held: dropped
+    assert (c.cursor, c.high_water, c.skipped) == (8, 9, 3)
+    trimmed = c.check(wr(8, 4, epoch=2))  # 8, 9 held; 10, 11 fresh
+    assert trimmed.first_seq == 10 and [r.seq for r in trimmed.records] == [10, 11]
+    assert c.check(flush(12, epoch=2)) is not None
+
+
+def test_resume_skip_past_the_high_water_is_a_gap():
+    c = resumed_checker()
+    with pytest.raises(w.SequenceGap) as e:
+        c.check(flush(11, epoch=2))  # seq 10 was never received
+    assert (e.value.expected, e.value.received) == (4, 11)
+    assert (c.cursor, c.skipped, c.received) == (4, 0, False)
+    assert c.check(flush(10, epoch=2)) is not None
+
+
+def test_resume_first_frame_may_start_below_the_hello_seq():
+    c = resumed_checker(next_seq=6)
+    # a spilled batch straddling next_seq: 4, 5 below it, all held up to 9
+    trimmed = c.check(wr(4, 8, epoch=2))
+    assert trimmed.first_seq == 10 and [r.seq for r in trimmed.records] == [10, 11]
+    assert (c.cursor, c.high_water, c.skipped) == (12, 11, 0)
+
+
+def test_resume_only_the_first_frame_may_start_below_the_cursor():
+    c = resumed_checker(next_seq=6)
+    assert c.check(flush(6, epoch=2)) is None
+    with pytest.raises(w.SequenceReplay):
+        c.check(flush(5, epoch=2))
+    # a first frame entirely below the cursor is a held duplicate; then no more
+    c = resumed_checker(next_seq=6)
+    assert c.check(wr(2, 3, epoch=2)) is None
+    assert c.cursor == 5
+    with pytest.raises(w.SequenceReplay):
+        c.check(flush(3, epoch=2))
+    assert c.check(flush(5, epoch=2)) is None  # in order from there
+
+
+def test_resume_rules_start_again_with_each_hello():
+    c = resumed_checker(next_seq=6)
+    c.check(flush(6, epoch=2))
+    c.check(flush(9, epoch=2))  # 7, 8 skipped
+    assert (c.skipped, c.received) == (2, True)
+    c.check(hello(epoch=3, next_seq=8))
+    assert (c.skipped, c.received) == (0, False)
+    assert c.check(flush(7, epoch=3)) is None  # first frame of the new session: below is held
+
+
+def test_resume_heartbeat_may_claim_what_the_appliance_holds():
+    c = resumed_checker()
+    assert c.check(hb(3, epoch=2)) is not None  # what the session saw
+    assert c.check(hb(9, epoch=2)) is not None  # only seqs the appliance holds
+    assert (c.cursor, c.skipped, c.received) == (4, 0, False)  # nothing moves
+    with pytest.raises(w.SequenceGap):
+        c.check(hb(10, epoch=2))
+    with pytest.raises(w.SequenceReplay):
+        c.check(hb(2, epoch=2))
+
+
+def test_resume_rejected_frame_leaves_the_state_unchanged():
+    c = resumed_checker()
+    bad = w.Writes(stream_id=SID, epoch=2, first_seq=10, records=[rec(10, n=100)])  # misaligned
+    with pytest.raises(w.Misaligned) as e:
+        c.check(bad)
+    assert "expected seq 10" in str(e.value)  # the skip is explained; the record is not
+    assert (c.cursor, c.high_water, c.skipped, c.received) == (4, 9, 0, False)
+    c2 = resumed_checker(enforce_credit=True)
+    with pytest.raises(w.CreditExceeded):
+        c2.check(wr(10, 1, epoch=2))  # no ACK answered the HELLO yet
+    assert (c2.cursor, c2.skipped) == (4, 0)
+    c2.granted(w.Ack(stream_id=SID, epoch=2, acked_seq=9, credit_bytes=512, credit_msgs=1))
+    assert c2.check(wr(10, 1, epoch=2)) is not None
+
+
+def test_without_resume_the_same_frames_are_rejected():
+    c = w.StreamChecker(SID, high_water=9, epoch=1, vbd_uuid=VBD)
+    c.check(hello(epoch=2, next_seq=6))
+    with pytest.raises(w.SequenceGap):
+        c.check(flush(7, epoch=2))
+    with pytest.raises(w.SequenceReplay):
+        c.check(flush(5, epoch=2))
+    with pytest.raises(w.SequenceGap):
+        c.check(hb(8, epoch=2))
+
+
+@SET
+@given(st.integers(0, 12), st.data())
+def test_resume_from_any_point_applies_only_fresh_seqs(hw, data):
+    """A session whose HELLO says any next_seq <= high water + 1 and whose frames go
+    on from any seq in next_seq..high water + 1 (one flush a seq, then a batch):
+    nothing held is returned, everything fresh is, and the seqs skipped are counted."""
+    nxt = data.draw(st.integers(1, hw + 1))
+    start = data.draw(st.integers(nxt, hw + 1))
+    c = resumed_checker(high_water=hw, next_seq=nxt)
+    out = [c.check(flush(s, epoch=2)) for s in range(start, hw + 3)]
+    assert [m.seq for m in out if m is not None] == [hw + 1, hw + 2]
+    batch = c.check(wr(hw + 3, 2, epoch=2))
+    assert w.seq_range(batch) == (hw + 3, hw + 4)
+    assert (c.cursor, c.high_water, c.skipped) == (hw + 5, hw + 4, start - nxt)
+
+
 def test_credit_window_dom0_side():
     cw = w.CreditWindow()
     assert not cw.allows(1, 0)

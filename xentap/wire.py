@@ -87,6 +87,27 @@ replayed frame from an earlier session, :class:`EpochError`).  In short: a
 duplicate is legitimate only as part of an in-order re-send that a new HELLO
 announced.  Re-sent data is not compared with what was journaled.
 
+Resuming from the appliance's high water (the appliance's checker,
+``StreamChecker(resume=True)``): the HELLO's ``next_seq`` is just after what
+dom0 saw acknowledged; the ACK answering it says what the appliance durably
+holds (``high_water``), which may be more -- the appliance journaled writes
+whose ACK never reached dom0 (it was destroyed, or the link dropped).  dom0
+then goes on after the ACK's seq instead of sending again what the appliance
+holds.  So, in a session:
+
+- a seq-consuming frame that starts above the cursor but no further than
+  ``high_water + 1`` skips only seqs the appliance holds: the cursor moves to
+  it (a batch straddling the high water is trimmed as above);
+- the session's first seq-consuming frame may also start below the cursor (a
+  batch of dom0's spill log straddling the HELLO's ``next_seq``): the seqs
+  below the cursor are at most ``high_water``, held, and dropped;
+- a HEARTBEAT claiming a seq above the cursor but not above ``high_water``
+  claims only seqs the appliance holds: answered, nothing moves.
+
+Everything else is checked as without ``resume``: a frame past
+``high_water + 1`` is a real gap, a seq received twice in one session a
+replay.  Nothing at or below ``high_water`` is ever applied again.
+
 Flow control
 ============
 
@@ -115,6 +136,7 @@ Zero copy
 from __future__ import annotations
 
 import enum
+import logging
 import struct
 import uuid
 from collections import deque
@@ -138,6 +160,8 @@ from construct import (
 )
 
 from xentap.structs import derive_struct
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------
 # constants and limits
@@ -1084,19 +1108,25 @@ class StreamChecker:
     then leaves its state unchanged (the receiver should end the session; a
     HELLO with a higher epoch starts a new one).  With ``enforce_credit`` it
     also rejects data sent beyond the credit granted through :meth:`granted`.
+    With ``resume`` it also accepts what a session resuming from the
+    appliance's high water explains (module docstring, "Resuming from the
+    appliance's high water"): the appliance receiver's setting.
     """
 
     def __init__(self, stream_id: int, *, high_water: int = 0, epoch: int = 0,
                  vbd_uuid: uuid.UUID | None = None, in_resync: bool = False,
-                 enforce_credit: bool = False):
+                 enforce_credit: bool = False, resume: bool = False):
         self.stream_id = stream_id
         self.high_water = high_water
         self.epoch = epoch
         self.vbd_uuid = vbd_uuid
         self.in_resync = in_resync
         self.enforce_credit = enforce_credit
+        self.resume = resume
         self.hello: Hello | None = None
         self.cursor: int | None = None  # next seq expected in this session
+        self.received = False  #: a seq-consuming frame was accepted in this session
+        self.skipped = 0  #: seqs this session skipped because the appliance held them
         self.credit = CreditWindow()
 
     # -- naming and errors
@@ -1146,7 +1176,7 @@ class StreamChecker:
             self._fail(ProtocolStateError, "ACK travels appliance -> dom0 only", received)
         if isinstance(msg, Heartbeat):
             last = self.cursor - 1
-            if msg.last_seq > last:
+            if msg.last_seq > last and not (self.resume and msg.last_seq <= self.high_water):
                 self._fail(SequenceGap, f"HEARTBEAT says seq {msg.last_seq} was sent; "
                            f"{msg.last_seq - last} seq(s) missing", msg.last_seq)
             if msg.last_seq < last:
@@ -1181,6 +1211,7 @@ class StreamChecker:
                        f"{self.high_water}", nxt, self.high_water + 1)
         self.epoch, self.hello, self.cursor = h.epoch, h, nxt
         self.vbd_uuid = h.vbd_uuid
+        self.received, self.skipped = False, 0
         self.credit = CreditWindow()
         return h
 
@@ -1261,6 +1292,32 @@ class StreamChecker:
                      & (sector * SECTOR_SIZE + length <= size)).all())
 
     def _seq_msg(self, msg: Message, first: int, last: int) -> Message | None:
+        """A seq-consuming message: checked from where it starts where a resuming
+        session explains that (``resume``), else from the cursor."""
+        cursor = self.cursor
+        if not self.resume or first == cursor:
+            return self._in_order(msg, first, last)
+        if cursor < first <= self.high_water + 1:
+            why = (f"resumes at seq {first} after the appliance's high water "
+                   f"{self.high_water} (seqs {cursor}..{first - 1} already held, "
+                   f"not received again)")
+        elif first < cursor and not self.received:
+            why = (f"first frame {first}..{last} of the session starts below its "
+                   f"HELLO's seq {cursor}: seqs up to {self.high_water} already held, dropped")
+        else:
+            return self._in_order(msg, first, last)
+        self.cursor = first  # what _in_order checks against, and its errors name
+        try:
+            out = self._in_order(msg, first, last)
+        except WireError:
+            self.cursor = cursor  # rejected: state unchanged
+            raise
+        log.info("%s: %s", self.vbd, why)
+        self.skipped += max(0, first - cursor)
+        return out
+
+    def _in_order(self, msg: Message, first: int, last: int) -> Message | None:
+        """A seq-consuming message that must start at the cursor."""
         name = msg.TYPE.name
         if first > self.cursor:
             self._fail(SequenceGap, f"{name}: {first - self.cursor} seq(s) missing", first)
@@ -1306,6 +1363,7 @@ class StreamChecker:
         # commit
         self.credit.sent(last, nbytes)
         self.cursor = last + 1
+        self.received = True
         if fresh_from > last:
             return None
         self.high_water = last
