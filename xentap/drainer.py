@@ -514,20 +514,22 @@ class Drainer:
         ring until acknowledged, so a drainer that sent first spent its time
         on frames the ring could not yet release while the ring overflowed."""
         busy = self._resync()
+        budget = STEP_BYTES
         # the ring's seqs follow a takeover's frames: nothing to spill before they are sent
         if not self.takeover and not self._resync_unsent():
             used = self.vbd.mirror_stats()["used_bytes"]
             if (not self.in_session and used) or used > SPILL_AT * self.ring_size:
                 if self._spill_from_ring() and \
                         self.vbd.mirror_stats()["used_bytes"] > SPILL_AT * self.ring_size:
-                    return True     # still filling: sending waits, the ring comes first
+                    busy = True
+                    budget = 1      # still filling: one frame keeps the appliance fed
         if self.in_session:     # in seq order: spilled, a takeover's frames, spilled, ring
             if self._resync_unsent() and self.sent_seq + 1 >= self.resync_first:
                 busy |= self._send_resync()
             else:
-                busy |= self._send_spilled()
+                busy |= self._send_spilled(budget)
                 if not self._spill_unsent() and not self._resync_unsent():
-                    busy |= self._send_from_ring()
+                    busy |= self._send_from_ring(budget)
         return busy
 
     def _resync(self) -> bool:
@@ -581,7 +583,7 @@ class Drainer:
     def _spill_unsent(self) -> bool:
         return bool(self.spill) and self.spill.last_seq > self.sent_seq
 
-    def _send_spilled(self) -> bool:
+    def _send_spilled(self, budget: int = STEP_BYTES) -> bool:
         if not self._spill_unsent():
             return False
         if self.spill_cursor is None:
@@ -589,7 +591,7 @@ class Drainer:
         did = False
         moved = 0
         for _ in range(STEP_FRAMES):
-            if moved >= STEP_BYTES:
+            if moved >= budget:
                 break
             try:
                 first, last, frame = next(self.spill_cursor)
@@ -612,11 +614,11 @@ class Drainer:
             did = True
         return did
 
-    def _send_from_ring(self) -> bool:
+    def _send_from_ring(self, budget: int = STEP_BYTES) -> bool:
         did = False
         moved = 0
         for _ in range(STEP_FRAMES):
-            if moved >= STEP_BYTES:
+            if moved >= budget:
                 break
             b = self.vbd.mirror_peek(self.ring_sent_bytes, self.batch_bytes)
             if b is None:
