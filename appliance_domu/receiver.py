@@ -6,7 +6,8 @@ by default (only the dom0 public keys it was given get in; plain only with
 by (peer, stream_id), the peer being the client's Curve public key (its ZAP
 User-Id), or its ZeroMQ routing id when insecure.
 
-Per stream, a :class:`xentap.wire.StreamChecker` is fed every frame.  A frame
+Per stream, a :class:`xentap.wire.StreamChecker` (``resume=True``: a session
+may go on from the appliance's high water) is fed every frame.  A frame
 it rejects (malformed, truncated, bad checksum, wrong epoch, replayed,
 duplicated, out of order, beyond credit, ...) costs one log line, writes
 nothing and *ends the session*: the stream's later frames are dropped (a
@@ -64,6 +65,7 @@ measures what it sustains on loopback.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -105,63 +107,9 @@ _TYPE_IDX, _STREAM_IDX = _HDR_FIELDS.index("type"), _HDR_FIELDS.index("stream_id
 _EPOCH_IDX = _HDR_FIELDS.index("epoch")
 
 
-class SessionChecker(wire.StreamChecker):
-    """:class:`xentap.wire.StreamChecker` that also accepts what a session resuming
-    from the appliance's high water explains.
-
-    A HELLO says where dom0's data starts (``next_seq``: just after what dom0
-    saw acknowledged); its ACK says what the appliance durably holds
-    (``high_water``), which may be more: the appliance journaled writes whose
-    ACK never reached dom0 (it was destroyed, or the link dropped).  dom0 then
-    goes on after the ACK's seq instead of sending again what the appliance
-    has.  So, in a session:
-
-    - a seq-consuming frame that starts above the cursor but no further than
-      ``high_water + 1`` skips only seqs the appliance holds: the cursor moves
-      to it (a batch straddling the high water is trimmed as before);
-    - the session's first seq-consuming frame may also start below the cursor
-      (a batch of dom0's spill log straddling the HELLO's ``next_seq``): the
-      seqs below the cursor are at most ``high_water``, held, and dropped;
-    - a HEARTBEAT claiming a seq above the cursor but not above ``high_water``
-      claims only seqs the appliance holds: answered, nothing moves.
-
-    Everything else is checked as before: a frame past ``high_water + 1`` is a
-    real gap, a seq received twice in one session a replay.  Nothing at or
-    below ``high_water`` is ever applied again."""
-
-    received = False  #: a seq-consuming frame was accepted in this session
-    skipped = 0  #: seqs this session did not receive because the appliance held them
-
-    def _hello(self, h):
-        out = super()._hello(h)
-        self.received = False
-        self.skipped = 0
-        return out
-
-    def check(self, msg):
-        rng = None
-        if self.hello is not None and isinstance(msg, wire.Message) \
-                and msg.stream_id == self.stream_id and msg.epoch == self.epoch:
-            if isinstance(msg, wire.Heartbeat):
-                if self.cursor - 1 < msg.last_seq <= self.high_water:
-                    return msg
-            elif not isinstance(msg, (wire.Hello, wire.Ack)):
-                rng = wire.seq_range(msg)
-                if rng is not None and self.cursor < rng[0] <= self.high_water + 1:
-                    log.info("%s: resumes at seq %d after the appliance's high water %d "
-                             "(seqs %d..%d already held, not received again)", self.vbd,
-                             rng[0], self.high_water, self.cursor, rng[0] - 1)
-                    self.skipped += rng[0] - self.cursor
-                    self.cursor = rng[0]
-                elif rng is not None and rng[0] < self.cursor and not self.received:
-                    log.info("%s: first frame %d..%d of the session starts below its "
-                             "HELLO's seq %d: seqs up to %d already held, dropped",
-                             self.vbd, rng[0], rng[1], self.cursor, self.high_water)
-                    self.cursor = rng[0]
-        out = super().check(msg)
-        if rng is not None:
-            self.received = True
-        return out
+#: the checker of every session: a StreamChecker that accepts what a session
+#: resuming from the appliance's high water explains (see xentap.wire)
+_session_checker = functools.partial(wire.StreamChecker, resume=True)
 
 
 @dataclass(eq=False)
@@ -622,10 +570,10 @@ class Receiver:
             self._held.pop(vbd, None)
             self._catch_up(rep)
             checker = rep.checker(stream_id, enforce_credit=self.enforce_credit,
-                                  cls=SessionChecker)
+                                  cls=_session_checker)
         else:
             checker = Replica.fresh_checker(stream_id, enforce_credit=self.enforce_credit,
-                                             cls=SessionChecker)
+                                             cls=_session_checker)
         try:
             checker.feed(buf)
         except wire.WireError as e:
