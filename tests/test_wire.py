@@ -697,6 +697,16 @@ def test_resume_rejected_frame_leaves_the_state_unchanged():
     assert c2.check(wr(10, 1, epoch=2)) is not None
 
 
+def test_resume_frames_of_an_earlier_session_are_stale():
+    c = resumed_checker()
+    assert c.stale(1) and not c.stale(2) and not c.stale(3)
+    with pytest.raises(w.EpochError):
+        c.check(flush(4, epoch=1))  # fed anyway: rejected, as without resume
+    plain = w.StreamChecker(SID, high_water=9, epoch=1, vbd_uuid=VBD)
+    plain.check(hello(epoch=2, next_seq=4))
+    assert not plain.stale(1)
+
+
 def test_without_resume_the_same_frames_are_rejected():
     c = w.StreamChecker(SID, high_water=9, epoch=1, vbd_uuid=VBD)
     c.check(hello(epoch=2, next_seq=6))
