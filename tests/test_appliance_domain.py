@@ -370,3 +370,43 @@ def test_an_image_with_a_root_disk_adds_it_read_only_beside_the_journal(image, d
     s = ad.settings(ip="10.1.0.5/24", keys_dir=dom0_keys, image=image)
     view = ad.cfg_view(CFG.read_text(), ad.overrides(CFG.read_text(), s), "appliance.cfg")
     assert view["root"] is None
+
+
+def test_create_json_ends_with_what_status_json_prints(xenstore, image, dom0_keys, tmp_path,
+                                                       monkeypatch):
+    """`create --wait --json`: once the appliance says ready, the line `status
+    --json` would print (the case reads it instead of starting a second
+    process); without --wait, --json is refused."""
+    from xentap import create as create_mod
+    pub = keys.load_public(keys.paths(dom0_keys, "dom0")[0]).decode()
+
+    def fake_create(cfg_path, ovr, **kw):          # xl create -p, disks, unpause
+        with Client(unix_socket_path=xenstore.socket_path) as dom0:
+            make_domain(dom0, APP, "xentap-appliance")
+        return APP
+
+    real_wait = ad.wait_for_ready
+
+    def announced_wait(xs, domid, timeout, poll=0.5):   # what the announcer writes
+        with Client(unix_socket_path=xenstore.domain_socket(APP)) as app:
+            st = K.appliance_status_path(APP)
+            for k, v in (("endpoint", "tcp://10.1.0.5:7788"), ("public-key", pub),
+                         ("heartbeat", "1795665988"), ("state", "ready")):
+                app.write(f"{st}/{k}".encode(), v.encode())
+        return real_wait(xs, domid, timeout, poll)
+
+    monkeypatch.setattr(create_mod, "create", fake_create)
+    monkeypatch.setattr(ad, "wait_for_ready", announced_wait)
+    monkeypatch.setattr(ad, "check_view", lambda view, sysfs_net="": None)
+    args = ["create", "--image", image, "--ip", "10.1.0.5/24", "--keys", dom0_keys,
+            "--journal", str(tmp_path / "j.img"), "--journal-size", "64M",
+            *_socket_args(xenstore)]
+    assert "--json needs --wait" in _one_line_error(_run(*args, "--json"))
+    r = _run(*args, "--wait", "5", "--json")
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert "appliance ready: tcp://10.1.0.5:7788" in r.output
+    assert lines[-2].startswith("timing (s): start-up ")
+    st = json.loads(lines[-1])
+    assert st == json.loads(_run("status", "--json", *_socket_args(xenstore)).output)
+    assert (st["domain"], st["state"], st["public_key"], st["running"]) == (APP, "ready", pub, True)

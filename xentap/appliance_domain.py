@@ -340,12 +340,36 @@ def _xl(xl: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProc
         raise ApplianceDomainError(f"xl {args[0]} did not finish within {timeout:g} s") from None
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None: what the
+    interpreter's start-up and imports took, for the timing line of create."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
            journal_size: int = DEFAULT_JOURNAL_SIZE, xl: str = "xl",
            xenstore_socket: str | None = None, wait_ready: float = 0.0, dry_run: bool = False,
-           sysfs_net: str = "/sys/class/net",
+           sysfs_net: str = "/sys/class/net", as_json: bool = False,
            echo: Callable[[str], None] = print) -> int | None:
-    """Starts the appliance domain; returns its domid (None with ``dry_run``)."""
+    """Starts the appliance domain; returns its domid (None with ``dry_run``).
+    With ``wait_ready`` and ``as_json`` the last line is what ``status
+    --json`` prints (read when it became ready): no second process for it."""
+    age = process_age()
+    t0 = time.monotonic()
+    steps: list[str] = [] if age is None else [f"start-up {age:.1f}"]
+
+    def step(what: str, since: float) -> float:
+        now = time.monotonic()
+        steps.append(f"{what} {now - since:.1f}")
+        return now
+
     from xentap import create as create_mod
     from xentap.xenbus import Xs
     from xentap.xl_config import ConfigError
@@ -373,6 +397,7 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
                  f"(an appliance destroyed with xl destroy)")
     if ensure_journal(view["journal"], journal_size):
         echo(f"made the journal disk {view['journal']} ({journal_size >> 20} MiB, sparse)")
+    t = step("checks", t0)
     try:
         domid = create_mod.create(cfg_path, ovr, xl=xl, xenstore_socket=xenstore_socket,
                                   echo=echo)
@@ -380,6 +405,7 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
         raise ApplianceDomainError(e.problems[0]) from None
     except click.ClickException as e:
         raise ApplianceDomainError(e.format_message()) from None
+    t = step("xentap create (xl create -p, disks, unpause)", t)
     with Xs.open(xenstore_socket) as xs:
         try:
             from xentap.daemon import grant_appliance
@@ -387,10 +413,16 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
             echo("warning: this xentap cannot grant the appliance its xenstore directory")
         else:
             grant_appliance(xs, domid, view["name"])
+        t = step("grant", t)
         echo(f"appliance {view['name']} is domain {domid}; it announces itself in xenstore")
         if wait_ready > 0:
             st = wait_for_ready(xs, domid, wait_ready)
+            step("unpaused to ready", t)
             echo(f"appliance ready: {st['endpoint']} (public key {st['public_key'] or 'none'})")
+    echo(f"timing (s): {', '.join(steps)}")
+    if wait_ready > 0 and as_json:
+        st.update(name=view["name"], domain=domid, running=True)
+        echo(json.dumps(st, sort_keys=True))
     return domid
 
 
@@ -539,20 +571,24 @@ def _one_line(fn):
               help="Size of a journal image made because it is missing.")
 @click.option("--wait", "wait_ready", default=0.0, type=float, metavar="SECONDS",
               help="Wait until the appliance says it is ready.")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --wait: end with the line 'status --json' prints, once ready.")
 @click.option("-n", "--dry-run", is_flag=True, help="Only check and show what would run.")
 @click.option("--xl", "xl_cmd", default="xl", show_default=True, metavar="PATH")
 @_xs_option
 @_one_line
 def create_cmd(overrides_, cfg, image, ip, gateway, port, keys_dir, insecure, bridge, journal,
-               journal_size, wait_ready, dry_run, xl_cmd, xenstore_socket) -> None:
+               journal_size, wait_ready, as_json, dry_run, xl_cmd, xenstore_socket) -> None:
     """Start the appliance domain: its vif, and its journal disk as a xentap VBD."""
     if image is None and (DEFAULT_IMAGE / RAMDISK_FILE).is_file():
         image = str(DEFAULT_IMAGE)
     s = settings(ip=ip, gateway=gateway, port=port, keys_dir=keys_dir, insecure=insecure,
                  bridge=bridge, journal=journal, image=image)
+    if as_json and not wait_ready > 0 and not dry_run:
+        raise ApplianceDomainError("--json needs --wait SECONDS (the status once ready)")
     create(cfg, s, tuple(overrides_), journal_size=parse_size(journal_size), xl=xl_cmd,
            xenstore_socket=xenstore_socket, wait_ready=wait_ready, dry_run=dry_run,
-           echo=click.echo)
+           as_json=as_json, echo=click.echo)
 
 
 @click.command("destroy")
