@@ -106,8 +106,9 @@ def serve(endpoint: str, data_dir: str, keys_dir: str | None, allow_dir: str | N
         raise ApplianceError(_one_line(e)) from None
     mode = f"CurveZMQ, {len(curve.allowed)} dom0 key(s) allowed" if curve else \
         "INSECURE: no encryption, no authentication"
-    click.echo(f"xentap appliance: listening on {rcv.endpoint} ({mode}), replicas in {data_dir}",
-               err=True)
+    age = _appliance_domain.process_age()
+    click.echo(f"xentap appliance: listening on {rcv.endpoint} ({mode}), replicas in {data_dir}"
+               + (f" ({age:.1f} s after its start)" if age is not None else ""), err=True)
 
     if threading.current_thread() is threading.main_thread():
         def _stop(signum, frame):
@@ -152,3 +153,11 @@ keys = keys_cmd  # the name the brief uses; `keys_mod` is the xentap.keys module
 # `xentap appliance create|destroy|status`: the appliance as a Xen domain.
 from xentap import appliance_domain as _appliance_domain  # noqa: E402
 _appliance_domain.register(appliance)
+
+
+if __name__ == "__main__":
+    # `python3 -m xentap.cli_appliance serve ...`: what the appliance domain's
+    # init runs.  The same commands as `xentap appliance`, without importing
+    # the rest of the CLI (the VBD commands, the shim, the daemon, the benches):
+    # emulated, every module counts in how soon the appliance is ready.
+    appliance(prog_name="xentap appliance")
