@@ -42,20 +42,38 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from analyzer import events as ev
 from xentap import wire
 from xentap.durable import write_atomically
 
-try:  # numpy: not (yet) in the appliance domain's image (appliance_domu/image/requirements.txt)
+if TYPE_CHECKING:
     from analyzer.detector import DetectorConfig
     from analyzer.stream import VbdAnalyzer
-    UNAVAILABLE: str | None = None
-except ImportError as _e:  # then the receiver runs without analysis, and says so
-    DetectorConfig = VbdAnalyzer = None  # type: ignore[assignment,misc]
-    UNAVAILABLE = f"the analyzer cannot run here: {_e}"
 
 log = logging.getLogger(__name__)
+
+# The analyzer (numpy and the format parsers) is imported on first use, by a
+# thread that Analysis() starts, not with this module: in the appliance
+# domain, emulated, that import is seconds of CPU, and the receiver binds
+# (the appliance says it is ready) meanwhile.  The worker waits for it.
+_import_lock = threading.Lock()
+_imported: tuple[Any, str | None] | None = None  # (VbdAnalyzer or None, why not)
+
+
+def analyzer_class() -> tuple[Any, str | None]:
+    """(analyzer.stream.VbdAnalyzer, None), or (None, why) when it cannot be
+    imported here (no numpy); imports it once, the first caller waits."""
+    global _imported
+    with _import_lock:
+        if _imported is None:
+            try:
+                from analyzer.stream import VbdAnalyzer
+                _imported = (VbdAnalyzer, None)
+            except ImportError as e:  # then the receiver runs without analysis, and says so
+                _imported = (None, f"the analyzer cannot run here: {e}")
+        return _imported
 
 STATE_NAME = "analysis.json"
 STATE_FORMAT = 1
@@ -166,7 +184,7 @@ class _Vbd:
     def start(self, first_seq: int, reason: str) -> list[ev.Event]:
         """A fresh analyzer from ``first_seq`` on; learns the layout from the replica."""
         st = self.rep.state
-        self.analyzer = VbdAnalyzer(self.uuid, sector_size=wire.SECTOR_SIZE,
+        self.analyzer = analyzer_class()[0](self.uuid, sector_size=wire.SECTOR_SIZE,
                                     size=st.size_bytes or None, detector=self.cfg,
                                     read_old=self._read_old)
         self.next_seq = first_seq
@@ -212,9 +230,18 @@ class Analysis:
         self._busy = False
         self.stats = dict(messages=0, records=0, bytes=0, events=0, tags=0, skipped=0)
         self._behind_logged = 0.0
-        self.unavailable = UNAVAILABLE
-        if UNAVAILABLE:
-            log.warning("data analysis off: %s", UNAVAILABLE)
+        self.unavailable: str | None = None  # why the analyzer cannot run (known once imported)
+        if _imported is None:
+            threading.Thread(target=self._import, name="xentap-analysis-import",
+                             daemon=True).start()
+        else:
+            self._import()
+
+    def _import(self) -> None:
+        why = analyzer_class()[1]
+        if why:
+            self.unavailable = why
+            log.warning("data analysis off: %s", why)
 
     # ------------------------------------------------------------ receiver side
     def submit(self, rep, msg: wire.Message) -> None:
@@ -358,6 +385,8 @@ class Analysis:
             tokens -= time.thread_time() - cpu0
 
     def _feed(self, v: _Vbd, msg: wire.Message) -> None:
+        if analyzer_class()[0] is None:  # (waits for the import Analysis() started)
+            return
         first, last = wire.seq_range(msg)
         evs: list[ev.Event] = []
         if v.analyzer is None or v.next_seq is None:

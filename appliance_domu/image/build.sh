@@ -241,6 +241,8 @@ $PY -m compileall -q -j 0 --invalidation-mode unchecked-hash -s "$R" -p / "$SP" 
 chroot "$R" /usr/bin/python$PYVER -c 'import zmq, zstandard, xxhash, construct, pyxs, appliance_domu.receiver, xentap.cli; assert zmq.has("curve")' ||
     die "the tree's python cannot import the appliance"
 chroot "$R" /usr/bin/xentap appliance serve --help >/dev/null || die "'xentap appliance serve --help' fails in the tree"
+chroot "$R" /usr/bin/python$PYVER -m xentap.cli_appliance serve --help >/dev/null ||
+    die "'python3 -m xentap.cli_appliance serve --help' (what init runs) fails in the tree"
 chroot "$R" /usr/bin/python$PYVER -c 'import sys; sys.path.insert(0, "/usr/lib/xentap"); import announce' ||
     die "announce.py does not import in the tree"
 find "$R" -name __pycache__ -path '*usr/lib/xentap*' -exec rm -rf {} + 2>/dev/null || true
