@@ -425,6 +425,22 @@ static void start(struct xt_queue *q, struct xt_req *req, const struct xt_ring_r
 }
 
 
+static bool all_zero(const uint8_t *p, size_t len)
+{
+    return len > 0 && p[0] == 0 && memcmp(p, p + 1, len - 1) == 0;
+}
+
+/* A write of data: an all-zero one goes as a ZEROES record without its data
+ * (mkfs.xfs writes its 64 MiB log as zeroes; a guest zeroing a disk writes
+ * nothing else).  The scan stops at the first non-zero byte. */
+static void tap_data(struct xt_mirror *m, struct xt_req *req, uint32_t flags)
+{
+    if (all_zero(req->buf, req->len))
+        xt_mirror_write(m, req->sector, NULL, (uint32_t)req->len, flags | XT_MREC_ZEROES);
+    else
+        xt_mirror_write(m, req->sector, req->buf, (uint32_t)req->len, flags);
+}
+
 /* The tap: what the guest just wrote, or a crash-consistent point, goes to
  * the mirror ring.  Called once the image has it, before the guest hears. */
 static void tap(struct xt_queue *q, struct xt_req *req, uint32_t flags)
@@ -434,7 +450,7 @@ static void tap(struct xt_queue *q, struct xt_req *req, uint32_t flags)
         return;
     switch (req->io_op) {
     case BLKIF_OP_WRITE:
-        xt_mirror_write(m, req->sector, req->buf, (uint32_t)req->len, flags);
+        tap_data(m, req, flags);
         break;
     case BLKIF_OP_DISCARD:
         for (uint64_t done = 0; done < req->discard_sectors;) {
@@ -449,7 +465,7 @@ static void tap(struct xt_queue *q, struct xt_req *req, uint32_t flags)
     case BLKIF_OP_FLUSH_DISKCACHE:
     case BLKIF_OP_WRITE_BARRIER:
         if (req->stage == 0)    /* the data of a flush or barrier: a forced-unit-access write */
-            xt_mirror_write(m, req->sector, req->buf, (uint32_t)req->len, XT_MREC_FUA);
+            tap_data(m, req, XT_MREC_FUA);
         else
             xt_mirror_marker(m, XT_MREC_FLUSH, 0, NULL, 0);
         break;

@@ -153,6 +153,24 @@ def test_replica_equals_source_after_random_workloads(tmp_path, appliance):
 
 
 @pytest.mark.slow
+def test_zeroes_cross_the_link_as_records_without_data(tmp_path, appliance):
+    """A guest zeroing 24 MiB (as mkfs.xfs does its log) over data written
+    before: the appliance's replica gets the zeroes, the link carries headers."""
+    m = Mirrored(tmp_path, appliance)
+    try:
+        m.run(block_size=65536, queue_depth=4, max_ios=512, seed=7)     # 32 MiB of data
+        assert m.drainer.wait_acked(60), m.drainer.stats()
+        sent = m.drainer.stats()["bytes_sent"]
+        m.g.front.replay([("write", s * 2048, bytes(MiB)) for s in range(24)]
+                         + [("flush", 0, b"")], queue_depth=8)
+        assert_replica_equals_source(m, appliance)
+        assert m.drainer.stats()["bytes_sent"] - sent < 64 << 10
+        assert m.image.read_bytes()[:24 * MiB] == bytes(24 * MiB)
+    finally:
+        m.close()
+
+
+@pytest.mark.slow
 def test_a_step_past_the_spill_threshold_spills_first(tmp_path, appliance):
     """With the ring past SPILL_AT, a step moves the oldest records to the
     spill log before it sends, and sends one frame at most: sending first

@@ -87,6 +87,28 @@ def test_discards_flushes_barriers_and_checkpoints_are_in_the_stream(tmp_path, i
         g.close()
 
 
+def test_an_all_zero_write_is_a_zeroes_record_without_its_data(tmp_path, image):
+    """mkfs.xfs writes its 64 MiB log as zeroes: such a write costs the ring
+    and the link a record header, not its bytes."""
+    import os
+    g = mirrored(tmp_path, image)
+    try:
+        almost = bytearray(4096)
+        almost[-1] = 1                                  # one byte short of zeroes
+        rnd = os.urandom(8192)
+        ops = [("write", 0, bytes(1 << 20)), ("write", 4096, bytes(almost)),
+               ("write", 8192, rnd), ("write", 2048, bytes(512)), ("flush", 0, b"")]
+        assert_clean(g.front.replay(ops, queue_depth=1))
+        writes = [r for r in drain(g.vbd) if r[0] == "write"]
+        assert [(r[2], r[3], r[4], len(r[5])) for r in writes] == [
+            (0, 1 << 20, wire.WriteFlags.ZEROES, 0), (4096, 4096, 0, 4096),
+            (8192, 8192, 0, 8192), (2048, 512, wire.WriteFlags.ZEROES, 0)]
+        assert writes[1][5] == bytes(almost) and writes[2][5] == rnd
+        assert g.vbd.mirror_stats()["bytes"] == (1 << 20) + 4096 + 8192 + 512
+    finally:
+        g.close()
+
+
 def test_a_full_ring_never_blocks_the_guest_and_resyncs_what_it_lost(tmp_path, image):
     g = mirrored(tmp_path, image, ring=1 * MiB)
     try:

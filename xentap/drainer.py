@@ -113,6 +113,17 @@ def _rebased(records, count: int, base: int) -> bytearray:
     return buf
 
 
+def _resync(sid: int, epoch: int, seq: int, sector: int, data: bytes) -> tuple[bytes, int]:
+    """A RESYNC frame of `data` read from the disk at `sector`, and its data
+    bytes: an all-zero chunk (most of a new disk) goes as ZEROES, no data."""
+    if data and data[0] == 0 and data == bytes(len(data)):
+        return wire.encode(wire.Resync(stream_id=sid, epoch=epoch, seq=seq, sector=sector,
+                                       length=len(data), flags=int(wire.WriteFlags.ZEROES),
+                                       data=b"")), 0
+    return wire.encode(wire.Resync(stream_id=sid, epoch=epoch, seq=seq, sector=sector,
+                                   length=len(data), flags=0, data=data)), len(data)
+
+
 @dataclass(frozen=True)
 class VbdIdentity:
     """What a HELLO says about the VBD."""
@@ -384,7 +395,7 @@ class Drainer:
             domid=i.domid, devid=i.devid, vdev=i.vdev, size_bytes=i.size_bytes,
             logical_sector_size=i.logical_sector_size, physical_sector_size=i.physical_sector_size,
             next_seq=self.acked_seq + 1,
-            features=int(wire.Features.DISCARD | wire.Features.FUA))))
+            features=int(wire.Features.DISCARD | wire.Features.FUA | wire.Features.ZEROES))))
 
     def _on_frame(self, buf) -> None:
         try:
@@ -482,9 +493,7 @@ class Drainer:
                                               regions=chunks)), 0
         off = (seq - self.resync_first - 1) * RESYNC_CHUNK
         data = os.pread(self.image_fd, min(RESYNC_CHUNK, self.size_bytes - off), off)
-        return wire.encode(wire.Resync(stream_id=sid, epoch=ep, seq=seq,
-                                       sector=off // wire.SECTOR_SIZE, length=len(data),
-                                       flags=0, data=data)), len(data)
+        return _resync(sid, ep, seq, off // wire.SECTOR_SIZE, data)
 
     def _send_resync(self) -> bool:
         """Sends the takeover's frames after sent_seq, within credit."""
@@ -566,9 +575,8 @@ class Drainer:
         elif b.kind == shim.MK_RESYNC:
             length = int.from_bytes(b.payload()[:8], "little")
             data = os.pread(self.image_fd, length, b.sector * wire.SECTOR_SIZE)
-            msg = wire.Resync(stream_id=sid, epoch=ep, seq=first, sector=b.sector,
-                              length=len(data), flags=0, data=data)
-            return wire.encode(msg), last, len(data), ts
+            frame, nbytes = _resync(sid, ep, first, b.sector, data)
+            return frame, last, nbytes, ts
         elif b.kind == shim.MK_RESYNC_END:
             msg = wire.ResyncEnd(stream_id=sid, epoch=ep, seq=first, timestamp_ns=ts,
                                  regions=int.from_bytes(b.payload()[:8], "little"))
