@@ -87,19 +87,26 @@ fi
 xentap_daemon_start "$dlog" --keys-dir "$keys" --state-dir "$XT_WORK/state" --drain-timeout 120 \
     --mirror-ring 4M --spill-limit 8M
 
-# appliance_up: xentap appliance create, waits for `ready` in xenstore.
+# appliance_up: xentap appliance create, waits for `ready` in xenstore; its
+# last line is what `xentap appliance status --json` prints (apstatus.json:
+# no second CLI start-up, ~10 s of emulated Python in dom0).  Sets boot_s,
+# apkey and apdom.
 appliance_up() {
     local t0=$SECONDS
     "$XENTAP" appliance create --image "$XT_WORK/img" --ip 10.0.0.2/24 --keys "$keys" \
-        --journal "$journal" --journal-size 512M --wait 600 \
-        "vif=[ 'mac=00:16:3e:78:74:02, bridge=xenbr0, script=$XT_REPO/xl_scripts/vif-xentap' ]" ||
-        { tail -n 30 "$(guest_log $ap)"; tail -n 20 "$dlog"; fail "xentap appliance create"; }
+        --journal "$journal" --journal-size 512M --wait 600 --json \
+        "vif=[ 'mac=00:16:3e:78:74:02, bridge=xenbr0, script=$XT_REPO/xl_scripts/vif-xentap' ]" \
+        > "$XT_WORK/create.out" ||
+        { cat "$XT_WORK/create.out"; tail -n 30 "$(guest_log $ap)"; tail -n 20 "$dlog"; fail "xentap appliance create"; }
     boot_s=$((SECONDS - t0))
+    sed '$d' "$XT_WORK/create.out"
+    tail -n 1 "$XT_WORK/create.out" > "$XT_WORK/apstatus.json"
     log "appliance ready ${boot_s}s after xentap appliance create"
-    "$XENTAP" appliance status --json > "$XT_WORK/apstatus.json" || fail "xentap appliance status --json"
-    cat "$XT_WORK/apstatus.json"; echo
+    cat "$XT_WORK/apstatus.json"
+    read -r apkey apdom < <(jget "$XT_WORK/apstatus.json" public_key domain)
 }
-jget() { python3.11 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$@"; }
+# jget FILE KEY...: the JSON object's values, on one line
+jget() { python3.11 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(*(d[k] for k in sys.argv[2:]))' "$@"; }
 
 # st KEY: the guest VBD's status key (what the daemon publishes each second)
 st() { xenstore-read "$XT_XS_ROOT/vbd/$domid/$devid/$1" 2>/dev/null; }
@@ -128,10 +135,13 @@ caught_up() {
 
 # --- the appliance, first boot: formats the journal disk
 appliance_up
-boot1=$boot_s
-key1=$(jget "$XT_WORK/apstatus.json" public_key)
-dom1=$(jget "$XT_WORK/apstatus.json" domain)
+boot1=$boot_s key1=$apkey dom1=$apdom
 [ ${#key1} = 40 ] || fail "no public key in xenstore: $(cat "$XT_WORK/apstatus.json")"
+[ "$dom1" = "$(xl domid $ap)" ] || fail "create --json names domain $dom1, xl domid $(xl domid $ap)"
+# `xentap appliance status --json` must say the same: in the background,
+# while the guest starts (its check is after phase 1)
+"$XENTAP" appliance status --json > "$XT_WORK/apstatus-cli.json" 2>&1 &
+status_pid=$!
 mem=$(xl list $ap | awk 'NR == 2 { print $3 }')
 busybox ping -c 1 -W 5 10.0.0.2 >/dev/null || fail "dom0 cannot ping the appliance"
 
@@ -148,6 +158,9 @@ wait_console "$name" XT-PHASE1-DONE 300 || { tail -n 30 "$dlog"; fail "guest: no
 caught_up 180 || { tail -n 30 "$dlog"; fail "the appliance did not acknowledge phase 1"; }
 [ "$(st mirror-overflows)" = 0 ] && [ "$(st mirror-gaps)" = 0 ] && [ "$(st errors)" = 0 ] &&
     [ -z "$(st mirror-error)" ] || fail "phase 1: $(mirror_line)"
+wait $status_pid || fail "xentap appliance status --json: $(cat "$XT_WORK/apstatus-cli.json")"
+[ "$(jget "$XT_WORK/apstatus-cli.json" domain public_key running)" = "$dom1 $key1 True" ] ||
+    fail "xentap appliance status --json differs from create's: $(cat "$XT_WORK/apstatus-cli.json")"
 s1=$(st mirror-acked-seq)
 cp --sparse=always "$disk" "$XT_WORK/phase1.img" || fail "cannot copy the disk"
 [ "$(st mirror-next-seq)" = $((s1 + 1)) ] || fail "the guest wrote while dom0 copied its disk"
@@ -168,8 +181,7 @@ log "the guest wrote 40 MiB, most without the appliance: $(mirror_line)"
 
 # --- the appliance again: the same journal disk, no format, the same key
 appliance_up
-boot2=$boot_s
-key2=$(jget "$XT_WORK/apstatus.json" public_key)
+boot2=$boot_s key2=$apkey
 [ "$key2" = "$key1" ] || fail "the appliance's key changed across restart: $key1 -> $key2"
 n=$(tr -d '\r' < "$(guest_log $ap)" | grep -c 'formatting the journal disk')
 [ "$n" -le 1 ] || fail "the journal disk was formatted $n times"
@@ -214,12 +226,16 @@ log "after the guest: $(mirror_line)"
 echo "METRIC $XT_CASE mirror acked_seq=$acked overflows=$(st mirror-overflows) gaps=$(st mirror-gaps)" \
      "outage_s=$((t_up - t_down)) catchup_s=$catchup"
 "$XENTAP" detach "$domid" xvda || fail "xentap detach xvda"
+# the appliance's clean shutdown (next section) while dom0 checks the disk
+t0=$SECONDS
+"$XENTAP" appliance destroy > "$XT_WORK/destroy.out" 2>&1 &
+destroy_pid=$!
 verify_image "$disk" "$XT_WORK/guest.log" 10
 
 # --- the journal: a clean shutdown, then the journal disk mounted in dom0
-t0=$SECONDS
-"$XENTAP" appliance destroy || fail "xentap appliance destroy"
-log "appliance shut down in $((SECONDS - t0))s"
+wait $destroy_pid || { cat "$XT_WORK/destroy.out"; fail "xentap appliance destroy"; }
+cat "$XT_WORK/destroy.out"
+log "appliance shut down $((SECONDS - t0))s after xentap appliance destroy (its check of the disk in between)"
 tr -d '\r' < "$(guest_log $ap)" | grep '^appliance:' | sed 's/^/console: /'
 modprobe loop; modprobe ext4 2>/dev/null
 mkdir -p "$jm"
