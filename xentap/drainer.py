@@ -55,7 +55,10 @@ BATCH_BYTES = 4 << 20           # a WRITES frame carries at most this much of th
 HEARTBEAT_EVERY = 1.0           # seconds
 DEAD_AFTER = 10.0               # no word from the appliance: reconnect (3 s made a busy
                                 # appliance under emulation reconnect over and over)
-HELLO_EVERY = 1.0
+HELLO_EVERY = 1.0               # a HELLO unanswered this long is sent again (a new epoch),
+HELLO_EVERY_MAX = 4.0           # twice as long each time up to this: an appliance slow to
+                                # answer (emulated, loaded) got a new HELLO, and a new session
+                                # that the older one's frames then hit, every second
 SPILL_AT = 0.25                 # ring fill above which a slow appliance means spill (0.5 and
                                 # 0.75 overflowed a 64 MiB ring on a burst of 32 MiB: the
                                 # headroom is what absorbs a burst while the spill catches up)
@@ -208,6 +211,7 @@ class Drainer:
         self._thread: threading.Thread | None = None
         self._sock: zmq.Socket | None = None
         self._last_heard = self._last_hello = self._last_beat = 0.0
+        self._hello_every = HELLO_EVERY
         self.error: BaseException | None = None
         _write_stream_state(spill_dir, max(self.seq_base, self.spill.last_seq), self.epoch,
                             False)     # until close(): a crash leaves it unclean
@@ -309,6 +313,8 @@ class Drainer:
             self.error = e
         finally:
             if self._sock is not None:
+                self._sock.disable_monitor()
+                self._monitor.close(linger=0)
                 self._sock.close(linger=0)
 
     def _connect(self) -> None:
@@ -337,6 +343,7 @@ class Drainer:
         self.in_session = False
         self._last_heard = time.monotonic()
         self._last_hello = 0.0
+        self._hello_every = HELLO_EVERY
 
     def _send(self, frame: bytes) -> bool:
         try:
@@ -365,7 +372,9 @@ class Drainer:
         now = time.monotonic()
         if self.in_session and now - self._last_heard > DEAD_AFTER:
             self._connect()     # the appliance went away: a new session later
-        elif not self.in_session and now - self._last_hello > HELLO_EVERY:
+        elif not self.in_session and now - self._last_hello > self._hello_every:
+            if self._last_hello:
+                self._hello_every = min(2 * self._hello_every, HELLO_EVERY_MAX)
             self._hello()
         if self.in_session and now - self._last_beat > HEARTBEAT_EVERY:
             self._last_beat = now
@@ -383,6 +392,7 @@ class Drainer:
             if ev["event"] in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED):
                 self.in_session = False         # a HELLO opens the next one
                 self._last_hello = 0.0
+                self._hello_every = HELLO_EVERY
                 self._last_heard = time.monotonic()
 
     def _hello(self) -> None:
@@ -415,6 +425,7 @@ class Drainer:
         """The appliance answered HELLO: resend everything it does not hold."""
         self.in_session = True
         self.sessions += 1
+        self._hello_every = HELLO_EVERY
         self.credit = wire.CreditWindow()
         if self.takeover:
             self._plan_takeover(ack.acked_seq)
