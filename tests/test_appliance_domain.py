@@ -20,7 +20,7 @@ from xentap import appliance_domain as ad
 from xentap import keys
 from xentap import xs_keys as K
 from xentap.cli import cli
-from xentap.daemon import grant_appliance
+from xentap.appliance_node import grant_appliance
 from xentap.xenbus import Xs
 from xentap.xl_config import parse_with_overrides, xentap_disks
 

@@ -33,7 +33,7 @@ from tests.test_analysis_appliance import DISK, Sender, ext4_stream, ransom_stre
 from xentap import wire
 from xentap import xs_keys as K
 from xentap.cli import cli
-from xentap.daemon import grant_appliance, read_appliance_status
+from xentap.appliance_node import grant_appliance, read_appliance_status
 from xentap.xenbus import Xs
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from pyxs import Client
 from pyxs.exceptions import PyXSError
 
 from xentap import xs_keys as K
-from xentap.daemon import read_appliance_status
+from xentap.appliance_node import read_appliance_status
 from xentap.xs_keys import XenbusState
 
 from tests.blkfront_test import make_domain, release_domain

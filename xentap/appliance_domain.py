@@ -36,6 +36,8 @@ from typing import Any, Callable
 
 import click
 
+from xentap.appliance_node import is_z85_key
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CFG = REPO / "xl_scripts" / "appliance.cfg"
 DEFAULT_IMAGE = REPO / "out" / "appliance"
@@ -49,7 +51,6 @@ JOURNAL_VDEV = "xvda"
 ROOT_VDEV = "xvdb"
 #: The kernel command-line words the image's init reads (appliance_domu/image/init).
 EXTRA_KEYS = ("xentap.ip", "xentap.gw", "xentap.port", "xentap.allow", "xentap.insecure")
-_Z85_RE = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 _BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 
 
@@ -128,7 +129,7 @@ def dom0_public_key(keys_dir: str) -> str:
         key = keys.load_public(path).decode()
     except (OSError, ValueError) as e:
         raise ApplianceDomainError(str(e).splitlines()[0]) from None
-    if not _Z85_RE.match(key):   # keys.load_public checked it; the cmdline needs it too
+    if not is_z85_key(key):   # keys.load_public checked it; the cmdline needs it too
         raise ApplianceDomainError(f"{path}: key has characters a kernel command line cannot hold")
     return key
 
@@ -327,7 +328,7 @@ def find_domain(xs, name: str) -> int | None:
 
 def appliance_status(xs, domid: int) -> dict[str, Any]:
     """What appliance ``domid`` published, validated (xentap.daemon)."""
-    from xentap.daemon import read_appliance_status
+    from xentap.appliance_node import read_appliance_status
     return read_appliance_status(xs, domid)
 
 
@@ -408,7 +409,7 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
     t = step("xentap create (xl create -p, disks, unpause)", t)
     with Xs.open(xenstore_socket) as xs:
         try:
-            from xentap.daemon import grant_appliance
+            from xentap.appliance_node import grant_appliance
         except ImportError:   # pragma: no cover - the daemon without appliance support
             echo("warning: this xentap cannot grant the appliance its xenstore directory")
         else:
@@ -451,7 +452,7 @@ def clear_stale_vbds(xs, targets) -> list[tuple[int, int]]:
                 removed.append((int(d), int(v)))
         if removed and removed[-1][0] == int(d):
             try:
-                from xentap.daemon import revoke_appliance
+                from xentap.appliance_node import revoke_appliance
                 revoke_appliance(xs, int(d))
             except ImportError:   # pragma: no cover
                 pass
@@ -507,7 +508,7 @@ def destroy(name: str, *, force: bool = False, timeout: float = 60.0, xl: str = 
         if xs.exists(be_root):
             xs.rm(be_root)
         try:
-            from xentap.daemon import revoke_appliance
+            from xentap.appliance_node import revoke_appliance
             revoke_appliance(xs, domid)
         except ImportError:   # pragma: no cover
             pass

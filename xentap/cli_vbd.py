@@ -23,7 +23,7 @@ import click
 from xentap import protect as P
 from xentap import shim
 from xentap import xs_keys as K
-from xentap.daemon import grant_appliance, read_appliance_status, revoke_appliance
+from xentap.appliance_node import grant_appliance, read_appliance_status, revoke_appliance
 from xentap.xenbus import Xs, sim_transports, xen_transports
 from xentap.xs_keys import XenbusState
 

@@ -34,13 +34,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from xentap.durable import fsync_dir
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +278,7 @@ class _AllowList:
         return ok
 
 
-def configure_server(sock: zmq.Socket, server: CurveServer) -> ThreadAuthenticator:
+def configure_server(sock: zmq.Socket, server: CurveServer) -> "ThreadAuthenticator":
     """Make ``sock`` a CURVE server accepting only ``server.allowed``; call before bind().
 
     Starts and returns the ZAP :class:`ThreadAuthenticator` on the socket's
@@ -283,6 +286,9 @@ def configure_server(sock: zmq.Socket, server: CurveServer) -> ThreadAuthenticat
     handler libzmq would accept any client key, so this is the only way to
     set up a server.
     """
+    # here, not at the top: it imports asyncio, a sixth of every dom0 command's
+    # start-up (seconds under emulation), and only a server needs it
+    from zmq.auth.thread import ThreadAuthenticator
     auth = ThreadAuthenticator(sock.context, log=logging.getLogger(__name__ + ".zap"))
     auth.start()
     try:

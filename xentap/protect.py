@@ -41,6 +41,7 @@ from construct import ConstructError
 from xentap import keys as keys_mod
 from xentap import shim, wire
 from xentap import xs_keys as K
+from xentap.appliance_node import ENDPOINT_RE, is_z85_key, read_appliance_status
 from xentap.drainer import Drainer, VbdIdentity, read_stream_state
 
 log = logging.getLogger("xentap.protect")
@@ -50,9 +51,7 @@ DEFAULT_KEYS_DIR = "/etc/xentap/keys"
 DEFAULT_SPILL_LIMIT = 1 << 30
 DRAIN_TIMEOUT = 5.0      # seconds a stopping mirror waits for the appliance
 
-ENDPOINT_RE = re.compile(r"^(tcp://[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}|ipc:///[!-~]{1,200})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
 
 
 def is_endpoint(value: str) -> bool:
@@ -74,10 +73,6 @@ def check_protect(value: str) -> str:
         raise ValueError(f"appliance {value!r} is neither an appliance domain's name nor "
                          f"tcp://HOST:PORT or ipc:///PATH")
     return value
-
-
-def is_z85_key(value: str) -> bool:
-    return len(value) == 40 and all(c in _Z85 for c in value)
 
 
 def load_protect_key(path: str) -> str:
@@ -125,8 +120,6 @@ class Target:
 def resolve(xs, protect: str, key: str | None, keys_dir: str) -> Target:
     """The endpoint and key of appliance ``protect`` now; ValueError/OSError
     (one line) when it cannot be reached yet or is misconfigured."""
-    from xentap.daemon import read_appliance_status
-
     check_protect(protect)
     if is_endpoint(protect):
         if key is not None:

@@ -39,7 +39,7 @@ def main() -> int:
 
     from xentap import keys, shim
     from xentap.appliance_domain import find_domain
-    from xentap.daemon import read_appliance_status
+    from xentap.appliance_node import read_appliance_status
     from xentap.drainer import Drainer, VbdIdentity
     from xentap.xenbus import Xs
 
