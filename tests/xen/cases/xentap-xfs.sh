@@ -12,7 +12,8 @@
 # out/xen/traces/), where tests/data/xen-*.trace.gz come from
 # (tests/data/README).
 # xt-timeout: 800
-# xt-known-bug: the suite daemon's mirror (4 MiB ring + 8 MiB spill log, run-cases.sh) cannot hold what mkfs writes at guest speed while the appliance in dom0 acknowledges tens of seconds late: xvdb gets 69 MiB, 64 MiB of it mkfs.xfs's all-zero log (64 MiB is its minimum), so 463-477 overflows and 7-10 GAPs on xvdb and 3-7 overflows on xvda (mkfs.ext4) in both reruns of 2026-11-26 (the first also had 16 xvdb sessions, one HELLO a second answered too late after a 10 s silence; the second one session per disk); needs all-zero writes mirrored as ZEROES records without data (shim tap + the drainer's HELLO features), or a larger suite ring/spill
+# xt-opt-in: passes (2026-11-26, 352 s of a 403 s run: a guest's mkfs/workload on two disks, then verify, restore and export of two journals in emulated dom0); too long for every run (the suite aims at < 15 min), run it by naming it to record tests/data/xen-*.trace.gz
+# xt-known-bug: not a bug any more (it passes, see xt-opt-in): this line only keeps the case out of a whole run until run.sh skips xt-opt-in cases; delete it then
 # xt-lane: blkback
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
