@@ -138,8 +138,9 @@ fi
 # All cases, or those named on the command line.
 # canary runs first: if user space is being corrupted, nothing after it counts.
 ALL=$(cd "$HERE/cases" && ls ./*.sh | sed 's|^\./||; s|\.sh$||' | LC_ALL=C sort | awk '$0 == "canary" { print; next } { rest = rest $0 "\n" } END { printf "%s", rest }')
-# A case marked `# xt-known-bug: <reason>` fails for a bug not fixed yet: a
-# whole run skips it with one line saying why (it is not counted as a pass);
+# A case marked `# xt-known-bug: <reason>` fails for a bug not fixed yet, one
+# marked `# xt-opt-in: <reason>` passes but is too long for every run: a whole
+# run skips either with one line saying why (it is not counted as a pass);
 # naming it on the command line runs it.
 SKIPPED=
 if [ $# -gt 0 ]; then
@@ -148,7 +149,9 @@ else
     CASES=
     for c in $ALL; do
         why=$(sed -n 's/^# xt-known-bug: *//p' "$HERE/cases/$c.sh" | head -1)
+        opt=$(sed -n 's/^# xt-opt-in: *//p' "$HERE/cases/$c.sh" | head -1)
         if [ -n "$why" ]; then SKIPPED="$SKIPPED $c"; echo "SKIP $c: known bug: $why"
+        elif [ -n "$opt" ]; then SKIPPED="$SKIPPED $c"; echo "SKIP $c: opt-in: $opt"
         else CASES="$CASES $c"; fi
     done
     CASES=$(echo $CASES)
@@ -245,6 +248,6 @@ if [ $fail -gt 0 ] || [ $timed_out = 1 ]; then
 fi
 say "wall time: qemu $((T2 - T1))s, total $((T2 - T0))s; qemu cpu $((qcpu / $(getconf CLK_TCK)))s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 skipped=$(echo $SKIPPED | wc -w)
-for c in $SKIPPED; do echo "SKIP $c (known bug: make xen-test CASES=$c runs it)"; done
+for c in $SKIPPED; do echo "SKIP $c (make xen-test CASES=$c runs it)"; done
 echo "$pass passed, $fail failed, $skipped skipped"
 [ $fail -eq 0 ] && [ $timed_out = 0 ]

@@ -13,7 +13,6 @@
 # (tests/data/README).
 # xt-timeout: 800
 # xt-opt-in: passes (2026-11-26, 352 s of a 403 s run: a guest's mkfs/workload on two disks, then verify, restore and export of two journals in emulated dom0); too long for every run (the suite aims at < 15 min), run it by naming it to record tests/data/xen-*.trace.gz
-# xt-known-bug: not a bug any more (it passes, see xt-opt-in): this line only keeps the case out of a whole run until run.sh skips xt-opt-in cases; delete it then
 # xt-lane: blkback
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
