@@ -37,6 +37,25 @@ class _Segment:
     size: int
 
 
+#: What each log closed in this process held: directory -> its segments and, per
+#: file, (size, mtime_ns).  A log opened again on that directory takes them
+#: over when every file is as it was left, instead of reading and checking
+#: every frame: a daemon that follows its appliance to a new address starts
+#: the next drainer at once on a log it has just written, while the guest's
+#: writes fill the ring (0.7 s to re-read 98 MB under load let a 92 MB/s
+#: guest overflow a 64 MiB ring).
+_CLOSED: dict[str, tuple[list[_Segment], dict[str, tuple[int, int]]]] = {}
+
+
+def _files(directory: str) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name in os.listdir(directory):
+        if name.startswith("spill-") and name.endswith(".log"):
+            st = os.stat(os.path.join(directory, name))
+            out[os.path.join(directory, name)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 class SpillLog:
     """An ordered, bounded, checksummed log of frames on a dom0 disk."""
 
@@ -68,7 +87,12 @@ class SpillLog:
         return bool(self.segments)
 
     def _recover(self) -> None:
-        """Loads the segments on disk, cutting a torn or corrupt tail."""
+        """Loads the segments on disk, cutting a torn or corrupt tail (or takes
+        over what this process closed there, unchanged since: see _CLOSED)."""
+        left = _CLOSED.pop(os.path.realpath(self.dir), None)
+        if left is not None and left[1] == _files(self.dir):
+            self.segments = [_Segment(g.path, g.first_seq, g.last_seq, g.size) for g in left[0]]
+            return
         names = sorted(n for n in os.listdir(self.dir) if n.startswith("spill-") and n.endswith(".log"))
         for name in names:
             path = os.path.join(self.dir, name)
@@ -168,3 +192,7 @@ class SpillLog:
             os.fdatasync(self._fd)
             os.close(self._fd)
             self._fd = None
+        if os.path.isdir(self.dir):
+            _CLOSED[os.path.realpath(self.dir)] = (
+                [_Segment(g.path, g.first_seq, g.last_seq, g.size) for g in self.segments],
+                _files(self.dir))
