@@ -576,7 +576,7 @@ def appliance_revoke(domain: str, xenstore_socket: str | None) -> None:
     click.echo(f"domain {domid} is no longer an appliance")
 
 
-#: What xentap.cli registers: ``for c in COMMANDS: main.add_command(c)``.
+#: This module's own group (``python -m xentap.cli_vbd``); xentap.cli names them lazily.
 COMMANDS = (daemon, attach, detach, create, list_vbds, status, appliance_grant,
             appliance_revoke)
 

@@ -119,12 +119,11 @@ def _rebased(records, count: int, base: int) -> bytearray:
 def _resync(sid: int, epoch: int, seq: int, sector: int, data: bytes) -> tuple[bytes, int]:
     """A RESYNC frame of `data` read from the disk at `sector`, and its data
     bytes: an all-zero chunk (most of a new disk) goes as ZEROES, no data."""
-    if data and data[0] == 0 and data == bytes(len(data)):
-        return wire.encode(wire.Resync(stream_id=sid, epoch=epoch, seq=seq, sector=sector,
-                                       length=len(data), flags=int(wire.WriteFlags.ZEROES),
-                                       data=b"")), 0
+    zero = bool(data) and data[0] == 0 and data == bytes(len(data))
+    body = b"" if zero else data
     return wire.encode(wire.Resync(stream_id=sid, epoch=epoch, seq=seq, sector=sector,
-                                   length=len(data), flags=0, data=data)), len(data)
+                                   length=len(data), flags=int(wire.WriteFlags.ZEROES) if zero else 0,
+                                   data=body)), len(body)
 
 
 @dataclass(frozen=True)
