@@ -89,10 +89,14 @@ class Mirrored:
     """A guest whose VBD is mirrored to `appliance` through a drainer."""
 
     def __init__(self, tmp_path, appliance, *, ring=64 * MiB, spill_limit=256 * MiB,
-                 disk=32 * MiB, socket_setup=None, endpoint=None, **kw):
+                 disk=32 * MiB, socket_setup=None, endpoint=None, prefill=(), **kw):
+        """`prefill`: (offset, bytes) the disk holds before it is mirrored."""
         self.image = tmp_path / "disk.img"
         with open(self.image, "wb") as f:
             f.truncate(disk)
+            for off, data in prefill:
+                f.seek(off)
+                f.write(data)
         self.g = Guest(tmp_path, self.image, **kw)
         self.g.vbd.disconnect()
         self.g.vbd.mirror_enable(ring)

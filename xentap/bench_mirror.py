@@ -368,6 +368,13 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
                                   socket_setup=appliance.socket_setup).start()
         while drainer._thread.native_id is None:      # noqa: SLF001 - set once it runs
             time.sleep(0.001)
+        # the images hold data: a new stream starts with the initial sync of the disk
+        progress(f"initial sync of the mirrored image ({size // MiB} MiB) to the appliance")
+        t_sync = time.monotonic()
+        if not drainer.wait_acked(600):
+            raise RuntimeError("the initial sync did not finish within 600 s")
+        initial = {"mib": round(drainer.bytes_sent / MiB, 1),
+                   "seconds": round(time.monotonic() - t_sync, 2)}
         meter.drainer_tid = drainer._thread.native_id  # noqa: SLF001
         sides = {"off": _Side("off", off, meter, None, appliance.proc.pid),
                  "on": _Side("on", on, meter, drainer, appliance.proc.pid)}
@@ -390,6 +397,7 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
             on.close()
         replica = appliance.replica(ident.vbd_uuid)
         results["replica_equals_source"] = bd.same_file(replica, paths[1])
+        results["initial_sync"] = initial
         results["appliance_journal"] = journal
         results["images"] = {"path": workdir, "fs": images["fs"], "device": images["device"]}
         results["spill_log"] = {"path": sdir, "fs": spill["fs"], "device": spill["device"],
@@ -451,6 +459,10 @@ def format_table(r: dict) -> str:
                      f"{x['appliance_after_cpu_s']:.2f} CPU s; spilled {x['spilled_mib']:,.0f} MiB)")
     j = r["appliance_journal"]
     lines.append("")
+    i = r.get("initial_sync")
+    if i:
+        lines.append(f"initial sync before the runs: {i['mib']:,.0f} MiB sent in {i['seconds']:.1f} s "
+                     f"({i['mib'] / max(i['seconds'], 1e-3):,.0f} MiB/s, until acknowledged)")
     lines.append(f"replica equals source: {r['replica_equals_source']}; ring {r['ring_mib']} MiB; "
                  f"{r['image_mib']} MiB images on {r['images']['device']} ({r['images']['fs']}); "
                  f"{r['repeat']} pairs of runs of {r['seconds_per_run']} s back to back in "

@@ -31,10 +31,19 @@ stream goes on after max(H, the spill log's end) with GAP(RESTART), a
 RESYNC of every chunk of the disk read from the image, RESYNC_END, and only
 then the ring's records: the appliance knows exactly which window of
 history is not write-ordered, and its replica equals the disk again.
+
+A new stream (seq_base 0, nothing spilled) on a disk that already holds
+data starts the same way, with GAP(INITIAL): the appliance's replica begins
+empty, so the disk's content is its first RESYNC (Zerto's "initial sync").
+Only the chunks with data are read (SEEK_DATA; a block device is all data)
+when the appliance holds nothing of the stream yet; a new, sparse disk needs
+no initial sync at all.
 """
 from __future__ import annotations
 
+import bisect
 import collections
+import errno
 import json
 import logging
 import os
@@ -116,6 +125,38 @@ def _rebased(records, count: int, base: int) -> bytearray:
     return buf
 
 
+def data_chunks(fd: int, size: int, chunk: int) -> list[tuple[int, int]]:
+    """The chunks of the first `size` bytes of open file `fd` that hold data, as
+    runs (first chunk, count), from SEEK_DATA/SEEK_HOLE (holes read as zeroes
+    and need no reading).  Where the file cannot say (a block device, a file
+    system without SEEK_DATA) every chunk is data."""
+    every = [(0, -(-size // chunk))] if size > 0 else []
+    runs: list[tuple[int, int]] = []
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # no data after off
+                break
+            return every
+        if start >= size:
+            break
+        try:
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError:
+            end = size
+        if end <= start:
+            return every
+        c0, c1 = start // chunk, -(-end // chunk)
+        if runs and runs[-1][0] + runs[-1][1] >= c0:
+            runs[-1] = (runs[-1][0], max(runs[-1][0] + runs[-1][1], c1) - runs[-1][0])
+        else:
+            runs.append((c0, c1 - c0))
+        off = end
+    return runs
+
+
 def _resync(sid: int, epoch: int, seq: int, sector: int, data: bytes) -> tuple[bytes, int]:
     """A RESYNC frame of `data` read from the disk at `sector`, and its data
     bytes: an all-zero chunk (most of a new disk) goes as ZEROES, no data."""
@@ -162,13 +203,15 @@ class Drainer:
     def __init__(self, vbd: shim.Vbd, ident: VbdIdentity, endpoint: str, *, image_path: str,
                  spill_dir: str, spill_limit: int, socket_setup=None,
                  context: zmq.Context | None = None, batch_bytes: int = BATCH_BYTES,
-                 seq_base: int = 0, epoch: int = 0, unclean: bool = False):
+                 seq_base: int = 0, epoch: int = 0, unclean: bool = False,
+                 initial_sync: bool = True):
         """`socket_setup(sock)` configures CurveZMQ on the DEALER (xentap.keys);
         None means plain TCP/IPC, which callers allow only with --insecure.
         `seq_base` is added to the shim's seqs (at least the spill log's last
         seq); `epoch` is the last one this stream used (the next is above);
         `unclean`: the previous drainer of this stream did not close (see
-        the module's docstring)."""
+        the module's docstring).  `initial_sync`: a new stream on a disk with
+        data begins with a RESYNC of that data (the module's docstring)."""
         self.vbd = vbd
         self.ident = ident
         self.endpoint = endpoint
@@ -181,10 +224,24 @@ class Drainer:
         self.image_fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
         self.ring_size = vbd.mirror_stats()["ring_bytes"]
         self.size_bytes = ident.size_bytes
-        #: After an unclean end: no ring records before the first session.
+        #: After an unclean end, or before a new stream's initial sync: no ring
+        #: records before the first session.
         self.takeover = unclean
+        self.takeover_reason = wire.GapReason.RESTART
         self.resync_first = self.resync_last = 0     # GAP .. RESYNC_END of a takeover
+        #: the takeover's chunks of RESYNC_CHUNK bytes: runs (first chunk, count), and
+        #: how many chunks come before each run
+        self.resync_runs: list[tuple[int, int]] = []
+        self.resync_before: list[int] = []
         self.restart_gaps = 0
+        self.initial_syncs = 0
+        self.resync_started = 0.0
+        self.data_runs: list[tuple[int, int]] = []
+        if initial_sync and not unclean and self.seq_base == 0 and not self.spill:
+            self.data_runs = data_chunks(self.image_fd, ident.size_bytes, RESYNC_CHUNK)
+            if self.data_runs:
+                self.takeover = True
+                self.takeover_reason = wire.GapReason.INITIAL
         self.wake_fd = vbd.mirror_wake_fd()
         # the stream
         self.epoch = max(int(time.time()), epoch)   # strictly greater at every (re)start
@@ -269,8 +326,9 @@ class Drainer:
         while time.monotonic() < deadline:
             st = self.vbd.mirror_stats()
             if st["used_bytes"] == 0 and not self.spill and st["dirty_chunks"] == 0 \
-                    and not st["gap_pending"] and not st["resyncing"] \
-                    and self.acked_seq >= self.seq_base + st["next_seq"] - 1:
+                    and not st["gap_pending"] and not st["resyncing"] and not self.takeover \
+                    and self.acked_seq >= max(self.resync_last,
+                                              self.seq_base + st["next_seq"] - 1):
                 return True
             if self.error:
                 raise self.error
@@ -479,16 +537,32 @@ class Drainer:
 
     def _plan_takeover(self, high_water: int) -> None:
         """The stream goes on after what the appliance and the spill log hold:
-        GAP(RESTART), a RESYNC per chunk of the disk, RESYNC_END, then the ring."""
+        GAP(RESTART or INITIAL), a RESYNC per chunk of the disk, RESYNC_END,
+        then the ring.  An initial sync to an appliance that holds nothing of
+        the stream sends only the chunks with data (its replica is all zero)."""
         start = max(high_water, self.spill.last_seq) + 1
-        chunks = -(-self.size_bytes // RESYNC_CHUNK)
+        total = -(-self.size_bytes // RESYNC_CHUNK)
+        initial = self.takeover_reason == wire.GapReason.INITIAL
+        self.resync_runs = self.data_runs if initial and high_water == 0 else [(0, total)]
+        self.resync_before = []
+        chunks = 0
+        for _, n in self.resync_runs:
+            self.resync_before.append(chunks)
+            chunks += n
         self.resync_first, self.resync_last = start, start + chunks + 1
         self.seq_base = self.resync_last
         self.takeover = False
-        self.restart_gaps += 1
-        log.warning("%s: the previous drainer ended uncleanly: resyncing the whole disk "
-                    "(GAP at seq %d, %d chunks, ring records from seq %d)", self.ident.vdev,
-                    start, chunks, self.seq_base + 1)
+        self.resync_started = time.monotonic()
+        if initial:
+            self.initial_syncs += 1
+            log.info("%s: initial sync: the disk's data to the appliance (GAP(INITIAL) at seq "
+                     "%d, %d chunks of %d KiB of %d, ring records from seq %d)", self.ident.vdev,
+                     start, chunks, RESYNC_CHUNK >> 10, total, self.seq_base + 1)
+        else:
+            self.restart_gaps += 1
+            log.warning("%s: the previous drainer ended uncleanly: resyncing the whole disk "
+                        "(GAP at seq %d, %d chunks, ring records from seq %d)", self.ident.vdev,
+                        start, chunks, self.seq_base + 1)
 
     def _resync_frame(self, seq: int) -> tuple[bytes, int]:
         """The takeover's frame of `seq` (GAP, RESYNC or RESYNC_END) and its data bytes."""
@@ -496,12 +570,14 @@ class Drainer:
         chunks = self.resync_last - self.resync_first - 1
         if seq == self.resync_first:
             return wire.encode(wire.Gap(stream_id=sid, epoch=ep, seq=seq, timestamp_ns=ts,
-                                        reason=wire.GapReason.RESTART,
+                                        reason=self.takeover_reason,
                                         dirty_regions=chunks)), 0
         if seq == self.resync_last:
             return wire.encode(wire.ResyncEnd(stream_id=sid, epoch=ep, seq=seq, timestamp_ns=ts,
                                               regions=chunks)), 0
-        off = (seq - self.resync_first - 1) * RESYNC_CHUNK
+        i = seq - self.resync_first - 1
+        k = bisect.bisect_right(self.resync_before, i) - 1
+        off = (self.resync_runs[k][0] + i - self.resync_before[k]) * RESYNC_CHUNK
         data = os.pread(self.image_fd, min(RESYNC_CHUNK, self.size_bytes - off), off)
         return _resync(sid, ep, seq, off // wire.SECTOR_SIZE, data)
 
@@ -518,6 +594,9 @@ class Drainer:
             self.credit.sent(seq, nbytes)
             self._sent(seq, len(frame), _now_ns(), seq)
             did = True
+            if seq == self.resync_last and self.takeover_reason == wire.GapReason.INITIAL:
+                log.info("%s: initial sync sent: %d chunks in %.1f s", self.ident.vdev,
+                         seq - self.resync_first - 1, time.monotonic() - self.resync_started)
         return did
 
     def _resync_unsent(self) -> bool:

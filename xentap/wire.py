@@ -230,6 +230,7 @@ class GapReason(enum.IntEnum):
     SPILL_OVERFLOW = 2  #: spill log full as well
     RESTART = 3  #: dom0 restarted and lost writes it had not sent
     OPERATOR = 4  #: a full resync was requested
+    INITIAL = 5  #: a new stream: the disk's data is the appliance's starting point
 
 
 class CheckpointKind(enum.IntEnum):

@@ -1,0 +1,110 @@
+"""A new stream's initial sync: a disk that already holds data when it is
+first protected reaches the appliance's replica whole (GAP(INITIAL), a
+RESYNC of each chunk with data, RESYNC_END), and a new sparse disk costs
+nothing."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+
+from engines.journal import Journal
+from tests.test_mirror_e2e import MiB, Mirrored, appliance, assert_replica_equals_source  # noqa: F401
+from tests.test_shim import Guest
+from xentap import wire
+from xentap.drainer import RESYNC_CHUNK, Drainer, VbdIdentity, data_chunks
+
+
+def _state(appliance, vbd_uuid) -> dict:
+    return json.loads((appliance.dir / str(vbd_uuid) / "state.json").read_text())
+
+
+def test_data_chunks_are_the_chunks_seek_data_finds(tmp_path):
+    p = tmp_path / "sparse.img"
+    with open(p, "wb") as f:
+        f.truncate(32 * MiB)
+        for off, n in ((0, 3 * MiB), (20 * MiB + 512 * 1024, 100 * 1024),
+                       (28 * MiB - 4096, 8192), (32 * MiB - 4096, 4096)):
+            f.seek(off)
+            f.write(os.urandom(n))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        runs = data_chunks(fd, 32 * MiB, MiB)
+        # a run across a chunk boundary takes both chunks; the last chunk counts
+        assert runs == [(0, 3), (20, 1), (27, 2), (31, 1)]
+        assert data_chunks(fd, 0, MiB) == []
+    finally:
+        os.close(fd)
+    empty = tmp_path / "empty.img"
+    with open(empty, "wb") as f:
+        f.truncate(8 * MiB)
+    fd = os.open(empty, os.O_RDONLY)
+    try:
+        assert data_chunks(fd, 8 * MiB, MiB) == []
+    finally:
+        os.close(fd)
+
+
+def test_a_disk_with_data_reaches_the_replica_whole_through_its_initial_sync(tmp_path, appliance):
+    """Without the initial sync the replica held only what the guest wrote
+    after protection: every block written before it read as zeroes."""
+    prefill = [(0, os.urandom(3 * MiB)), (20 * MiB, os.urandom(256 * 1024)),
+               (28 * MiB, bytes(MiB))]    # allocated, all zero: sent as ZEROES
+    m = Mirrored(tmp_path, appliance, prefill=prefill)
+    try:
+        m.run(block_size=4096, queue_depth=8, max_ios=2000, flush_every=64, size=24 * MiB, seed=4)
+        assert_replica_equals_source(m, appliance)
+        d = m.drainer
+        st = d.stats()
+        assert d.initial_syncs == 1 and st["gaps"] == 0 and st["overflows"] == 0
+        assert (d.resync_first, d.resync_last) == (1, 1 + 5 + 1)   # chunks 0-2, 20, 28
+        state = _state(appliance, m.ident.vbd_uuid)
+        assert state["last_gap_seq"] == 1
+        assert state["last_gap_reason"] == wire.GapReason.INITIAL
+        assert not state["in_resync"]
+        j = Journal.open(appliance.dir / str(m.ident.vbd_uuid) / "journal")
+        out = tmp_path / "restored.img"
+        assert j.restore(out, seq=j.last_seq)["write_ordered"]
+        assert out.read_bytes() == m.image.read_bytes()
+        # inside the initial sync there is no point in time to restore
+        assert not j.restore(out, seq=3)["write_ordered"]
+    finally:
+        m.close()
+
+
+def test_a_new_sparse_disk_needs_no_initial_sync(tmp_path, appliance):
+    m = Mirrored(tmp_path, appliance)
+    try:
+        m.run(block_size=65536, queue_depth=4, max_ios=200, seed=5)
+        assert_replica_equals_source(m, appliance)
+        assert m.drainer.initial_syncs == 0 and m.drainer.resync_last == 0
+        assert _state(appliance, m.ident.vbd_uuid)["last_gap_seq"] == 0
+    finally:
+        m.close()
+
+
+def test_nothing_counts_as_acknowledged_before_the_initial_sync(tmp_path):
+    """An appliance that never answers: the disk's data is not at the
+    appliance, so wait_acked must not say it is."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(8 * MiB)
+        f.write(os.urandom(MiB))
+    g = Guest(tmp_path, image)
+    g.vbd.disconnect()
+    g.vbd.mirror_enable(4 * MiB)
+    g.vbd.connect(g.transport, g.front.params)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ident = VbdIdentity(vbd_uuid=uuid.uuid4(), domid=3, devid=51712, vdev="xvda",
+                        size_bytes=8 * MiB)
+    d = Drainer(g.vbd, ident, f"tcp://127.0.0.1:{port}", image_path=str(image),
+                spill_dir=str(tmp_path / "spill"), spill_limit=8 * MiB).start()
+    try:
+        assert d.takeover and d.data_runs == [(0, MiB // RESYNC_CHUNK)]
+        assert not d.wait_acked(0.5)
+    finally:
+        d.stop()
+        g.close()
