@@ -26,9 +26,7 @@ import ipaddress
 import json
 import os
 import re
-import shlex
 import stat
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,7 +330,8 @@ def appliance_status(xs, domid: int) -> dict[str, Any]:
     return read_appliance_status(xs, domid)
 
 
-def _xl(xl: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+def _xl(xl: str, *args: str, timeout: float = 120.0):
+    import subprocess   # (here: `status` needs none of it, seconds emulated)
     try:
         return subprocess.run([xl, *args], capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
@@ -386,6 +385,7 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
     view = cfg_view(text, ovr, where)
     check_view(view, sysfs_net)
     if dry_run:
+        import shlex
         echo(f"{cfg_path}: ok: appliance {view['name']!r} at "
              f"{view['words']['xentap.ip']}, journal {view['journal']}, bridges "
              f"{', '.join(view['bridges']) or '-'}; xl overrides: {shlex.join(ovr)}")

@@ -9,18 +9,23 @@ Errors are one line and a non-zero exit (:class:`ApplianceError`).
 """
 from __future__ import annotations
 
-import logging
 import os
-import signal
-import threading
 
 import click
 
-from xentap import keys as keys_mod
-from xentap.cli_journal import one_line as _one_line
+# (xentap.keys imports zmq: the `xentap appliance create|status|destroy` that
+# dom0 runs need none of it, and each import costs seconds of emulated CPU
+# under Xen-in-QEMU; serve and keys import it when they run.)
+#: = xentap.keys.ROLES (whose pair `xentap keys --role` makes)
+ROLES = ("dom0", "appliance")
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7788"
 DEFAULT_DATA_DIR = "/var/lib/xentap/appliance"
+
+
+def _one_line(e: BaseException) -> str:
+    from xentap.cli_journal import one_line
+    return one_line(e)
 
 
 class ApplianceError(click.ClickException):
@@ -60,6 +65,10 @@ def appliance() -> None:
                    "[default: KEYS/allowed].")
 @click.option("--insecure", is_flag=True,
               help="Plain TCP/IPC: no encryption, no authentication.")
+@click.option("--make-keys", is_flag=True,
+              help="First make the appliance's key pair in KEYS when it has none (what "
+                   "'xentap keys --role appliance' does; one interpreter start-up less "
+                   "for an appliance domain's first boot).")
 @click.option("--credit-mib", default=16, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Bytes (MiB) a dom0 may send beyond what is durable.")
 @click.option("--sync-ms", default=5.0, show_default=True, type=click.FloatRange(0.1, 10000),
@@ -70,10 +79,15 @@ def appliance() -> None:
               help="Journal bytes per VBD; past it the oldest history is trimmed (warning).")
 @click.option("-v", "--verbose", is_flag=True, help="Also log sessions and syncs (INFO); rejections are always logged.")
 def serve(endpoint: str, data_dir: str, keys_dir: str | None, allow_dir: str | None,
-          insecure: bool, credit_mib: int, sync_ms: float, retention: str, journal_max: str,
-          verbose: bool) -> None:
+          insecure: bool, make_keys: bool, credit_mib: int, sync_ms: float, retention: str,
+          journal_max: str, verbose: bool) -> None:
     """Receive mirror streams and keep a replica per VBD, until SIGINT/SIGTERM."""
+    import logging
+    import signal
+    import threading
+
     from appliance_domu.receiver import Receiver
+    from xentap import keys as keys_mod
     from xentap.cli_journal import parse_duration
 
     try:
@@ -83,8 +97,8 @@ def serve(endpoint: str, data_dir: str, keys_dir: str | None, allow_dir: str | N
         raise ApplianceError(str(e)) from None
     curve = None
     if insecure:
-        if keys_dir or allow_dir:
-            raise ApplianceError("--insecure and --keys/--allow exclude each other")
+        if keys_dir or allow_dir or make_keys:
+            raise ApplianceError("--insecure and --keys/--allow/--make-keys exclude each other")
     else:
         if not keys_dir:
             raise ApplianceError(
@@ -92,6 +106,10 @@ def serve(endpoint: str, data_dir: str, keys_dir: str | None, allow_dir: str | N
                 "--role appliance') or run with --insecure")
         allow = allow_dir or os.path.join(keys_dir, "allowed")
         try:
+            if make_keys and not keys_mod.paths(keys_dir, keys_mod.APPLIANCE_NAME)[1].exists():
+                pub, _ = keys_mod.create(keys_dir, keys_mod.APPLIANCE_NAME)   # (fsynced)
+                click.echo(f"xentap appliance: made the key pair {pub} "
+                           f"({keys_mod.load_public(pub).decode()})", err=True)
             curve = keys_mod.CurveServer.from_dir(keys_dir, allow)
         except (OSError, ValueError) as e:
             raise ApplianceError(_one_line(e)) from None
@@ -126,13 +144,14 @@ def serve(endpoint: str, data_dir: str, keys_dir: str | None, allow_dir: str | N
 @click.command("keys")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False),
               metavar="DIR", help="Where to write the key pair (made if missing).")
-@click.option("--role", type=click.Choice(keys_mod.ROLES), default="dom0", show_default=True,
+@click.option("--role", type=click.Choice(ROLES), default="dom0", show_default=True,
               help="Whose pair: dom0.key* or appliance.key*.")
 @click.option("--name", default=None, metavar="NAME",
               help="File name stem instead of the role (e.g. one per dom0 host).")
 @click.option("--force", is_flag=True, help="Replace an existing secret key.")
 def keys_cmd(directory: str, role: str, name: str | None, force: bool) -> None:
     """Create a CurveZMQ key pair: NAME.key (public) and NAME.key_secret (0600)."""
+    from xentap import keys as keys_mod
     stem = name or role
     try:
         pub, sec = keys_mod.create(directory, stem, force=force)
@@ -147,7 +166,7 @@ def keys_cmd(directory: str, role: str, name: str | None, force: bool) -> None:
         click.echo("next: give the public key to each dom0 (its drainer trusts only this one)")
 
 
-keys = keys_cmd  # the name the brief uses; `keys_mod` is the xentap.keys module
+keys = keys_cmd  # the name the brief uses
 
 
 # `xentap appliance create|destroy|status`: the appliance as a Xen domain.

@@ -289,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    key = public_key(a.public_key_file) if a.public_key_file else None
+    # The key file may not exist yet: on an appliance's first boot the serve
+    # process makes the pair (serve --make-keys) before it listens.  The
+    # state stays `starting` until the key is read.
+    key = None
     vbds = VbdPublisher(a.data_dir) if a.data_dir else None
     client = None
     domid = None
@@ -297,7 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     state = "starting"
     announced = (None, 0.0)  # (state, monotonic time) of the last heartbeat written
     while True:
-        if a.serve_pid and state == "starting" and accepting(a.endpoint):
+        if a.public_key_file and key is None and os.path.exists(a.public_key_file):
+            try:
+                key = public_key(a.public_key_file)
+            except (OSError, ValueError) as e:   # (being written: the next round)
+                print(f"appliance: public key: {e}", flush=True)
+        if (a.serve_pid and state == "starting" and (key or not a.public_key_file)
+                and accepting(a.endpoint)):
             state = "ready"
             print(f"appliance: ready on {a.endpoint}{_uptime()}{_disk_reads()}", flush=True)
         if stop:
