@@ -500,14 +500,20 @@ static void *queue_run(void *arg)
     uint64_t issued = 0;
     uint64_t max_ios = w->max_ios ? (w->max_ios + f->cfg.nr_queues - 1 - q->idx) / f->cfg.nr_queues : 0;
     uint64_t drain_deadline = 0;
+    /* rate_iops: this queue's share; it may have issued 1 + elapsed * rate by now */
+    double ios_per_ns = (double)w->rate_iops / f->cfg.nr_queues / 1e9;
+    uint64_t t_start = now_ns();
 
     for (;;) {
         bool issuing = !atomic_load_explicit(&f->stop, memory_order_relaxed) &&
                        (!max_ios || issued < max_ios) &&
                        (!f->deadline_ns || now_ns() < f->deadline_ns) && q->rc == 0;
+        uint64_t allowed = UINT64_MAX;
+        if (issuing && w->rate_iops)
+            allowed = 1 + (uint64_t)((double)(now_ns() - t_start) * ios_per_ns);
         if (issuing) {
             while (q->in_flight < w->queue_depth && !RING_FULL(&q->ring) &&
-                   (!max_ios || issued < max_ios) && issue(q))
+                   (!max_ios || issued < max_ios) && issued < allowed && issue(q))
                 issued++;
             int notify;
             RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&q->ring, notify);
@@ -529,7 +535,8 @@ static void *queue_run(void *arg)
         if (more)
             continue;
         struct pollfd pfd = { .fd = q->rx_fd, .events = POLLIN };
-        if (poll(&pfd, 1, 100) > 0)
+        /* held back by the rate: wake for the next slot, not only for a response */
+        if (poll(&pfd, 1, issuing && issued >= allowed ? 1 : 100) > 0)
             xt_fifo_drain(q->rx_fd);
     }
     return NULL;

@@ -238,6 +238,7 @@ struct xt_workload {
     uint32_t barrier_every;     /* a WRITE_BARRIER after every N writes (0: never) */
     uint32_t discard_pct;       /* share of DISCARDs of a whole block (0..100) */
     uint64_t seed;
+    uint64_t rate_iops;         /* at most this many I/Os a second, all queues (0: no limit) */
 };
 
 struct xt_front_result {

@@ -156,6 +156,18 @@ def test_counters_match_what_the_guest_did(guest_factory):
     assert st["state"] == "connected" and st["nr_queues"] == 2
 
 
+def test_a_rate_holds_the_guest_to_that_many_ios_a_second(guest_factory):
+    """rate_iops paces the sim guest as fio's rate_iops does (tests that need
+    a guest at a known pace, not at disk speed)."""
+    g = guest_factory(queues=2)
+    res = g.front.run(block_size=4096, queue_depth=8, size=8 * MiB, seconds=1.0,
+                      rate_iops=2000, verify=True)
+    assert res["errors"] == 0 and res["verify_failures"] == 0
+    assert 1700 <= res["ios"] <= 2010, res
+    fast = g.front.run(block_size=4096, queue_depth=8, size=8 * MiB, seconds=0.3)
+    assert fast["ios"] > 3 * 0.3 * 2000, fast      # unpaced it goes well beyond
+
+
 def test_flush_answers_after_every_earlier_write(guest_factory):
     g = guest_factory(order=2)
     res = g.front.run(block_size=4096, queue_depth=64, read_pct=0, size=32 * MiB,

@@ -385,6 +385,7 @@ class Workload:
     barrier_every: int = 0
     discard_pct: int = 0
     seed: int = 1
+    rate_iops: int = 0          # at most this many I/Os a second, all queues (0: no limit)
 
 
 def _front_result(res) -> dict[str, Any]:
