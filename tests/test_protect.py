@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -167,6 +168,40 @@ def test_attach_protect_mirrors_every_guest_write_and_status_shows_the_figures(e
         assert r.exit_code == 0, r.output
         env.wait_for(lambda: not spill.exists(), 20, "the drained stream's spill dir to go")
     assert f"mirror stopped, all acknowledged (acked seq {m['acked_seq']}," in caplog.text
+
+
+@pytest.mark.slow
+def test_a_disk_with_data_is_protected_whole_and_status_shows_its_initial_sync(env):
+    """An existing disk (24 MiB of data) attached with --protect: status shows
+    the initial sync while the appliance cannot take it (paused), then the
+    replica and the journal's latest point equal the whole disk."""
+    env.guest(GUEST)
+    img = env.image(size=32 * MiB)
+    with open(img, "r+b") as fh:
+        fh.write(os.urandom(24 * MiB))
+    env.appliance.pause()
+    try:
+        r = env.cli("attach", str(GUEST), img, "xvda", *protect_args(env, "endpoint"))
+        assert r.exit_code == 0, r.output
+        m = env.wait_for(lambda: (m := env.mirror()) and m["state"] == "disconnected" and m,
+                         20, "the mirror to start")
+        assert m["sync"] == {"kind": "initial", "done": 0, "total": 24}, m
+        assert "(initial sync 0/24 MiB, 0%)" in env.cli("status").output
+    finally:
+        env.appliance.resume()
+    be = K.backend_path(GUEST, K.vdev_to_devid("xvda"))
+    vbd_uuid = uuid.UUID(env.xs.read(f"{be}/{K.BE_VBD_UUID}"))
+    f = env.front(GUEST, "xvda")
+    assert f.run(block_size=4096, queue_depth=4, max_ios=500, size=32 * MiB)["errors"] == 0
+    m = env.wait_drained()
+    assert m["sync"]["kind"] == "" and m["gaps"] == 0 and m["overflows"] == 0, m
+    disk = open(img, "rb").read()
+    assert digest(env.appliance.replica(vbd_uuid)) == digest(disk)
+    out = env.tmp / "restored.img"
+    r = journal(env.appliance, "restore", str(vbd_uuid), "--seq", str(m["acked_seq"]),
+                "--to", str(out))
+    assert r.exit_code == 0, r.output
+    assert digest(out.read_bytes()) == digest(disk)
 
 
 @pytest.mark.slow

@@ -451,7 +451,10 @@ def _mirror_row(r, st: str) -> dict[str, Any] | None:
             "spill_bytes": num(K.ST_MIRROR_SPILL_BYTES),
             "ring_bytes": num(K.ST_MIRROR_RING_BYTES),
             "overflows": num(K.ST_MIRROR_OVERFLOWS), "gaps": num(K.ST_MIRROR_GAPS),
-            "error": r(f"{st}/{K.ST_MIRROR_ERROR}") or ""}
+            "error": r(f"{st}/{K.ST_MIRROR_ERROR}") or "",
+            "sync": {"kind": sync if (sync := r(f"{st}/{K.ST_MIRROR_SYNC}") or "")
+                     in ("initial", "restart") else "",
+                     "done": num(K.ST_MIRROR_SYNC_DONE), "total": num(K.ST_MIRROR_SYNC_TOTAL)}}
 
 
 def _mirror_cells(rows: list[dict[str, Any]]) -> None:
@@ -464,6 +467,11 @@ def _mirror_cells(rows: list[dict[str, Any]]) -> None:
             row["_m"], row["_lag"], row["_ovf"], row["_spill"] = "waiting", "-", "-", "-"
         else:
             row["_m"] = f"{m['state']} {m['acked_seq']}/{m['next_seq'] - 1}"
+            sync = m["sync"]
+            if sync["kind"]:                  # long work: how far it got
+                done, total = sync["done"], sync["total"]
+                pct = f", {100 * done // total}%" if total else ""
+                row["_m"] += f" ({sync['kind']} sync {done}/{total} MiB{pct})"
             row["_lag"] = f"{m['pending']} ({m['lag_ms']:g} ms)"     # writes, the oldest's age
             row["_ovf"] = f"{m['overflows']}/{m['gaps']}"
             row["_spill"] = str(m["spill_bytes"])

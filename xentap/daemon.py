@@ -376,7 +376,8 @@ class ProtectedDevice(BackendDevice):
         st[K.ST_MIRROR_UUID] = str(m.vbd_uuid) if m else ""
         for k in (K.ST_MIRROR_ACKED_SEQ, K.ST_MIRROR_NEXT_SEQ, K.ST_MIRROR_PENDING,
                   K.ST_MIRROR_LAG_MS, K.ST_MIRROR_ACK_P99_MS, K.ST_MIRROR_SPILL_BYTES,
-                  K.ST_MIRROR_RING_BYTES):
+                  K.ST_MIRROR_RING_BYTES, K.ST_MIRROR_SYNC, K.ST_MIRROR_SYNC_DONE,
+                  K.ST_MIRROR_SYNC_TOTAL):
             st[k] = ""                          # none yet: no stale figures either
         if fig is not None:
             st[K.ST_MIRROR_ACKED_SEQ] = fig["acked_seq"]
@@ -390,6 +391,10 @@ class ProtectedDevice(BackendDevice):
             st[K.ST_MIRROR_ACK_P99_MS] = f"{fig['lag_ms']['p99']:.1f}"
             st[K.ST_MIRROR_SPILL_BYTES] = fig["spill_bytes"]
             st[K.ST_MIRROR_RING_BYTES] = fig["ring_used_bytes"] if live is not None else 0
+            sync = fig.get("sync") or {"kind": "", "done": 0, "total": 0}
+            st[K.ST_MIRROR_SYNC] = sync["kind"]
+            st[K.ST_MIRROR_SYNC_DONE] = sync["done"] if sync["kind"] else ""
+            st[K.ST_MIRROR_SYNC_TOTAL] = sync["total"] if sync["kind"] else ""
         if job is not None and live is None:    # done, not reaped yet: its final counts
             now = {K.ST_MIRROR_OVERFLOWS: job.overflows, K.ST_MIRROR_GAPS: job.gaps}
         else:

@@ -354,7 +354,23 @@ class Drainer:
             "dirty_chunks": st.get("dirty_chunks", 0), "frames_sent": self.frames_sent,
             "bytes_sent": self.bytes_sent, "sessions": self.sessions,
             "lag_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": round(lags[-1], 3) if lags else 0.0},
+            "sync": self.sync_progress(),
         }
+
+    def sync_progress(self) -> dict:
+        """A full resync (a new stream's initial sync, or after an unclean end)
+        under way: its kind ("initial", "restart"; "" when none), and its
+        chunks the appliance acknowledged of all."""
+        kind = "initial" if self.takeover_reason == wire.GapReason.INITIAL else "restart"
+        if self.takeover:               # planned at the first session
+            total = sum(n for _, n in self.data_runs) if kind == "initial" else \
+                -(-self.size_bytes // RESYNC_CHUNK)
+            return {"kind": kind, "done": 0, "total": total}
+        total = self.resync_last - self.resync_first - 1
+        if total < 0 or self.acked_seq >= self.resync_last:
+            return {"kind": "", "done": 0, "total": 0}
+        return {"kind": kind, "done": min(total, max(0, self.acked_seq - self.resync_first)),
+                "total": total}
 
     # ---- the loop ----
 

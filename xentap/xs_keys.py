@@ -370,13 +370,18 @@ ST_MIRROR_RING_BYTES = "mirror-ring-bytes"  # bytes waiting in the mirror ring
 ST_MIRROR_OVERFLOWS = "mirror-overflows"    # writes that missed the ring (dirty bitmap)
 ST_MIRROR_GAPS = "mirror-gaps"              # GAPs sent (history not write-ordered)
 ST_MIRROR_ERROR = "mirror-error"
+ST_MIRROR_SYNC = "mirror-sync"              # a full resync under way: "initial" (a new stream's
+                                            # data) or "restart" (after an unclean end); "": none
+ST_MIRROR_SYNC_DONE = "mirror-sync-done"    # its chunks (1 MiB) the appliance acknowledged
+ST_MIRROR_SYNC_TOTAL = "mirror-sync-total"  # its chunks
 #: Mirror counters that add up over the VBD's life, like ST_CUMULATIVE.
 ST_MIRROR_CUMULATIVE = (ST_MIRROR_OVERFLOWS, ST_MIRROR_GAPS)
 #: Every mirror status key (removed when a VBD is not protected).
 ST_MIRROR_KEYS = (ST_MIRROR, ST_MIRROR_APPLIANCE, ST_MIRROR_UUID, ST_MIRROR_ACKED_SEQ,
                   ST_MIRROR_NEXT_SEQ, ST_MIRROR_PENDING, ST_MIRROR_LAG_MS, ST_MIRROR_ACK_P99_MS,
                   ST_MIRROR_SPILL_BYTES, ST_MIRROR_RING_BYTES, ST_MIRROR_OVERFLOWS,
-                  ST_MIRROR_GAPS, ST_MIRROR_ERROR)
+                  ST_MIRROR_GAPS, ST_MIRROR_ERROR, ST_MIRROR_SYNC, ST_MIRROR_SYNC_DONE,
+                  ST_MIRROR_SYNC_TOTAL)
 #: The counters that add up over the VBD's life (since attach, across
 #: reconnections and daemon restarts); the rest are the current sample.
 ST_CUMULATIVE = (ST_REQUESTS, ST_BYTES, ST_ERRORS, ST_READS, ST_WRITES, ST_FLUSHES,
