@@ -108,3 +108,23 @@ def test_nothing_counts_as_acknowledged_before_the_initial_sync(tmp_path):
     finally:
         d.stop()
         g.close()
+
+
+def test_writes_that_overflow_the_ring_during_the_initial_sync_are_resynced(tmp_path, appliance):
+    """The ring cannot spill before the initial sync is sent (its records'
+    seqs follow it): a guest busy meanwhile overflows it, and its writes come
+    from the dirty bitmap's resync after the initial sync."""
+    appliance.pause()
+    try:
+        m = Mirrored(tmp_path, appliance, ring=MiB, prefill=[(0, os.urandom(24 * MiB))])
+        m.run(block_size=4096, queue_depth=8, max_ios=2048, size=32 * MiB, seed=8)
+        assert m.g.vbd.mirror_stats()["overflows"] > 0
+    finally:
+        appliance.resume()
+    try:
+        m.run(block_size=65536, queue_depth=4, max_ios=64, seed=9)
+        assert_replica_equals_source(m, appliance)
+        st = m.drainer.stats()
+        assert m.drainer.initial_syncs == 1 and st["gaps"] >= 1 and st["sync"]["kind"] == ""
+    finally:
+        m.close()
