@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import uuid
 
 from engines.journal import Journal
@@ -126,5 +127,38 @@ def test_writes_that_overflow_the_ring_during_the_initial_sync_are_resynced(tmp_
         assert_replica_equals_source(m, appliance)
         st = m.drainer.stats()
         assert m.drainer.initial_syncs == 1 and st["gaps"] >= 1 and st["sync"]["kind"] == ""
+    finally:
+        m.close()
+
+
+def test_the_ring_spills_while_the_initial_sync_is_sent(tmp_path, appliance):
+    """Once the initial sync is planned (the first session), a guest filling
+    the ring past SPILL_AT gets its records spilled, not overflowed, while
+    the sync's frames are still going out."""
+    from xentap import drainer as dr
+    m = Mirrored(tmp_path, appliance, ring=4 * MiB, disk=64 * MiB,
+                 prefill=[(0, os.urandom(64 * MiB))])
+    try:
+        d = m.drainer
+        d._stop.set()                   # the test turns the loop by hand
+        d._thread.join(10)
+        d._stop.clear()
+        d._sock = None
+        d._connect()
+        deadline = time.monotonic() + 20
+        while not d.in_session and time.monotonic() < deadline:
+            d._poll(0.05)
+        assert d.in_session and not d.takeover and d.resync_last == 1 + 64 + 1
+        m.run(block_size=65536, queue_depth=4, max_ios=40, seed=10)     # 2.5 MiB
+        assert m.g.vbd.mirror_stats()["used_bytes"] > dr.SPILL_AT * d.ring_size
+        d._step()
+        assert d.spill.size > 0 and d._resync_unsent()
+        d.start()
+        # the rest of the sync, beside a busy guest (at a pace a 4 MiB ring absorbs)
+        m.run(block_size=4096, queue_depth=8, max_ios=4000, size=64 * MiB, seed=11,
+              rate_iops=4000)
+        assert_replica_equals_source(m, appliance)
+        st = d.stats()
+        assert st["overflows"] == 0 and st["gaps"] == 0 and d.initial_syncs == 1
     finally:
         m.close()

@@ -597,10 +597,10 @@ class Drainer:
         data = os.pread(self.image_fd, min(RESYNC_CHUNK, self.size_bytes - off), off)
         return _resync(sid, ep, seq, off // wire.SECTOR_SIZE, data)
 
-    def _send_resync(self) -> bool:
-        """Sends the takeover's frames after sent_seq, within credit."""
+    def _send_resync(self, frames: int = 8) -> bool:
+        """Sends up to `frames` of the takeover's frames after sent_seq, within credit."""
         did = False
-        for _ in range(8):
+        for _ in range(frames):
             seq = self.sent_seq + 1
             if not self.resync_first <= seq <= self.resync_last:
                 break
@@ -629,8 +629,10 @@ class Drainer:
         on frames the ring could not yet release while the ring overflowed."""
         busy = self._resync()
         budget = STEP_BYTES
-        # the ring's seqs follow a takeover's frames: nothing to spill before they are sent
-        if not self.takeover and not self._resync_unsent():
+        # the ring's seqs follow a takeover's frames, known once it is planned (at the
+        # first session): nothing to spill before; after, its records spill while the
+        # takeover's frames are sent (a guest busy during an initial sync loses nothing)
+        if not self.takeover:
             used = self.vbd.mirror_stats()["used_bytes"]
             if (not self.in_session and used) or used > SPILL_AT * self.ring_size:
                 if self._spill_from_ring() and \
@@ -639,7 +641,7 @@ class Drainer:
                     budget = 1      # still filling: one frame keeps the appliance fed
         if self.in_session:     # in seq order: spilled, a takeover's frames, spilled, ring
             if self._resync_unsent() and self.sent_seq + 1 >= self.resync_first:
-                busy |= self._send_resync()
+                busy |= self._send_resync(1 if budget == 1 else 8)
             else:
                 busy |= self._send_spilled(budget)
                 if not self._spill_unsent() and not self._resync_unsent():
