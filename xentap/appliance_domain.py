@@ -357,10 +357,12 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
            journal_size: int = DEFAULT_JOURNAL_SIZE, xl: str = "xl",
            xenstore_socket: str | None = None, wait_ready: float = 0.0, dry_run: bool = False,
            sysfs_net: str = "/sys/class/net", as_json: bool = False,
-           echo: Callable[[str], None] = print) -> int | None:
+           open_wait: float | None = None, echo: Callable[[str], None] = print) -> int | None:
     """Starts the appliance domain; returns its domid (None with ``dry_run``).
     With ``wait_ready`` and ``as_json`` the last line is what ``status
-    --json`` prints (read when it became ready): no second process for it."""
+    --json`` prints (read when it became ready): no second process for it.
+    ``open_wait``: seconds ``xentap create`` waits for the daemon to open each
+    disk (its default when None)."""
     age = process_age()
     t0 = time.monotonic()
     steps: list[str] = [] if age is None else [f"start-up {age:.1f}"]
@@ -400,8 +402,9 @@ def create(cfg_path: str, s: Settings, extra_overrides: tuple[str, ...] = (), *,
         echo(f"made the journal disk {view['journal']} ({journal_size >> 20} MiB, sparse)")
     t = step("checks", t0)
     try:
+        kw = {} if open_wait is None else {"wait": open_wait}
         domid = create_mod.create(cfg_path, ovr, xl=xl, xenstore_socket=xenstore_socket,
-                                  echo=echo)
+                                  echo=echo, **kw)
     except ConfigError as e:
         raise ApplianceDomainError(e.problems[0]) from None
     except click.ClickException as e:
@@ -574,12 +577,15 @@ def _one_line(fn):
               help="Wait until the appliance says it is ready.")
 @click.option("--json", "as_json", is_flag=True,
               help="With --wait: end with the line 'status --json' prints, once ready.")
+@click.option("--open-wait", default=30.0, show_default=True, type=float, metavar="SECONDS",
+              help="Seconds to wait for the daemon to open each disk (xentap create --wait).")
 @click.option("-n", "--dry-run", is_flag=True, help="Only check and show what would run.")
 @click.option("--xl", "xl_cmd", default="xl", show_default=True, metavar="PATH")
 @_xs_option
 @_one_line
 def create_cmd(overrides_, cfg, image, ip, gateway, port, keys_dir, insecure, bridge, journal,
-               journal_size, wait_ready, as_json, dry_run, xl_cmd, xenstore_socket) -> None:
+               journal_size, wait_ready, as_json, open_wait, dry_run, xl_cmd,
+               xenstore_socket) -> None:
     """Start the appliance domain: its vif, and its journal disk as a xentap VBD."""
     if image is None and (DEFAULT_IMAGE / RAMDISK_FILE).is_file():
         image = str(DEFAULT_IMAGE)
@@ -589,7 +595,7 @@ def create_cmd(overrides_, cfg, image, ip, gateway, port, keys_dir, insecure, br
         raise ApplianceDomainError("--json needs --wait SECONDS (the status once ready)")
     create(cfg, s, tuple(overrides_), journal_size=parse_size(journal_size), xl=xl_cmd,
            xenstore_socket=xenstore_socket, wait_ready=wait_ready, dry_run=dry_run,
-           as_json=as_json, echo=click.echo)
+           as_json=as_json, open_wait=open_wait, echo=click.echo)
 
 
 @click.command("destroy")

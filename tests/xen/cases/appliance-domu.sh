@@ -11,19 +11,24 @@
 #     daemon (not mirrored); it formats the disk, makes its key pair there,
 #     serves, announces endpoint + public key + state in xenstore
 #   the guest: `xentap create` with xvda `protect=xentap-appliance` (the
-#     daemon finds the appliance's endpoint and key in xenstore);
-#     guest/outage.sh runs an ext4 workload in three phases:
-#   1. mkfs + files; dom0 waits until the appliance acknowledged every write
-#      (status: no error, overflow or gap) and copies the disk (seq S1)
-#   2. dom0 attaches xvdb (the go), the guest writes 40 MiB; as soon as it
-#      starts, dom0 `xl destroy`s the appliance: the guest goes on, the ring
-#      and spill log overflow (more than their 12 MiB while no appliance runs);
-#      then `xentap appliance create` again (same journal disk: no format,
-#      the same key; the stale journal VBD of the dead domain is cleared):
-#      the daemon's drainer reconnects, sends what it kept, a GAP and a
-#      RESYNC of the chunks it missed
-#   3. once everything is acknowledged, dom0 detaches xvdb (the go), the
-#      guest writes one more file, reads every file back, fscks, powers off
+#     daemon finds the appliance's endpoint and key in xenstore) and a go
+#     disk xvdb (read-only; dom0 writes goN into its first sector, the guest
+#     polls it), booted as soon as the appliance domain exists: it waits for
+#     go1 while the appliance starts.  guest/outage.sh runs an ext4 workload
+#     in three phases:
+#   1. (go1 once the appliance is ready) mkfs + files; dom0 waits until the
+#      appliance acknowledged every write (status: no error, overflow or
+#      gap) and copies the disk (seq S1)
+#   2. go2, the guest writes 40 MiB; as soon as it starts, dom0 `xl
+#      destroy`s the appliance: the guest goes on, the ring and spill log
+#      overflow (more than their 12 MiB while no appliance runs); once dom0
+#      sees the overflow, `xentap appliance create` again (same journal
+#      disk: no format, the same key; the stale journal VBD of the dead
+#      domain is cleared), while the guest may still write: the daemon's
+#      drainer reconnects, sends what it kept, a GAP and a RESYNC of the
+#      chunks it missed
+#   3. once everything is acknowledged, go3: the guest writes one more
+#      file, reads every file back, fscks, powers off
 #   After the guest ended: `xentap status` shows the mirror stopped with every
 #   write acknowledged, no error, and the overflow and GAP; the guest saw no
 #   I/O error and its files are intact (guest and dom0 hashes, e2fsck);
@@ -50,7 +55,8 @@ disk=$XT_WORK/disk.img
 sig=$XT_WORK/go.img
 jm=$XT_WORK/jmnt
 devid=51712
-trap 'xl destroy $ap >/dev/null 2>&1; xl destroy $name >/dev/null 2>&1; umount "$jm" 2>/dev/null; xentap_daemon_stop' EXIT
+trap 'xl destroy $ap >/dev/null 2>&1; xl destroy $name >/dev/null 2>&1; umount "$jm" 2>/dev/null; kill $(jobs -p) 2>/dev/null; xentap_daemon_stop' EXIT
+log "appliance-domu starts"
 
 [ -s "$IMG/appliance.cpio.gz" ] && [ -s "$IMG/vmlinuz" ] ||
     fail "no appliance image in $IMG: run 'make appliance-image' on the host first"
@@ -87,18 +93,25 @@ fi
 xentap_daemon_start "$dlog" --keys-dir "$keys" --state-dir "$XT_WORK/state" --drain-timeout 120 \
     --mirror-ring 4M --spill-limit 8M
 
-# appliance_up: xentap appliance create, waits for `ready` in xenstore; its
-# last line is what `xentap appliance status --json` prints (apstatus.json:
-# no second CLI start-up, ~10 s of emulated Python in dom0).  Sets boot_s,
+# appliance_start: `xentap appliance create` in the background (it waits
+# for `ready` in xenstore); appliance_up waits for it.  create's last line is
+# what `xentap appliance status --json` prints (apstatus.json: no second CLI
+# start-up, ~10 s of emulated Python in dom0).  appliance_up sets boot_s,
 # apkey and apdom.
-appliance_up() {
-    local t0=$SECONDS
+appliance_start() {
+    create_t0=$SECONDS
     "$XENTAP" appliance create --image "$XT_WORK/img" --ip 10.0.0.2/24 --keys "$keys" \
-        --journal "$journal" --journal-size 512M --wait 600 --json \
+        --journal "$journal" --journal-size 512M --wait 600 --open-wait 120 --json \
         "vif=[ 'mac=00:16:3e:78:74:02, bridge=xenbr0, script=$XT_REPO/xl_scripts/vif-xentap' ]" \
-        > "$XT_WORK/create.out" ||
-        { cat "$XT_WORK/create.out"; tail -n 30 "$(guest_log $ap)"; tail -n 20 "$dlog"; fail "xentap appliance create"; }
-    boot_s=$((SECONDS - t0))
+        > "$XT_WORK/create.out" 2> "$XT_WORK/create.err" &
+    create_pid=$!
+    log "xentap appliance create (pid $create_pid)"
+}
+appliance_up() {
+    wait "$create_pid" ||
+        { cat "$XT_WORK/create.out" "$XT_WORK/create.err"; tail -n 30 "$(guest_log $ap)"; tail -n 20 "$dlog"; fail "xentap appliance create"; }
+    boot_s=$((SECONDS - create_t0))
+    cat "$XT_WORK/create.err"
     sed '$d' "$XT_WORK/create.out"
     tail -n 1 "$XT_WORK/create.out" > "$XT_WORK/apstatus.json"
     log "appliance ready ${boot_s}s after xentap appliance create"
@@ -114,6 +127,13 @@ mirror_line() {
     echo "mirror $(st mirror) acked=$(st mirror-acked-seq) next=$(st mirror-next-seq)" \
          "pending=$(st mirror-pending) spill=$(st mirror-spill-bytes) ring=$(st mirror-ring-bytes)" \
          "overflows=$(st mirror-overflows) gaps=$(st mirror-gaps) errors=$(st errors) error='$(st mirror-error)'"
+}
+# go N: the go for the guest's phase N (guest/outage.sh reads xvdb's first
+# sector with O_DIRECT; the daemon serves the file through the page cache).
+go() {
+    printf 'go%s\n' "$1" | dd of="$sig" bs=512 count=1 conv=notrunc,fsync 2>/dev/null ||
+        fail "cannot write go$1"
+    log "go$1"
 }
 # caught_up LIMIT: waits until the appliance acknowledged every write made so
 # far and nothing is pending or spilled (two samples, 2 s apart, agree).
@@ -133,27 +153,42 @@ caught_up() {
     done
 }
 
-# --- the appliance, first boot: formats the journal disk
+# --- the appliance, first boot (it formats the journal disk), and the guest,
+# its disk protected by the appliance domain, booted meanwhile: it waits for
+# go1 before it writes (until the appliance announces its endpoint the
+# daemon's drainer cannot start, and the mirror ring alone is 4 MiB)
+rm -f "$disk" "$sig"
+truncate -s 256M "$disk" && truncate -s 8M "$sig" || fail "cannot make the images"
+appliance_start
+# `xentap create` names the appliance (protect=): it must be granted its
+# xenstore node, which create does right after `xl create`
+t0=$SECONDS
+until grep -q "^appliance $ap is domain" "$XT_WORK/create.out" 2>/dev/null; do
+    kill -0 "$create_pid" 2>/dev/null || appliance_up
+    [ $((SECONDS - t0)) -lt 400 ] || fail "no appliance domain after 400s: $(cat "$XT_WORK/create.out")"
+    sleep 1
+done
+log "the appliance domain exists; the guest boots while it starts"
+xentap_guest_create "$name" outage 1 "" "vdev=xvda, access=rw, protect=$ap, target=$disk" \
+    "vdev=xvdb, access=ro, target=$sig" || { tail -n 30 "$dlog"; fail "xentap create"; }
+vbd=$(xenstore-read "/local/domain/0/backend/xentap/$domid/$devid/vbd-uuid") || fail "no vbd-uuid"
+log "guest $name: domain $domid, its xvda is stream $vbd"
 appliance_up
 boot1=$boot_s key1=$apkey dom1=$apdom
 [ ${#key1} = 40 ] || fail "no public key in xenstore: $(cat "$XT_WORK/apstatus.json")"
-[ "$dom1" = "$(xl domid $ap)" ] || fail "create --json names domain $dom1, xl domid $(xl domid $ap)"
+# (xenstore, where xl looks too: each xl call is seconds of emulated CPU)
+[ "$(xenstore-read "/local/domain/$dom1/name" 2>/dev/null)" = "$ap" ] ||
+    fail "create --json names domain $dom1, which is not $ap: $(xenstore-read "/local/domain/$dom1/name" 2>&1)"
 # `xentap appliance status --json` must say the same: in the background,
 # while the guest starts (its check is after phase 1)
 "$XENTAP" appliance status --json > "$XT_WORK/apstatus-cli.json" 2>&1 &
 status_pid=$!
-mem=$(xl list $ap | awk 'NR == 2 { print $3 }')
+mem=$(( $(xenstore-read "/local/domain/$dom1/memory/target") / 1024 ))
 busybox ping -c 1 -W 5 10.0.0.2 >/dev/null || fail "dom0 cannot ping the appliance"
 
-# --- the guest, its disk protected by the appliance domain
-rm -f "$disk" "$sig"
-truncate -s 256M "$disk" && truncate -s 8M "$sig" || fail "cannot make the images"
-xentap_guest_create "$name" outage 1 "" "vdev=xvda, access=rw, protect=$ap, target=$disk" ||
-    { tail -n 30 "$dlog"; fail "xentap create"; }
-vbd=$(xenstore-read "/local/domain/0/backend/xentap/$domid/$devid/vbd-uuid") || fail "no vbd-uuid"
-log "guest $name: domain $domid, its xvda is stream $vbd"
-
 # --- phase 1: every write acknowledged; the disk as it is now
+wait_console "$name" XT-WAITING 300 || fail "guest: no XT-WAITING"
+go 1
 wait_console "$name" XT-PHASE1-DONE 300 || { tail -n 30 "$dlog"; fail "guest: no phase 1"; }
 caught_up 180 || { tail -n 30 "$dlog"; fail "the appliance did not acknowledge phase 1"; }
 [ "$(st mirror-overflows)" = 0 ] && [ "$(st mirror-gaps)" = 0 ] && [ "$(st errors)" = 0 ] &&
@@ -168,16 +203,27 @@ log "phase 1: the appliance holds seqs up to $s1; disk copied"
 echo "METRIC $XT_CASE phase1 acked_seq=$s1 lag_p99_ms=$(st mirror-lag-ms)"
 
 # --- phase 2: the go, and the appliance destroyed while the guest writes
-"$XENTAP" attach "$domid" "$sig" xvdb || fail "xentap attach xvdb"
+go 2
 wait_console "$name" XT-PHASE2-START 180 || fail "guest: no phase 2"
 t_down=$SECONDS
 xl destroy "$ap" || fail "xl destroy $ap"
 log "xl destroy $ap (domain $dom1) while the guest writes: $(mirror_line)"
+# The appliance again once the ring and spill log overflowed (its start
+# takes minutes: the guest may still be writing when it is back, as after a
+# real outage).
+t0=$SECONDS
+until [ "$(st mirror-overflows)" -gt 0 ] 2>/dev/null; do
+    tr -d '\r' < "$(guest_log "$name")" | grep -qx XT-PHASE2-DONE && break
+    [ $((SECONDS - t0)) -lt 400 ] || break
+    sleep 1
+done
+[ "$(st mirror-overflows)" -gt 0 ] 2>/dev/null ||
+    fail "no overflow while the appliance was away (ring + spill log, 12 MiB, should not hold 40 MiB): $(mirror_line)"
+log "overflow while the appliance is away: $(mirror_line)"
+appliance_start
 wait_console "$name" XT-PHASE2-DONE 400 || { tail -n 30 "$dlog"; fail "guest: phase 2 did not finish"; }
 log "the guest wrote 40 MiB, most without the appliance: $(mirror_line)"
 [ "$(st errors)" = 0 ] || fail "the daemon counted errored requests: $(mirror_line)"
-[ "$(st mirror-overflows)" -gt 0 ] 2>/dev/null ||
-    fail "no overflow while the appliance was away (ring + spill log, 12 MiB, should not hold 40 MiB)"
 
 # --- the appliance again: the same journal disk, no format, the same key
 appliance_up
@@ -193,12 +239,13 @@ log "caught up ${catchup}s after the appliance was ready again (outage $((t_up -
 grep -E 'GAP|resync|overflow|takeover' "$dlog" | tail -n 8 | sed 's/^/daemon: /'
 
 # --- phase 3: the go; the guest ends
-"$XENTAP" detach "$domid" xvdb || fail "xentap detach xvdb"
+go 3
 t0=$SECONDS
 while xenstore-exists "/local/domain/$domid" 2>/dev/null; do
     [ $((SECONDS - t0)) -lt 300 ] || { xl destroy "$domid"; fail "guest did not finish"; }
-    sleep 2
+    sleep 1
 done
+log "guest $name ended $((SECONDS - t0))s after go3"
 tr -d '\r' < "$(guest_log "$name")" > "$XT_WORK/guest.log"
 grep -E '^(guest|XT-)' "$XT_WORK/guest.log"
 grep -qx 'XT-GUEST-RESULT PASS' "$XT_WORK/guest.log" || fail "guest did not report PASS"
@@ -215,7 +262,6 @@ until [ "$(st mirror)" = stopped ] || [ "$(st mirror)" = error ]; do
     [ $((SECONDS - t0)) -lt 150 ] || break
     sleep 1
 done
-"$XENTAP" status | sed 's/^/xentap status: /'
 xenstore-ls -f "$XT_XS_ROOT/vbd/$domid/$devid" > "$XT_WORK/st.ls"
 acked=$(st mirror-acked-seq)
 log "after the guest: $(mirror_line)"
@@ -225,17 +271,23 @@ log "after the guest: $(mirror_line)"
 [ "$(st errors)" = 0 ] || fail "errored requests: $(mirror_line)"
 echo "METRIC $XT_CASE mirror acked_seq=$acked overflows=$(st mirror-overflows) gaps=$(st mirror-gaps)" \
      "outage_s=$((t_up - t_down)) catchup_s=$catchup"
-"$XENTAP" detach "$domid" xvda || fail "xentap detach xvda"
-# the appliance's clean shutdown (next section) while dom0 checks the disk
+# `xentap status` (for the log: its figures were checked from xenstore
+# above), the guest's VBDs detached and the appliance's clean shutdown (next
+# section), in one interpreter (tests/xen/xentap-multi.py: three emulated
+# Python start-ups less), while dom0 checks the disk
 t0=$SECONDS
-"$XENTAP" appliance destroy > "$XT_WORK/destroy.out" 2>&1 &
-destroy_pid=$!
+"$XT_REPO/.venv/bin/python" "$XT_REPO/tests/xen/xentap-multi.py" "$XT_WORK/tail" \
+    status :: detach "$domid" xvda :: detach "$domid" xvdb :: appliance destroy \
+    > "$XT_WORK/tail.out" 2>&1 &
+tail_pid=$!
 verify_image "$disk" "$XT_WORK/guest.log" 10
 
 # --- the journal: a clean shutdown, then the journal disk mounted in dom0
-wait $destroy_pid || { cat "$XT_WORK/destroy.out"; fail "xentap appliance destroy"; }
-cat "$XT_WORK/destroy.out"
-log "appliance shut down $((SECONDS - t0))s after xentap appliance destroy (its check of the disk in between)"
+wait $tail_pid ||
+    { cat "$XT_WORK/tail.out" "$XT_WORK"/tail/*.out; fail "xentap status, detach xvda, detach xvdb, appliance destroy: command $(ls "$XT_WORK"/tail/*.rc | wc -l) of 4 failed"; }
+sed 's/^/xentap status: /' "$XT_WORK/tail/1.out"
+cat "$XT_WORK/tail/2.out" "$XT_WORK/tail/3.out" "$XT_WORK/tail/4.out"
+log "appliance shut down $((SECONDS - t0))s after status, detaches and appliance destroy began (its check of the disk in between)"
 tr -d '\r' < "$(guest_log $ap)" | grep '^appliance:' | sed 's/^/console: /'
 modprobe loop; modprobe ext4 2>/dev/null
 mkdir -p "$jm"
