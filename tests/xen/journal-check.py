@@ -2,7 +2,11 @@
 the `xentap journal` commands run in one interpreter (click's CliRunner on
 xentap.cli; each command alone costs seconds of emulated Python start-up).
 
-Usage: journal-check.py DATA_DIR VBD S1 PHASE1_IMG DISK_IMG ACKED WORKDIR
+Usage: journal-check.py [--after FILE] DATA_DIR VBD S1 PHASE1_IMG DISK_IMG ACKED WORKDIR
+
+--after FILE: import what the commands need, then wait until FILE exists
+before looking at DATA_DIR (the case starts the interpreter, tens of seconds
+of emulated imports, while the appliance shuts down and dom0 checks the disk).
 
 Checks, printing one line each and `FAILED: ...` for the first that fails
 (exit 1):
@@ -30,11 +34,27 @@ from pathlib import Path
 
 
 def main() -> int:
-    data, vbd, s1, phase1, disk, acked, work = sys.argv[1:8]
+    args = sys.argv[1:]
+    after = None
+    if args[:1] == ["--after"]:
+        after, args = args[1], args[2:]
+    data, vbd, s1, phase1, disk, acked, work = args[:7]
     s1, acked = int(s1), int(acked)
     from click.testing import CliRunner
 
     from xentap.cli import cli
+
+    if after:
+        import time
+
+        import engines.journal  # noqa: F401 - what `xentap journal` imports
+        import xentap.cli_journal  # noqa: F401
+        t0 = time.monotonic()
+        while not os.path.exists(after):
+            if time.monotonic() - t0 > 1500:
+                print(f"FAILED: {after} did not appear within 1500 s", flush=True)
+                return 1
+            time.sleep(0.5)
 
     runner = CliRunner()
 
