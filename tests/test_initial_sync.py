@@ -162,3 +162,27 @@ def test_the_ring_spills_while_the_initial_sync_is_sent(tmp_path, appliance):
         assert st["overflows"] == 0 and st["gaps"] == 0 and d.initial_syncs == 1
     finally:
         m.close()
+
+
+def test_an_appliance_ahead_of_a_new_stream_gets_the_whole_disk(tmp_path, appliance):
+    """dom0 lost its state (or a new sparse disk took an old one's uuid) while
+    the appliance kept the stream: its seqs are not this disk's writes, so
+    the new drainer resyncs the whole disk after them instead of having its
+    own first seqs taken as duplicates."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = Mirrored(tmp_path / "old", appliance)
+    try:
+        old.run(block_size=65536, queue_depth=4, max_ios=300, seed=12)
+        assert_replica_equals_source(old, appliance)
+        high = old.drainer.acked_seq
+    finally:
+        old.close()
+    new = Mirrored(tmp_path / "new", appliance, vbd_uuid=old.ident.vbd_uuid)
+    try:
+        new.run(block_size=4096, queue_depth=4, max_ios=50, seed=13)
+        assert_replica_equals_source(new, appliance)
+        d = new.drainer
+        assert d.restart_gaps == 1 and d.resync_first == high + 1 and d.initial_syncs == 0
+    finally:
+        new.close()

@@ -89,7 +89,8 @@ class Mirrored:
     """A guest whose VBD is mirrored to `appliance` through a drainer."""
 
     def __init__(self, tmp_path, appliance, *, ring=64 * MiB, spill_limit=256 * MiB,
-                 disk=32 * MiB, socket_setup=None, endpoint=None, prefill=(), **kw):
+                 disk=32 * MiB, socket_setup=None, endpoint=None, prefill=(), vbd_uuid=None,
+                 **kw):
         """`prefill`: (offset, bytes) the disk holds before it is mirrored."""
         self.image = tmp_path / "disk.img"
         with open(self.image, "wb") as f:
@@ -101,7 +102,7 @@ class Mirrored:
         self.g.vbd.disconnect()
         self.g.vbd.mirror_enable(ring)
         self.g.vbd.connect(self.g.transport, self.g.front.params)
-        self.ident = VbdIdentity(vbd_uuid=uuid.uuid4(), domid=3, devid=51712, vdev="xvda",
+        self.ident = VbdIdentity(vbd_uuid=vbd_uuid or uuid.uuid4(), domid=3, devid=51712, vdev="xvda",
                                  size_bytes=disk)
         self.drainer = Drainer(self.g.vbd, self.ident, endpoint or appliance.endpoint, image_path=str(self.image),
                                spill_dir=str(tmp_path / "spill"), spill_limit=spill_limit,

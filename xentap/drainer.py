@@ -237,7 +237,9 @@ class Drainer:
         self.initial_syncs = 0
         self.resync_started = 0.0
         self.data_runs: list[tuple[int, int]] = []
-        if initial_sync and not unclean and self.seq_base == 0 and not self.spill:
+        #: nothing of this stream was numbered before (no record, nothing spilled)
+        self.new_stream = not unclean and self.seq_base == 0 and not self.spill
+        if initial_sync and self.new_stream:
             self.data_runs = data_chunks(self.image_fd, ident.size_bytes, RESYNC_CHUNK)
             if self.data_runs:
                 self.takeover = True
@@ -500,6 +502,13 @@ class Drainer:
         self.sessions += 1
         self._hello_every = HELLO_EVERY
         self.credit = wire.CreditWindow()
+        if not self.takeover and self.new_stream and self.sessions == 1 and ack.acked_seq:
+            # A new stream's first session, yet the appliance holds seqs of it (dom0's
+            # state was lost; a new disk took an old one's uuid): they are not this
+            # disk's writes, and ours up to them would be taken as duplicates.
+            log.warning("%s: the appliance holds seqs up to %d of this new stream: "
+                        "resyncing the whole disk after them", self.ident.vdev, ack.acked_seq)
+            self.takeover, self.takeover_reason = True, wire.GapReason.RESTART
         if self.takeover:
             self._plan_takeover(ack.acked_seq)
         # What the appliance got in the last session but whose ACK was lost
@@ -566,7 +575,11 @@ class Drainer:
             self.resync_before.append(chunks)
             chunks += n
         self.resync_first, self.resync_last = start, start + chunks + 1
-        self.seq_base = self.resync_last
+        # the ring's oldest record follows RESYNC_END (records spilled before a new
+        # stream's first session keep their seqs: the resync reads their data again)
+        b = self.vbd.mirror_peek(0, 1)
+        oldest = b.first_seq if b is not None else self.vbd.mirror_stats()["next_seq"]
+        self.seq_base = self.resync_last + 1 - oldest
         self.takeover = False
         self.resync_started = time.monotonic()
         if initial:
