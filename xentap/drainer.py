@@ -37,7 +37,9 @@ data starts the same way, with GAP(INITIAL): the appliance's replica begins
 empty, so the disk's content is its first RESYNC (Zerto's "initial sync").
 Only the chunks with data are read (SEEK_DATA; a block device is all data)
 when the appliance holds nothing of the stream yet; a new, sparse disk needs
-no initial sync at all.
+no initial sync at all.  A new stream whose appliance already holds seqs of
+it in the first session (dom0's state was lost) is resynced whole after them
+with GAP(RESTART): those seqs are not this disk's writes.
 """
 from __future__ import annotations
 
