@@ -157,6 +157,8 @@ class _Vbd:
         self.dirty = False  # state changed since the last publication
         self.published = 0.0
         self.window: dict | None = None  # the journal's window as last published
+        self.skip_logged = 0.0  # when a skip was last logged, and skips since (one line
+        self.skips_unlogged = 0  # per 10 s: under a write flood every batch may skip)
         self._base_fd = -1
 
     # what the disk held before the stream (the journal's base image): blocks the
@@ -400,8 +402,15 @@ class Analysis:
                 first = v.next_seq
         if v.next_seq is not None and first != v.next_seq:
             v.skipped_ranges = (v.skipped_ranges + [(v.next_seq, first - 1)])[-8:]
-            log.warning("%s: seqs %d..%d were not analysed (analysis fell behind); analyzer "
-                        "restarted", v.uuid, v.next_seq, first - 1)
+            now = time.monotonic()
+            if now - v.skip_logged >= 10:
+                more = f" ({v.skips_unlogged} more such skips since the last line)" \
+                    if v.skips_unlogged else ""
+                log.warning("%s: seqs %d..%d were not analysed (analysis fell behind); "
+                            "analyzer restarted%s", v.uuid, v.next_seq, first - 1, more)
+                v.skip_logged, v.skips_unlogged = now, 0
+            else:
+                v.skips_unlogged += 1
             evs += v.start(first, "skipped seqs")
         a = v.analyzer
         st = self.stats
