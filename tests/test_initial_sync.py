@@ -59,7 +59,8 @@ def test_a_disk_with_data_reaches_the_replica_whole_through_its_initial_sync(tmp
         d = m.drainer
         st = d.stats()
         assert d.initial_syncs == 1 and st["gaps"] == 0 and st["overflows"] == 0
-        assert (d.resync_first, d.resync_last) == (1, 1 + 5 + 1)   # chunks 0-2, 20, 28
+        # the chunks with data: 0-3 MiB, 20 MiB, 28 MiB (4 MiB chunks: 0, 5, 7)
+        assert (d.resync_first, d.resync_last) == (1, 1 + 3 + 1)
         state = _state(appliance, m.ident.vbd_uuid)
         assert state["last_gap_seq"] == 1
         assert state["last_gap_reason"] == wire.GapReason.INITIAL
@@ -104,7 +105,7 @@ def test_nothing_counts_as_acknowledged_before_the_initial_sync(tmp_path):
     d = Drainer(g.vbd, ident, f"tcp://127.0.0.1:{port}", image_path=str(image),
                 spill_dir=str(tmp_path / "spill"), spill_limit=8 * MiB).start()
     try:
-        assert d.takeover and d.data_runs == [(0, MiB // RESYNC_CHUNK)]
+        assert d.takeover and d.data_runs == [(0, 1)] and RESYNC_CHUNK >= MiB
         assert not d.wait_acked(0.5)
     finally:
         d.stop()
@@ -148,7 +149,7 @@ def test_the_ring_spills_while_the_initial_sync_is_sent(tmp_path, appliance):
         deadline = time.monotonic() + 20
         while not d.in_session and time.monotonic() < deadline:
             d._poll(0.05)
-        assert d.in_session and not d.takeover and d.resync_last == 1 + 64 + 1
+        assert d.in_session and not d.takeover and d.resync_last == 1 + 64 * MiB // RESYNC_CHUNK + 1
         m.run(block_size=65536, queue_depth=4, max_ios=40, seed=10)     # 2.5 MiB
         assert m.g.vbd.mirror_stats()["used_bytes"] > dr.SPILL_AT * d.ring_size
         d._step()

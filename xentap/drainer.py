@@ -35,7 +35,7 @@ history is not write-ordered, and its replica equals the disk again.
 A new stream (seq_base 0, nothing spilled) on a disk that already holds
 data starts the same way, with GAP(INITIAL): the appliance's replica begins
 empty, so the disk's content is its first RESYNC (Zerto's "initial sync").
-Only the chunks with data are read (SEEK_DATA; a block device is all data)
+Only the chunks (4 MiB) with data are read (SEEK_DATA; a block device is all data)
 when the appliance holds nothing of the stream yet; a new, sparse disk needs
 no initial sync at all.  A new stream whose appliance already holds seqs of
 it in the first session (dom0's state was lost) is resynced whole after them
@@ -76,7 +76,8 @@ SPILL_AT = 0.25                 # ring fill above which a slow appliance means s
 STEP_BYTES = 16 << 20           # a step moves at most about this much (and STEP_FRAMES frames),
 STEP_FRAMES = 256               # then looks at the ring again (64 MiB sent in one step let a
                                 # disk-speed guest fill the ring before the drainer spilled)
-RESYNC_CHUNK = 1 << 20          # bytes per RESYNC of a takeover's full resync
+RESYNC_CHUNK = wire.MAX_BATCH_DATA_BYTES   # bytes per RESYNC of a full resync: as large as
+                                # one may be (1 MiB chunks synced 113 MiB/s on loopback, 4 MiB 167)
 LAG_SAMPLES = 65536
 STREAM_STATE = "stream"         # in the spill dir: {"last_seq": ..., "epoch": ...}
 _SEQ = struct.Struct("<Q")
@@ -363,8 +364,13 @@ class Drainer:
 
     def sync_progress(self) -> dict:
         """A full resync (a new stream's initial sync, or after an unclean end)
-        under way: its kind ("initial", "restart"; "" when none), and its
-        chunks the appliance acknowledged of all."""
+        under way: its kind ("initial", "restart"; "" when none), and the MiB
+        of its chunks the appliance acknowledged, of all."""
+        p = self._sync_chunks()
+        mib = RESYNC_CHUNK >> 20
+        return {"kind": p["kind"], "done": p["done"] * mib, "total": p["total"] * mib}
+
+    def _sync_chunks(self) -> dict:
         kind = "initial" if self.takeover_reason == wire.GapReason.INITIAL else "restart"
         if self.takeover:               # planned at the first session
             total = sum(n for _, n in self.data_runs) if kind == "initial" else \

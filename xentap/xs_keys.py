@@ -372,8 +372,8 @@ ST_MIRROR_GAPS = "mirror-gaps"              # GAPs sent (history not write-order
 ST_MIRROR_ERROR = "mirror-error"
 ST_MIRROR_SYNC = "mirror-sync"              # a full resync under way: "initial" (a new stream's
                                             # data) or "restart" (after an unclean end); "": none
-ST_MIRROR_SYNC_DONE = "mirror-sync-done"    # its chunks (1 MiB) the appliance acknowledged
-ST_MIRROR_SYNC_TOTAL = "mirror-sync-total"  # its chunks
+ST_MIRROR_SYNC_DONE = "mirror-sync-done"    # MiB of it the appliance acknowledged
+ST_MIRROR_SYNC_TOTAL = "mirror-sync-total"  # MiB it sends in all
 #: Mirror counters that add up over the VBD's life, like ST_CUMULATIVE.
 ST_MIRROR_CUMULATIVE = (ST_MIRROR_OVERFLOWS, ST_MIRROR_GAPS)
 #: Every mirror status key (removed when a VBD is not protected).
