@@ -1648,14 +1648,19 @@ def _replay_final(fd: int, plan: list, from_seq: int, to_seq: int, dctx,
             if hv.any():
                 h, _table, payload = _read_frame(plan[pi][0], e[4])
                 raw = memoryview(_payload(h, payload, dctx))
-            for s0, s1 in zip(starts.tolist(), ends.tolist()):
-                o, n = int(b[s0]) * g, (s1 - s0) * g
-                if hv[s0]:
-                    src = int(p[s0])
-                    _pwrite_all(fd, raw[src:src + n], o)
+            # one Python turn per run (a random 4 KiB workload: per block), so the
+            # runs' fields come as lists, not numpy scalars, and pwrite is called as is
+            pwrite = os.pwrite
+            for o, n, has, src, punch in zip((b[starts] * g).tolist(),
+                                             ((ends - starts) * g).tolist(),
+                                             hv[starts].tolist(), p[starts].tolist(),
+                                             pu[starts].tolist()):
+                if has:
+                    if pwrite(fd, raw[src:src + n], o) != n:
+                        _pwrite_all(fd, raw[src:src + n], o)     # a short write: again, whole
                     written += n
                 else:
-                    _zero_range(fd, o, n, bool(pu[s0]))
+                    _zero_range(fd, o, n, punch)
         if frame_done:
             frame_done(e[5])
     return written
