@@ -43,7 +43,7 @@
 #   write-ordered, while one before it is.
 # METRIC lines: boot times, image size, memory, catch-up after the restart.
 # xt-lane: appliance
-# xt-timeout: 1700
+# xt-timeout: 2400
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
 ap=xentap-appliance                        # the appliance domain's name
@@ -101,7 +101,7 @@ xentap_daemon_start "$dlog" --keys-dir "$keys" --state-dir "$XT_WORK/state" --dr
 appliance_start() {
     create_t0=$SECONDS
     "$XENTAP" appliance create --image "$XT_WORK/img" --ip 10.0.0.2/24 --keys "$keys" \
-        --journal "$journal" --journal-size 512M --wait 600 --open-wait 120 --json \
+        --journal "$journal" --journal-size 512M --wait 900 --open-wait 120 --json \
         "vif=[ 'mac=00:16:3e:78:74:02, bridge=xenbr0, script=$XT_REPO/xl_scripts/vif-xentap' ]" \
         > "$XT_WORK/create.out" 2> "$XT_WORK/create.err" &
     create_pid=$!
@@ -190,7 +190,7 @@ busybox ping -c 1 -W 5 10.0.0.2 >/dev/null || fail "dom0 cannot ping the applian
 wait_console "$name" XT-WAITING 300 || fail "guest: no XT-WAITING"
 go 1
 wait_console "$name" XT-PHASE1-DONE 300 || { tail -n 30 "$dlog"; fail "guest: no phase 1"; }
-caught_up 180 || { tail -n 30 "$dlog"; fail "the appliance did not acknowledge phase 1"; }
+caught_up 300 || { tail -n 30 "$dlog"; fail "the appliance did not acknowledge phase 1"; }
 [ "$(st mirror-overflows)" = 0 ] && [ "$(st mirror-gaps)" = 0 ] && [ "$(st errors)" = 0 ] &&
     [ -z "$(st mirror-error)" ] || fail "phase 1: $(mirror_line)"
 wait $status_pid || fail "xentap appliance status --json: $(cat "$XT_WORK/apstatus-cli.json")"

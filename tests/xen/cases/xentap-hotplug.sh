@@ -54,7 +54,9 @@ stv() { sed -n "s|^$st_b/$1 = \"\(.*\)\"\$|\1|p" "$XT_WORK/st_b.ls"; }
 echo "METRIC $name xvdb requests=$(stv requests) writes=$(stv writes) reads=$(stv reads) bytes_written=$(stv bytes-written)"
 
 t0=$SECONDS
-"$XENTAP" detach "$domid" xvdb || { tail -n 30 "$dlog"; fail "xentap detach"; }
+# (--timeout: the guest's blkfront has taken more than detach's default 10 s
+# to let go on a loaded host, with another case's appliance restarting)
+"$XENTAP" detach --timeout 120 "$domid" xvdb || { tail -n 30 "$dlog"; fail "xentap detach"; }
 log "detached after $((SECONDS - t0))s"
 for p in "$be_b" "$fe_b" "$st_b"; do
     xenstore-exists "$p" 2>/dev/null && fail "$p still there after detach"
