@@ -26,7 +26,10 @@ CPU per part over each timed drain (in cores = CPU seconds / drain seconds):
 the drainer's thread and libzmq's I/O threads (this process), the suite's
 xentap daemon (it serves the appliance domain's journal disk), the local
 appliance process, the appliance domain (`xl list` Time(s), read just before
-the release and just after the last ACK), and all of dom0 (/proc/stat).
+the release and just after the last ACK), and all of dom0 (/proc/stat: busy,
+and steal: its vCPUs runnable while Xen ran another domain or nothing of
+dom0's; per-process figures count some of that steal, so they can add up
+to more than dom0_busy).
 
 The loopback appliance is what the appliance domain runs (`python3 -m
 xentap.cli_appliance serve`, default credit and sync settings), here with its
@@ -35,7 +38,9 @@ appliance domain's journal is its ext4 disk, a xentap VBD the daemon serves
 from a file on dom0's tmpfs.
 
 Prints METRIC lines (`--metric` names them); exit 0 when every round was
-acknowledged with no spill, overflow, gap or reconnection.
+acknowledged with no spill, overflow or gap and the local appliance's replica
+equals its disk.  A reconnection of the drainer (no word from the appliance
+for xentap.drainer.DEAD_AFTER) is reported and stays in the round's time.
 """
 from __future__ import annotations
 
@@ -83,11 +88,12 @@ def _zmq_ticks() -> int:
     return total
 
 
-def _dom0_busy_ticks() -> int:
-    """All of dom0's CPUs, busy (user nice system irq softirq; not idle, iowait, steal)."""
+def _dom0_ticks() -> tuple[int, int]:
+    """All of dom0's CPUs: (busy: user nice system irq softirq; steal: runnable
+    while Xen ran something else -- the appliance domain, or nothing of dom0's)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    return v[0] + v[1] + v[2] + v[5] + v[6]
+    return v[0] + v[1] + v[2] + v[5] + v[6], v[7]
 
 
 def _domain_cpu_s(name: str | None) -> float | None:
@@ -191,7 +197,7 @@ class Side:
         dom_cpu0 = _domain_cpu_s(self.appliance_domain)
         tid = d._thread.native_id                   # noqa: SLF001
         c0 = (_ticks(f"/proc/self/task/{tid}/stat"), _zmq_ticks(), _proc_ticks(self.appliance_pid),
-              _proc_ticks(DAEMON_PID), _dom0_busy_ticks())
+              _proc_ticks(DAEMON_PID), *_dom0_ticks())
         samples = []
         t0 = time.monotonic()
         d.hold.clear()
@@ -213,7 +219,7 @@ class Side:
             time.sleep(0.002)
         t1 = time.monotonic()
         c1 = (_ticks(f"/proc/self/task/{tid}/stat"), _zmq_ticks(), _proc_ticks(self.appliance_pid),
-              _proc_ticks(DAEMON_PID), _dom0_busy_ticks())
+              _proc_ticks(DAEMON_PID), *_dom0_ticks())
         d.hold.set()
         dom_cpu1 = _domain_cpu_s(self.appliance_domain)
         secs = t1 - t0
@@ -223,7 +229,7 @@ class Side:
         hi = next((t, k) for t, k in samples if k >= 0.9 * nrec)
         steady = (hi[1] - lo[1]) * MiB / (hi[0] - lo[0]) / 1e6 if hi[0] > lo[0] else 0.0
         cpu = {k: (c1[i] - c0[i]) / TICK / secs
-               for i, k in enumerate(("drainer", "zmq", "appliance_proc", "daemon", "dom0_total"))}
+               for i, k in enumerate(("drainer", "zmq", "appliance_proc", "daemon", "dom0_busy", "dom0_steal"))}
         cpu["appliance_domain"] = ((dom_cpu1 - dom_cpu0) / secs
                                    if dom_cpu0 is not None and dom_cpu1 is not None else None)
         st1 = d.stats()
@@ -256,6 +262,7 @@ class Side:
 
 
 DAEMON_PID: int | None = None
+DEAD_AFTER = 10.0
 
 
 # ---------------------------------------------------------------- the local appliance
@@ -298,7 +305,7 @@ def start_local_appliance(workdir: str, dom0_keys: str, log_path: str):
 
 
 def main() -> int:
-    global DAEMON_PID
+    global DAEMON_PID, DEAD_AFTER
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="xentap-appliance", help="the appliance domain (found in xenstore)")
     ap.add_argument("--endpoint", help="instead of --name's: an appliance at this endpoint ...")
@@ -313,6 +320,8 @@ def main() -> int:
     ap.add_argument("--metric", default="appliance-throughput", help="name in the METRIC lines")
     a = ap.parse_args()
     DAEMON_PID = a.daemon_pid
+    from xentap import drainer as drainer_mod
+    DEAD_AFTER = drainer_mod.DEAD_AFTER
 
     from xentap import keys
 
@@ -381,11 +390,15 @@ def main() -> int:
             for s in (sides if n % 2 == 0 else sides[::-1]):
                 s.round(n + 1, say)
         rc = 0
-        bad = [r for s in sides for r in s.rounds
-               if r["reconnects"] or r["spill"] or r["overflows"] or r["gaps"]]
+        bad = [r for s in sides for r in s.rounds if r["spill"] or r["overflows"] or r["gaps"]]
         if bad:
-            say(f"rounds with a reconnection, spill, overflow or gap: {bad}")
+            say(f"rounds with a spill, overflow or gap: {bad}")
             rc = 1
+        for s in sides:
+            for r in s.rounds:
+                if r["reconnects"]:     # a figure, not a failure: the round's time includes it
+                    say(f"round {r['round']} {s.name}: the drainer reconnected {r['reconnects']} time(s) "
+                        f"(no word from the appliance for {DEAD_AFTER:.0f} s); its time includes that")
         # the loopback appliance's replica must equal its disk
         lo = sides[-1]
         rep = os.path.join(lo_data, str(lo.ident.vbd_uuid), "replica.img")
@@ -406,12 +419,14 @@ def main() -> int:
             say(f"METRIC {a.metric} {s.name} mb_s={m['mb_s']:.2f} records_s={m['rec_s']:.1f} "
                 f"steady_mb_s={m['steady_mb_s']:.2f} drain_s={m['drain_s']:.2f} "
                 f"first_ack_s={m['first_ack_s']:.2f} rounds={len(s.rounds)} "
+                f"reconnects={sum(r['reconnects'] for r in s.rounds)} "
                 f"range_mb_s={min(r['mb_s'] for r in s.rounds):.2f}-{max(r['mb_s'] for r in s.rounds):.2f}")
             say(f"METRIC {a.metric} cpu_{s.name} " + " ".join(f"{k}={v:.2f}" for k, v in cpu[s.name].items()))
         if "vif" in med:
             v, lo_m = med["vif"]["mb_s"], med["loopback"]["mb_s"]
             pairs = [x["mb_s"] / y["mb_s"] for x, y in zip(sides[0].rounds, sides[1].rounds)]
             say(f"METRIC {a.metric} vif_mb_s={v:.2f} loopback_mb_s={lo_m:.2f} ratio={v / lo_m:.3f} "
+                f"pair_ratio_median={statistics.median(pairs):.3f} "
                 f"pair_ratios={','.join(f'{p:.3f}' for p in pairs)} mib_per_round={a.size_mib} "
                 f"rounds={a.rounds} method=held-ring-drain-to-last-ack")
         say(f"done after {time.monotonic() - t_start:.1f} s")
