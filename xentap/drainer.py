@@ -366,21 +366,24 @@ class Drainer:
         """A full resync (a new stream's initial sync, or after an unclean end)
         under way: its kind ("initial", "restart"; "" when none), and the MiB
         of its chunks the appliance acknowledged, of all."""
-        p = self._sync_chunks()
-        mib = RESYNC_CHUNK >> 20
-        return {"kind": p["kind"], "done": p["done"] * mib, "total": p["total"] * mib}
-
-    def _sync_chunks(self) -> dict:
         kind = "initial" if self.takeover_reason == wire.GapReason.INITIAL else "restart"
         if self.takeover:               # planned at the first session
-            total = sum(n for _, n in self.data_runs) if kind == "initial" else \
-                -(-self.size_bytes // RESYNC_CHUNK)
-            return {"kind": kind, "done": 0, "total": total}
-        total = self.resync_last - self.resync_first - 1
-        if total < 0 or self.acked_seq >= self.resync_last:
-            return {"kind": "", "done": 0, "total": 0}
-        return {"kind": kind, "done": min(total, max(0, self.acked_seq - self.resync_first)),
-                "total": total}
+            total, done = sum(n for _, n in self._resync_runs(0)), 0
+        else:
+            total = self.resync_last - self.resync_first - 1
+            if total < 0 or self.acked_seq >= self.resync_last:
+                return {"kind": "", "done": 0, "total": 0}
+            done = min(total, max(0, self.acked_seq - self.resync_first))
+        mib = RESYNC_CHUNK >> 20
+        return {"kind": kind, "done": done * mib, "total": total * mib}
+
+    def _resync_runs(self, high_water: int) -> list[tuple[int, int]]:
+        """A full resync's chunks, as runs (first chunk, count): an initial sync to an
+        appliance that holds nothing of the stream (its replica is all zero) needs
+        only the chunks with data, any other every chunk of the disk."""
+        if self.takeover_reason == wire.GapReason.INITIAL and high_water == 0:
+            return self.data_runs
+        return [(0, -(-self.size_bytes // RESYNC_CHUNK))]
 
     # ---- the loop ----
 
@@ -570,13 +573,12 @@ class Drainer:
 
     def _plan_takeover(self, high_water: int) -> None:
         """The stream goes on after what the appliance and the spill log hold:
-        GAP(RESTART or INITIAL), a RESYNC per chunk of the disk, RESYNC_END,
-        then the ring.  An initial sync to an appliance that holds nothing of
-        the stream sends only the chunks with data (its replica is all zero)."""
+        GAP(RESTART or INITIAL), a RESYNC per chunk of :meth:`_resync_runs`,
+        RESYNC_END, then the ring."""
         start = max(high_water, self.spill.last_seq) + 1
         total = -(-self.size_bytes // RESYNC_CHUNK)
         initial = self.takeover_reason == wire.GapReason.INITIAL
-        self.resync_runs = self.data_runs if initial and high_water == 0 else [(0, total)]
+        self.resync_runs = self._resync_runs(high_water)
         self.resync_before = []
         chunks = 0
         for _, n in self.resync_runs:
