@@ -155,9 +155,10 @@ def test_the_ring_spills_while_the_initial_sync_is_sent(tmp_path, appliance):
         d._step()
         assert d.spill.size > 0 and d._resync_unsent()
         d.start()
-        # the rest of the sync, beside a busy guest (at a pace a 4 MiB ring absorbs)
-        m.run(block_size=4096, queue_depth=8, max_ios=4000, size=64 * MiB, seed=11,
-              rate_iops=4000)
+        # the rest of the sync, beside a busy guest (at a pace a 4 MiB ring absorbs:
+        # 16 MB/s overflowed it in 1 of 5 runs of the whole suite)
+        m.run(block_size=4096, queue_depth=8, max_ios=2000, size=64 * MiB, seed=11,
+              rate_iops=2000)
         assert_replica_equals_source(m, appliance)
         st = d.stats()
         assert st["overflows"] == 0 and st["gaps"] == 0 and d.initial_syncs == 1

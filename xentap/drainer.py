@@ -620,7 +620,7 @@ class Drainer:
         data = os.pread(self.image_fd, min(RESYNC_CHUNK, self.size_bytes - off), off)
         return _resync(sid, ep, seq, off // wire.SECTOR_SIZE, data)
 
-    def _send_resync(self, frames: int = 8) -> bool:
+    def _send_resync(self, frames: int) -> bool:
         """Sends up to `frames` of the takeover's frames after sent_seq, within credit."""
         did = False
         for _ in range(frames):
@@ -664,7 +664,7 @@ class Drainer:
                     budget = 1      # still filling: one frame keeps the appliance fed
         if self.in_session:     # in seq order: spilled, a takeover's frames, spilled, ring
             if self._resync_unsent() and self.sent_seq + 1 >= self.resync_first:
-                busy |= self._send_resync(1 if budget == 1 else 8)
+                busy |= self._send_resync(max(1, budget // RESYNC_CHUNK))
             else:
                 busy |= self._send_spilled(budget)
                 if not self._spill_unsent() and not self._resync_unsent():
