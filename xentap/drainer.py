@@ -736,6 +736,10 @@ class Drainer:
             except StopIteration:
                 self.spill_cursor = None
                 break
+            if last <= self.sent_seq:
+                # a cursor reads on into entries appended after it began: sent
+                # batches the ring spilled since (sent is not acknowledged)
+                continue
             payload = len(frame)
             if self._resync_unsent() and first >= self.resync_first:
                 self.spill_cursor = None        # the takeover's frames come first
@@ -750,6 +754,8 @@ class Drainer:
             self._sent(last, len(frame), _oldest_ts(frame), first)
             moved += len(frame)
             did = True
+        if not self._spill_unsent():
+            self.spill_cursor = None
         return did
 
     def _send_from_ring(self, budget: int = STEP_BYTES) -> bool:

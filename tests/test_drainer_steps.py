@@ -1,0 +1,62 @@
+"""The drainer's steps, driven one by one (no thread, no appliance): what it
+sends, in which order, as the ring fills and spills."""
+from __future__ import annotations
+
+import uuid
+
+from tests.test_mirror_ring import image, mirrored  # noqa: F401 - fixture
+from xentap import drainer as dr
+from xentap import wire
+
+
+def _drainer(tmp_path, g, image):  # noqa: F811
+    ident = dr.VbdIdentity(vbd_uuid=uuid.uuid4(), domid=3, devid=51712, vdev="xvda",
+                           size_bytes=32 << 20)
+    d = dr.Drainer(g.vbd, ident, "tcp://127.0.0.1:9", image_path=str(image),
+                   spill_dir=str(tmp_path / "spill"), spill_limit=64 << 20)
+    d.in_session = True
+    d.credit.on_ack(wire.Ack(stream_id=ident.stream_id, epoch=d.epoch, acked_seq=0,
+                             credit_bytes=1 << 30, credit_msgs=1 << 20))
+    sent: list[tuple[int, int]] = []
+
+    def send(frame) -> bool:
+        msg = wire.decode(frame)
+        seqs = [r.seq for r in msg.records]
+        sent.append((seqs[0], seqs[-1]))
+        return True
+
+    d._send = send
+    return d, sent
+
+
+def _write(g, n: int, seed: int) -> None:
+    res = g.front.run(block_size=4096, queue_depth=4, read_pct=0, size=8 << 20,
+                      max_ios=n, seed=seed)
+    assert res["errors"] == 0
+
+
+def test_a_spill_cursor_left_behind_never_sends_a_seq_again(tmp_path, image):  # noqa: F811
+    """While the ring fills, a step sends one spilled frame (budget 1) and keeps
+    its cursor into the spill log.  When that frame was the last unsent one,
+    the ring's records go next; once sent, they are spilled too (sent is not
+    acknowledged).  The cursor kept from before read on into those entries:
+    it sent seqs of this session again, and the appliance ended the session
+    (bench mirror, 4 KiB: "duplicate of an already received seq")."""
+    g = mirrored(tmp_path, image)
+    d, sent = _drainer(tmp_path, g, image)
+    try:
+        _write(g, 20, 1)
+        assert d._spill_from_ring()             # seqs 1..20 spilled, unsent
+        assert d._send_spilled(budget=1)        # sent; the cursor stays
+        assert not d._spill_unsent()
+        _write(g, 20, 2)
+        assert d._send_from_ring()              # 21..40 sent from the ring
+        assert d._spill_from_ring()             # ... and spilled, unacknowledged
+        _write(g, 20, 3)
+        assert d._spill_from_ring()             # 41..60 spilled, unsent
+        while d._send_spilled():
+            pass
+        assert sent == [(1, 20), (21, 40), (41, 60)]
+    finally:
+        d.close(drain_timeout=0)
+        g.close()
