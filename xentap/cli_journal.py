@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -320,7 +321,7 @@ def _restore(j, u: str, tgt: Path, target_seq: int, as_json: bool) -> dict:
     if as_json:
         return j.restore(tgt, seq=target_seq)
     with click.progressbar(length=1, label=f"restoring {u} to seq {target_seq}",
-                           file=click.get_text_stream("stderr")) as bar:
+                           file=sys.stderr) as bar:
         def progress(done, total):
             bar.length = max(total, 1)
             bar.update(done - bar.pos)
@@ -357,7 +358,7 @@ def verify_cmd(vbd: str, data_dir: str, as_json: bool) -> None:
             res = j.verify()
         else:
             with click.progressbar(length=max(j.journal_bytes, 1), label=f"verifying {u}",
-                                   file=click.get_text_stream("stderr")) as bar:
+                                   file=sys.stderr) as bar:
                 res = j.verify(progress=lambda done, total: bar.update(done - bar.pos))
     finally:
         j.close()
@@ -538,7 +539,7 @@ def export_trace_cmd(vbd: str, output: str, to_seq, force: bool, data_dir: str,
                 total = sum(e[5] for s in j.segments for e in j._idx_entries(s)
                             if e[0] <= end)
                 with click.progressbar(length=max(total, 1), label=f"exporting {u}",
-                                       file=click.get_text_stream("stderr")) as bar:
+                                       file=sys.stderr) as bar:
                     fig = export_trace(j, tmp, end, progress=bar.update)
             os.replace(tmp, out)
         except JournalCliError:
