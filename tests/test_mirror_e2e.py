@@ -241,9 +241,12 @@ def test_burst_larger_than_the_ring_with_the_appliance_paused_keeps_every_write(
         m.run(block_size=4096, queue_depth=4, max_ios=100)
         assert m.drainer.wait_acked(30)
         appliance.pause()
-        # 96 MiB, half again the ring, from one guest queue of small writes (a
-        # disk-speed burst outruns a Python drainer on 2 cores: see the README).
-        m.run(block_size=8192, queue_depth=1, max_ios=12288, size=32 * MiB, seed=4)
+        # 96 MiB, half again the ring, from one guest queue of small writes, at
+        # 32 MB/s: at disk speed (100-200 MB/s here) the guest outran the
+        # drainer's spilling on 2 cores shared with other work, and the ring
+        # overflowed in 1 of 6 runs beside the Xen suite (see the README).
+        m.run(block_size=8192, queue_depth=1, max_ios=12288, size=32 * MiB, seed=4,
+              rate_iops=4000)
         st = m.drainer.stats()
         assert st["spill_bytes"] > 32 * MiB, st
         appliance.resume()
