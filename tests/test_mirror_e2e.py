@@ -27,8 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(endpoint, data_dir, keys_dir, allowed_dir, ready):
+def _serve(endpoint, data_dir, keys_dir, allowed_dir, ready, log_path=None):
+    import logging
     from appliance_domu.receiver import Receiver
+    if log_path:        # what the receiver warns of, for the test to read
+        h = logging.FileHandler(log_path)
+        h.setLevel(logging.WARNING)
+        h.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.getLogger().addHandler(h)
     curve = keys.CurveServer.from_dir(keys_dir, allowed_dir)
     rx = Receiver(endpoint, data_dir, curve=curve)
     rx.bind()
@@ -49,13 +55,15 @@ class Appliance:
         keys.create(self.keys, keys.DOM0_NAME)
         shutil.copy(keys.paths(self.keys, keys.DOM0_NAME)[0], self.allowed)
         self.endpoint = f"tcp://127.0.0.1:{port or free_port()}"
+        self.log = tmp_path / "appliance-warnings.log"
         self.proc = None
 
     def start(self):
         ctx = mp.get_context("fork")
         ready = ctx.Event()
         self.proc = ctx.Process(target=_serve, args=(self.endpoint, str(self.dir), str(self.keys),
-                                                     str(self.allowed), ready), daemon=True)
+                                                     str(self.allowed), ready, str(self.log)),
+                                daemon=True)
         self.proc.start()
         assert ready.wait(20), "appliance did not start"
         return self
@@ -79,6 +87,14 @@ class Appliance:
         c = keys.CurveClient.from_files(keys.paths(k, dom0_name)[1],
                                         keys.paths(self.keys, keys.APPLIANCE_NAME)[0])
         return lambda s: keys.configure_client(s, c)
+
+    def rejections(self) -> list[str]:
+        """The frames the receiver rejected as protocol violations (a session
+        ended): a correct drainer sends none, whatever the appliance and the
+        link do to it."""
+        if not self.log.exists():
+            return []
+        return [ln for ln in self.log.read_text().splitlines() if "frame rejected" in ln]
 
     def replica(self, vbd_uuid) -> bytes | None:
         p = self.dir / str(vbd_uuid) / "replica.img"
@@ -128,6 +144,7 @@ def appliance(tmp_path):
     a = Appliance(tmp_path).start()
     yield a
     a.stop()
+    assert not a.rejections()
 
 
 def assert_replica_equals_source(m: Mirrored, appliance: Appliance, timeout=60):
