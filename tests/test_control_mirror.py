@@ -235,6 +235,7 @@ def appliance_proc(tmp_path):
     a = Appliance(tmp_path).start()
     yield a
     a.stop()
+    assert not a.rejections()
 
 
 # --- 3. following an appliance domain to its new address ----------------------------------
@@ -249,7 +250,7 @@ def start_spawned(a: Appliance) -> None:
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     a.proc = ctx.Process(target=_serve, args=(a.endpoint, str(a.dir), str(a.keys),
-                                              str(a.allowed), ready), daemon=True)
+                                              str(a.allowed), ready, str(a.log)), daemon=True)
     a.proc.start()
     assert ready.wait(60), "appliance did not start"
 

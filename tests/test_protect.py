@@ -77,6 +77,7 @@ def appliance(tmp_path):
     a = Appliance(tmp_path).start()
     yield a
     a.stop()
+    assert not a.rejections()
 
 
 @pytest.fixture
