@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import threading
 import time
 
 from pyxs import Client
@@ -193,3 +194,46 @@ def test_counters_add_up_over_reconnections(xentap_env):
     env.wait_for(lambda: int(_counters(env, B, devid)[K.ST_WRITES]) >= first + 50,
                  what="counters added up")
 
+
+
+def test_an_idle_vbds_status_costs_one_write_a_round_and_a_busy_ones_what_changed(xentap_env):
+    """Every key of every VBD every second was about forty xenstore writes per
+    VBD a second, each one an event for every watcher of the subtree: an idle
+    VBD now costs its sample time, a busy one the keys that changed."""
+    env = xentap_env
+    env.guest(A)
+    devid = env.attach(A, env.image(), "xvda")
+    f = env.front(A, "xvda")
+    st = K.status_path(A, devid)
+    env.wait_for(lambda: env.xs.read(f"{st}/{K.ST_STATE}") == "Connected", what="status")
+    time.sleep(0.5)                          # the rounds that follow the handshake
+
+    def written(seconds: float) -> dict[str, int]:
+        """Status keys written in `seconds` (five rounds a second here), and how often."""
+        counts: dict[str, int] = {}
+        with Client(unix_socket_path=env.socket) as c, c.monitor() as m:
+            m.watch(st.encode(), b"st")
+            m.events.get(timeout=2)          # the watch's first event
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0:
+                try:
+                    ev = m.events.get(timeout=left)
+                except Exception:            # queue.Empty
+                    break
+                key = ev.path.decode()[len(st) + 1:]
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    idle = written(1.0)
+    assert set(idle) == {K.ST_UPDATED} and idle[K.ST_UPDATED] >= 3, idle
+    result: dict = {}
+    io = threading.Thread(target=lambda: result.update(f.run(
+        block_size=4096, queue_depth=4, read_pct=0, max_ios=4000, rate_iops=2000)))
+    io.start()
+    busy = written(1.0)                      # while the guest writes
+    io.join()
+    assert result["errors"] == 0
+    assert {K.ST_WRITES, K.ST_BYTES_WRITTEN, K.ST_REQUESTS, K.ST_UPDATED} <= set(busy), busy
+    assert not {K.ST_READS, K.ST_TARGET, K.ST_STATE, K.ST_ERRORS} & set(busy), busy
+    env.wait_for(lambda: env.xs.read(f"{st}/{K.ST_WRITES}") == str(
+        env.daemon.devices[(A, devid)].vbd.stats()["reqs_write"]), what="the last count")

@@ -4,7 +4,10 @@ One thread, one xenstore connection.  Watches on the backend root and
 ``@releaseDomain`` (and on each VBD's frontend ``state``) wake a
 :class:`~xentap.xenbus.BackendDevice` whose :meth:`step` does the handshake;
 every second the daemon publishes each VBD's counters under
-``/local/domain/0/xentap/vbd/<domid>/<devid>`` (see xs_keys).
+``/local/domain/0/xentap/vbd/<domid>/<devid>`` (see xs_keys): the keys whose
+value changed and the sample's time, and every key every
+``FULL_STATUS_EVERY`` seconds (an idle VBD costs xenstored one write a
+second, not forty, and its watchers one event).
 
 A protected VBD (``protect`` in its backend node, see xentap.protect) is a
 :class:`ProtectedDevice`: its shim's mirror ring is on before the shim
@@ -46,6 +49,7 @@ from xentap.xenbus import (BackendDevice, BackendNode, ServeOptions, TransportFa
 
 log = logging.getLogger("xentap.daemon")
 
+FULL_STATUS_EVERY = 30.0        # seconds: every status key is written again (see publish_status)
 _TOKEN_BACKEND = b"xentap-backend"
 _TOKEN_RELEASE = b"xentap-release"
 _TOKEN_FRONTEND = b"xentap-fe:"
@@ -437,6 +441,9 @@ class Daemon:
         self._xs: Xs | None = None
         self._monitor = None
         self._watched: set[tuple[int, int]] = set()
+        #: status path -> key -> the value last written there (publish_status)
+        self._published: dict[str, dict[str, str]] = {}
+        self._full_status_at = 0.0
 
     def stop(self) -> None:
         """Asks run() to return (from a signal handler or another thread)."""
@@ -588,6 +595,7 @@ class Daemon:
                 log.debug("%s: unwatch: %s", dev.name, e.strerror)
             self._watched.discard(key)
         self._xs.rm(K.status_path(*key))
+        self._published.pop(K.status_path(*key), None)
         parent = f"{K.STATUS_ROOT}/{dev.domid}"
         if self._xs.ls(parent) == []:
             self._xs.rm(parent)
@@ -687,13 +695,18 @@ class Daemon:
             d.mirror_retry()
             if d.mirror_follow(resolved):
                 self._step(d)
-        samples: list[tuple[str, dict[str, Any]]] = [
-            (K.status_path(d.domid, d.devid), d.status()) for d in self.devices.values()]
+        full = time.monotonic() >= self._full_status_at
+        changes: dict[str, dict[str, str]] = {}
+        for d in self.devices.values():
+            path = K.status_path(d.domid, d.devid)
+            last = {} if full else self._published.get(path, {})
+            changes[path] = {k: v for k, v in ((k, str(v)) for k, v in d.status().items())
+                             if last.get(k) != v}
 
         def tx(t: Xs) -> None:
             t.write(f"{K.DAEMON_PATH}/{K.DAEMON_HEARTBEAT}", now)
-            for path, st in samples:
-                for key, value in st.items():
+            for path, diff in changes.items():
+                for key, value in diff.items():
                     if value == "":
                         t.rm(f"{path}/{key}")
                     else:
@@ -701,10 +714,20 @@ class Daemon:
                 t.write(f"{path}/{K.ST_UPDATED}", now)
 
         try:
-            self._ensure_root(xs)
+            if full:
+                self._ensure_root(xs)
             xs.transaction(tx)
         except XenstoreError as e:
             log.warning("publishing status: %s", e.strerror)
+            self._full_status_at = 0.0          # what was written is not known: all next time
+            return
+        if full:
+            self._published = {}
+            self._full_status_at = time.monotonic() + FULL_STATUS_EVERY
+        for path, diff in changes.items():
+            self._published.setdefault(path, {}).update(diff)
+        for path in self._published.keys() - changes.keys():
+            del self._published[path]           # a VBD gone
 
     def _shutdown(self, xs: Xs) -> None:
         connected = xs.connected
