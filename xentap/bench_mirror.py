@@ -266,7 +266,7 @@ class _Side:
             r["wakes"] = {k: (w_end[k] - w0[k]) / wall for k in w1 if k != "spilled_bytes"}
             r["spilled_mib"] = (w1["spilled_bytes"] - w0["spilled_bytes"]) / MiB
             r["overflows"] = self.side.vbd.mirror_stats()["overflows"] - over0
-            r["lag_ms"] = d.stats()["lag_ms"]
+            r["lag_ms"] = d.stats(lag_window=None)["lag_ms"]     # the whole run
         return r
 
 

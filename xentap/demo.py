@@ -213,7 +213,7 @@ def _datapath(workdir: str, size: int, seconds: float, appliance: LocalAppliance
             st = vbd.stats()
             echo("demo: waiting for the appliance to acknowledge every write ...")
             caught_up = drainer.wait_acked(120)
-            mirror = drainer.stats()
+            mirror = drainer.stats(lag_window=None)     # the whole demo
         finally:
             if drainer:
                 drainer.stop()
