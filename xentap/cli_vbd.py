@@ -133,8 +133,11 @@ def daemon(transport: str, sim_dir: str | None, engine: str, direct: str, poll_u
     else:
         shim.Transport.xen().close()            # fail now, in one line, without Xen
         factory = xen_transports()
+    # Times on each line when they go to a file (journald and a terminal need none).
+    stamp = not sys.stderr.isatty() and "JOURNAL_STREAM" not in os.environ
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
-                        format="xentap: %(message)s")
+                        format=("%(asctime)s.%(msecs)03d " if stamp else "") + "xentap: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
     d = Daemon(factory, transport_name=transport, xenstore_socket=xenstore_socket,
                serve=ServeOptions(engine=engine, poll_us=poll_us,
                                   direct={"auto": "auto", "on": True, "off": False}[direct]),
