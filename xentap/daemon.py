@@ -49,6 +49,7 @@ from xentap.xenbus import (BackendDevice, BackendNode, ServeOptions, TransportFa
 
 log = logging.getLogger("xentap.daemon")
 
+SLOW_TURN = 2.0                 # seconds: a turn of the main loop this long is logged
 FULL_STATUS_EVERY = 30.0        # seconds: every status key is written again (see publish_status)
 _TOKEN_BACKEND = b"xentap-backend"
 _TOKEN_RELEASE = b"xentap-release"
@@ -497,13 +498,25 @@ class Daemon:
                         pending.add(self._classify(self._monitor.events.get_nowait()))
                     except queue.Empty:
                         break
+                t0 = time.monotonic()
                 self._handle(pending)
+                self._note_slow("handling xenstore events", t0)
             retry = [d for d in self.devices.values() if d.wants_retry]
             for dev in retry:
                 self._step(dev)
             if time.monotonic() >= next_status:
+                t0 = time.monotonic()
                 self.publish_status()
+                self._note_slow("a status round", t0)
                 next_status = time.monotonic() + self.status_interval
+
+    @staticmethod
+    def _note_slow(what: str, t0: float) -> None:
+        """A log line when one turn of the loop held up every VBD's handshake
+        and detach (and the status) for long: where a slow daemon's time went."""
+        took = time.monotonic() - t0
+        if took > SLOW_TURN:
+            log.warning("%s took %.1f s", what, took)
 
     def _classify(self, event) -> tuple:
         path = event.path.decode("latin-1")
