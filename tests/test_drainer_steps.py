@@ -77,3 +77,26 @@ def test_status_lag_figures_are_of_the_recent_frames_a_benchmark_gets_all(tmp_pa
     finally:
         d.close(drain_timeout=0)
         g.close()
+
+
+def test_a_few_writes_wait_for_more_a_full_batch_goes_at_once(tmp_path, image, monkeypatch):  # noqa: F811
+    """Each frame costs about as much as its records (drainer, libzmq, the
+    appliance): a few writes wait up to GATHER_NS after the first one's
+    completion for more; GATHER_BYTES of them go at once."""
+    g = mirrored(tmp_path, image)
+    d, sent = _drainer(tmp_path, g, image)
+    try:
+        _write(g, 4, 1)
+        first_ts = int.from_bytes(g.vbd.mirror_peek().data[8:16], "little")
+        monkeypatch.setattr(dr, "_now_ns", lambda: first_ts + dr.GATHER_NS - 1)
+        assert not d._send_from_ring() and sent == []
+        assert d._gathering == first_ts + dr.GATHER_NS
+        monkeypatch.setattr(dr, "_now_ns", lambda: first_ts + dr.GATHER_NS)
+        assert d._send_from_ring() and sent == [(1, 4)]
+        n = dr.GATHER_BYTES // (4096 + wire.RECORD_HEADER_SIZE) + 1
+        _write(g, n, 2)
+        monkeypatch.setattr(dr, "_now_ns", lambda: first_ts)      # young, but enough of them
+        assert d._send_from_ring() and sent == [(1, 4), (5, 4 + n)]
+    finally:
+        d.close(drain_timeout=0)
+        g.close()
