@@ -332,6 +332,11 @@ static int queue_setup(xt_vbd *v, struct xt_queue *q, const struct xt_ring_param
     if (pthread_create(&q->thread, NULL, xt_queue_main, q) != 0)
         return xt_fail(err, EAGAIN, "cannot start the queue thread");
     q->thread_started = true;
+    /* "xt-d5-q0": which guest a busy thread serves, in top -H and ps -L
+     * (at most 15 characters; a longer name would only be cut) */
+    char name[16];
+    snprintf(name, sizeof(name), "xt-d%u-q%u", p->domid, q->idx);
+    pthread_setname_np(q->thread, name);
     return 0;
 }
 

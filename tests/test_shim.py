@@ -400,3 +400,11 @@ def test_direct_auto_serves_a_guest(tmp_path, mount_4k_sectors):
 def test_unknown_direct_mode_is_refused(image):
     with pytest.raises(ValueError, match="direct must be"):
         Vbd(image, direct="sometimes")
+
+
+def test_queue_threads_are_named_for_their_guest_and_queue(guest_factory):
+    """`top -H` and `ps -L` in dom0 say which guest's queue a busy thread serves."""
+    import os
+    guest_factory(domid=7, queues=2)
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    assert sorted(n for n in names if n.startswith("xt-")) == ["xt-d7-q0", "xt-d7-q1"]
