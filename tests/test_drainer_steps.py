@@ -97,6 +97,10 @@ def test_a_few_writes_wait_for_more_a_full_batch_goes_at_once(tmp_path, image, m
         _write(g, n, 2)
         monkeypatch.setattr(dr, "_now_ns", lambda: first_ts)      # young, but enough of them
         assert d._send_from_ring() and sent == [(1, 4), (5, 4 + n)]
+        # the clock set back an hour: the writes wait GATHER_NS from now, not an hour
+        _write(g, 4, 3)
+        monkeypatch.setattr(dr, "_now_ns", lambda: first_ts - 3600 * 10**9)
+        assert not d._send_from_ring() and d._gathering == first_ts - 3600 * 10**9 + dr.GATHER_NS
     finally:
         d.close(drain_timeout=0)
         g.close()
