@@ -31,18 +31,44 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from construct import ConstructError
-
-from xentap import keys as keys_mod
-from xentap import shim, wire
 from xentap import xs_keys as K
 from xentap.appliance_node import ENDPOINT_RE, is_z85_key, read_appliance_status
-from xentap.drainer import Drainer, VbdIdentity, read_stream_state
+
+# (xentap.keys (zmq), xentap.drainer, xentap.shim, xentap.wire and construct
+# are imported where they are used: `xentap create`/`attach` import this
+# module for check_protect and its defaults, and under Xen-in-QEMU every
+# import is seconds of emulated CPU: zmq and the drainer were 2/3 of them.)
+if TYPE_CHECKING:
+    from xentap import shim
+    from xentap.drainer import Drainer
+
+_preloading: threading.Thread | None = None
+
+
+def _preload_mirror_modules() -> None:
+    """Imports what a drainer needs in a thread of its own, once: the daemon
+    makes a Mirror when a protected VBD is opened, well before its appliance
+    can be reached, so that the drainer's start (in Mirror.start, once the
+    appliance announced itself) does not wait for zmq and the drainer to be
+    imported (tens of seconds in an emulated dom0: the guest may have
+    written by then, and a new stream's drainer takes what the disk holds
+    when it starts as its initial sync)."""
+    global _preloading
+    if _preloading is not None:
+        return
+
+    def body() -> None:
+        import xentap.drainer  # noqa: F401
+        import xentap.keys  # noqa: F401
+
+    _preloading = threading.Thread(target=body, daemon=True, name="xentap-mirror-imports")
+    _preloading.start()
 
 log = logging.getLogger("xentap.protect")
 
@@ -77,6 +103,7 @@ def check_protect(value: str) -> str:
 
 def load_protect_key(path: str) -> str:
     """The Z85 public key in file ``path``; OSError/ValueError with the path."""
+    from xentap import keys as keys_mod
     return keys_mod.load_public(path).decode("ascii")
 
 
@@ -126,6 +153,7 @@ def resolve(xs, protect: str, key: str | None, keys_dir: str) -> Target:
             if not is_z85_key(key):
                 raise ValueError(f"{K.BE_PROTECT_KEY} is not a 40-character Z85 key")
             return Target(protect, key.encode())
+        from xentap import keys as keys_mod
         path = keys_mod.paths(keys_dir, keys_mod.APPLIANCE_NAME)[0]
         return Target(protect, keys_mod.load_public(path))
     domid = find_appliance(xs, protect)
@@ -142,8 +170,12 @@ class Mirror:
     """The mirror of one protected VBD (see the module's docstring)."""
 
     def __init__(self, *, vbd_uuid: uuid.UUID, domid: int, devid: int, target: Target,
-                 keys_dir: str, state_dir: str, ring_bytes: int = shim.DEFAULT_MIRROR_RING,
+                 keys_dir: str, state_dir: str, ring_bytes: int | None = None,
                  spill_limit: int = DEFAULT_SPILL_LIMIT):
+        if ring_bytes is None:
+            from xentap import shim
+            ring_bytes = shim.DEFAULT_MIRROR_RING
+        _preload_mirror_modules()
         self.vbd_uuid = vbd_uuid
         self.domid, self.devid = domid, devid
         self.target = target
@@ -162,6 +194,8 @@ class Mirror:
         """Starts draining ``vbd``'s ring, going on with the stream where the
         previous drainer of this VBD left it.  OSError/ValueError when dom0's
         keys are missing."""
+        from xentap import keys as keys_mod
+        from xentap.drainer import Drainer, VbdIdentity, read_stream_state
         pub, sec = keys_mod.load_secret(keys_mod.paths(self.keys_dir, keys_mod.DOM0_NAME)[1])
         client = keys_mod.CurveClient(pub, sec, self.target.public_key)
         prev = read_stream_state(self.spill_dir)
@@ -220,6 +254,7 @@ def spill_drained(directory: str) -> bool:
     last drainer closed cleanly (nothing lost) and left no spill segment
     (the segments of acknowledged writes are deleted as acks come), so
     every write of the stream was acknowledged."""
+    from xentap.drainer import read_stream_state
     return read_stream_state(directory)["clean"] and not spill_segments(directory)
 
 
@@ -243,6 +278,7 @@ def remove_spill_dir(directory: str, why: str) -> None:
         shutil.rmtree(directory, ignore_errors=True)
         log.info("%s: removed %s (every write acknowledged)", why, directory)
     else:
+        from xentap.drainer import read_stream_state
         log.warning("%s: keeping %s: %d bytes of writes the appliance has not acknowledged%s",
                     why, directory, spilled_bytes(directory),
                     "" if read_stream_state(directory)["clean"]
@@ -254,6 +290,7 @@ def remove_spill_dir(directory: str, why: str) -> None:
 def _frame_time_ns(frame: bytes) -> int | None:
     """The completion time of the first write a spilled frame carries (None
     for frames without one, or one torn by a concurrent append)."""
+    from xentap import wire
     try:
         msg = wire.decode(frame)
     except wire.WireError:
@@ -312,6 +349,7 @@ class UnackedAge:
         """The date of the first spilled frame after ``acked_seq`` (read while
         the drainer's thread appends and trims: a vanished segment or a torn
         frame is simply not a date)."""
+        from construct import ConstructError
         spill = drainer.spill
         try:
             if spill.last_seq <= acked_seq:
