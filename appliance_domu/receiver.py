@@ -527,6 +527,7 @@ class Receiver:
             self._sync_async(rep)
 
     def _on_hello(self, key, peer_name: str, route: bytes, buf, sess: Session | None) -> None:
+        t0 = time.monotonic()
         st = self.stats
         stream_id = key[1]
         try:
@@ -602,8 +603,9 @@ class Receiver:
         self.sessions[key] = new
         self._bound_session[vbd] = new
         st["hellos"] += 1
-        log.info("%s: session from %s, next seq %d, durable %d%s", checker.vbd, peer_name,
-                 hello.next_seq, rep.durable_seq, " (resync open)" if checker.in_resync else "")
+        log.info("%s: session from %s, next seq %d, durable %d%s (HELLO handled in %.2f s)",
+                 checker.vbd, peer_name, hello.next_seq, rep.durable_seq,
+                 " (resync open)" if checker.in_resync else "", time.monotonic() - t0)
         self._ack(new)
 
     def _reject(self, sess: Session, e: wire.WireError) -> None:
