@@ -170,21 +170,54 @@ xentap_appliance_stop() {
 # overrides, as an administrator would; sets $domid.  XT_GUEST_RAMDISK and
 # XT_GUEST_MEMORY change the initramfs and the memory (MiB); XT_GUEST_DISK,
 # when set, is the config's `disk` (disks of other backends beside xentap's).
+# With a case's xentap server running (xentap_server_start, below), the
+# command runs there.
 xentap_guest_create() {
+    _xt_create_args "$@"
+    if [ -n "${xt_srv_pid:-}" ]; then
+        xentap_cmd "${_xt_args[@]}" > "$XT_WORK/xentap-create.out" 2>&1
+    else
+        "$XENTAP" "${_xt_args[@]}" > "$XT_WORK/xentap-create.out" 2>&1
+    fi || { cat "$XT_WORK/xentap-create.out"; return 1; }
+    _xt_created "$1"
+}
+# xentap_guest_create_after GOFILE NAME WORKLOAD VCPUS "EXTRA" DISK_SPEC...: the
+# same `xentap create`, its interpreter started now (tests/xen/xentap-after.py:
+# tens of seconds of emulated imports while the case waits for something
+# else), run once GOFILE exists; xentap_guest_create_wait NAME waits for it
+# and sets $domid.
+xentap_guest_create_after() {
+    local go=$1; shift
+    _xt_create_args "$@"
+    "$XT_REPO/.venv/bin/python" "$XT_REPO/tests/xen/xentap-after.py" "$go"         --preload xentap.cli_vbd,xentap.create,xentap.xenbus,xentap.xl_config,xentap.appliance_node         -- "${_xt_args[@]}" > "$XT_WORK/xentap-create.out" 2>&1 &
+    xt_guest_create_pid=$!
+}
+xentap_guest_create_wait() {
+    wait "$xt_guest_create_pid" || { cat "$XT_WORK/xentap-create.out"; return 1; }
+    _xt_created "$1"
+}
+_xt_create_args() {
     local name=$1 workload=$2 vcpus=$3 extra=$4 disks= d; shift 4
     for d in "$@"; do disks="$disks${disks:+, }'$d'"; done
     log "xentap create xl_scripts/guest-xentap.cfg (name=$name vcpus=$vcpus disks: $disks)"
     # (--wait: the daemon has taken more than create's default 30 s to open
     # an image while another case's mirror resynced, on a loaded host)
-    "$XENTAP" create --wait 120 "$XT_REPO/xl_scripts/guest-xentap.cfg" \
-        "name='$name'" "kernel='$XT_GUEST_KERNEL'" "ramdisk='${XT_GUEST_RAMDISK:-$XT_GUEST_INITRD}'" \
-        "extra='console=hvc0 quiet xt_workload=$workload${extra:+ $extra}'" \
-        "memory=${XT_GUEST_MEMORY:-256}" "vcpus=$vcpus" "on_reboot='destroy'" "on_crash='destroy'" \
-        "xentap_disks=[ $disks ]" ${XT_GUEST_DISK:+"disk=$XT_GUEST_DISK"} \
-        > "$XT_WORK/xentap-create.out" 2>&1 ||
-        { cat "$XT_WORK/xentap-create.out"; return 1; }
+    _xt_args=(create --wait 120 "$XT_REPO/xl_scripts/guest-xentap.cfg"
+        "name='$name'" "kernel='$XT_GUEST_KERNEL'" "ramdisk='${XT_GUEST_RAMDISK:-$XT_GUEST_INITRD}'"
+        "extra='console=hvc0 quiet xt_workload=$workload${extra:+ $extra}'"
+        "memory=${XT_GUEST_MEMORY:-256}" "vcpus=$vcpus" "on_reboot='destroy'" "on_crash='destroy'"
+        "xentap_disks=[ $disks ]" ${XT_GUEST_DISK:+"disk=$XT_GUEST_DISK"})
+}
+# _xt_created NAME: create's output; $domid from its "created domain NAME (id
+# N)" line, checked in xenstore (`xl domid` is seconds of emulated CPU), or
+# from `xl domid`.
+_xt_created() {
+    local name=$1
     cat "$XT_WORK/xentap-create.out"
-    domid=$(xl domid "$name") || { log "xl domid $name failed"; return 1; }
+    domid=$(sed -n "s/^created domain $name (id \([0-9][0-9]*\)) .*/\1/p" "$XT_WORK/xentap-create.out" | tail -n 1)
+    if [ -z "$domid" ] || [ "$(xenstore-read "/local/domain/$domid/name" 2>/dev/null)" != "$name" ]; then
+        domid=$(xl domid "$name") || { log "xl domid $name failed"; return 1; }
+    fi
     case $domid in ''|*[!0-9]*) log "xl domid printed '$domid'"; return 1;; esac
     log "guest $name is domain $domid (running)"
 }
@@ -217,4 +250,60 @@ verify_image() {
     rm -rf "$XT_WORK/verify"
     [ "$n" = "$want" ] || fail "expected $want files in $img, checked $n"
     log "dom0 verified $n files and the filesystem of $img"
+}
+
+# --- one interpreter for a case's `xentap` commands (tests/xen/xentap-serve.py)
+# xentap_server_start [PRELOAD_MODULES]: starts it now (its imports, tens of
+# seconds of emulated Python, while the case waits for something else);
+# xentap_cmd ARG... then runs `xentap ARG...` in it, prints the command's
+# output and returns its exit status (xentap_cmd --python FILE ARG... runs a
+# check script there).  It ends with the case (its parent).
+xentap_server_start() {
+    xt_srv=$XT_WORK/xentap-serve
+    rm -rf "$xt_srv"; mkdir -p "$xt_srv"
+    # (the wake-ups go through a FIFO, the answers through one per request:
+    # no polling loop on either side, each turn of one being a process start
+    # or a Python wake-up in the emulated dom0)
+    mkfifo "$xt_srv/requests" && exec {xt_srv_wfd}<>"$xt_srv/requests" ||
+        fail "xentap_server_start: cannot make $xt_srv/requests"
+    "$XT_REPO/.venv/bin/python" "$XT_REPO/tests/xen/xentap-serve.py" "$xt_srv" \
+        ${1:+--preload "$1"} > "$xt_srv/server.log" 2>&1 &
+    xt_srv_pid=$!
+}
+xentap_cmd() {
+    local n t0=$SECONDS fd rc=
+    n=$(( $(cat "$xt_srv/seq" 2>/dev/null || echo 0) + 1 ))
+    echo "$n" > "$xt_srv/seq"
+    mkfifo "$xt_srv/$n.done" && exec {fd}<>"$xt_srv/$n.done" ||
+        { log "xentap_cmd: cannot make $xt_srv/$n.done"; return 1; }
+    printf '%s\0' "$@" > "$xt_srv/$n.cmd.tmp" && mv "$xt_srv/$n.cmd.tmp" "$xt_srv/$n.cmd" ||
+        { exec {fd}<&-; log "xentap_cmd: cannot write request $n"; return 1; }
+    echo >&"$xt_srv_wfd"
+    until read -r -t 5 -u "$fd" rc; do
+        if ! kill -0 "$xt_srv_pid" 2>/dev/null; then
+            exec {fd}<&-
+            log "xentap_cmd: the server exited: $(cat "$xt_srv/server.log")"; return 1
+        fi
+        [ $((SECONDS - t0)) -lt 1500 ] || { exec {fd}<&-; log "xentap_cmd $*: no answer after 1500s"; return 1; }
+    done
+    exec {fd}<&-
+    cat "$xt_srv/$n.out"
+    return "$rc"
+}
+# xentap_cmds OUTDIR CMD [ARG...] [:: CMD [ARG...]]...: as tests/xen/xentap-multi.py,
+# in the case's interpreter: the commands in order, command N's output in
+# OUTDIR/N.out and its exit status in OUTDIR/N.rc, stopping at the first that
+# fails (its status is returned).
+xentap_cmds() {
+    local out=$1 n=1 rc a; shift
+    local -a cmd=()
+    rm -rf "$out"; mkdir -p "$out"
+    for a in "$@" ::; do
+        if [ "$a" != :: ]; then cmd+=("$a"); continue; fi
+        xentap_cmd "${cmd[@]}" > "$out/$n.out" 2>&1
+        rc=$?
+        echo "$rc" > "$out/$n.rc"
+        [ "$rc" = 0 ] || return "$rc"
+        n=$((n + 1)) cmd=()
+    done
 }
