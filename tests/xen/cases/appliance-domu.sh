@@ -55,6 +55,7 @@ disk=$XT_WORK/disk.img
 sig=$XT_WORK/go.img
 jm=$XT_WORK/jmnt
 devid=51712
+keys=${XT_KEYS:-$XT_WORK/keys}
 trap 'xl destroy $ap >/dev/null 2>&1; xl destroy $name >/dev/null 2>&1; umount "$jm" 2>/dev/null; kill $(jobs -p) 2>/dev/null; xentap_daemon_stop' EXIT
 log "appliance-domu starts"
 
@@ -65,12 +66,75 @@ echo "METRIC $XT_CASE image boot_initramfs_bytes=$(stat -c %s "$IMG/appliance.cp
      "root_disk_allocated=$(du -B1 "$IMG/root.img" 2>/dev/null | cut -f1)" \
      "kernel_bytes=$(stat -c %s "$IMG/vmlinuz")"
 
+# `xentap appliance create` (it waits for `ready` in xenstore), in the
+# background; appliance_up waits for it.  The first one's interpreter starts
+# with the case (appliance_prestart: tests/xen/xentap-after.py, its imports,
+# tens of seconds of emulated Python in dom0, while the suite's daemon
+# starts) and goes on at appliance_start 1; the second runs in the case's
+# xentap interpreter (xentap-serve.py, started after the first boot: its
+# imports during phase 1), appliance_start 2.  create's last line is what
+# `xentap appliance status --json` prints (apstatus.json: no second CLI
+# start-up).  appliance_up sets boot_s, apkey and apdom.
+create_args=(appliance create --image "$XT_WORK/img" --ip 10.0.0.2/24 --keys "$keys"
+    --journal "$journal" --journal-size 512M --wait 900 --open-wait 120 --json
+    "vif=[ 'mac=00:16:3e:78:74:02, bridge=xenbr0, script=$XT_REPO/xl_scripts/vif-xentap' ]")
+appliance_prestart() {
+    rm -f "$XT_WORK/create-go"
+    "$XT_REPO/.venv/bin/python" "$XT_REPO/tests/xen/xentap-after.py" "$XT_WORK/create-go" \
+        --preload xentap.cli_appliance,xentap.appliance_domain,xentap.keys,xentap.create,xentap.xenbus,xentap.xl_config,xentap.appliance_node,xentap.cli_vbd \
+        -- "${create_args[@]}" > "$XT_WORK/create.out" 2> "$XT_WORK/create.err" &
+    create_pid=$!
+}
+appliance_start() {
+    create_t0=$SECONDS
+    if [ "$1" = 1 ]; then
+        touch "$XT_WORK/create-go"
+    else
+        xentap_cmd "${create_args[@]}" > "$XT_WORK/create.out" 2> "$XT_WORK/create.err" &
+        create_pid=$!
+    fi
+    log "xentap appliance create (pid $create_pid; its interpreter started before)"
+}
+appliance_up() {
+    wait "$create_pid" ||
+        { cat "$XT_WORK/create.out" "$XT_WORK/create.err"; tail -n 30 "$(guest_log $ap)"; tail -n 20 "$dlog"; fail "xentap appliance create"; }
+    boot_s=$((SECONDS - create_t0))
+    cat "$XT_WORK/create.err"
+    sed '$d' "$XT_WORK/create.out"
+    tail -n 1 "$XT_WORK/create.out" > "$XT_WORK/apstatus.json"
+    log "appliance ready ${boot_s}s after xentap appliance create"
+    cat "$XT_WORK/apstatus.json"
+    read -r apkey apdom < <(jget "$XT_WORK/apstatus.json" public_key domain)
+}
+# jget FILE KEY...: the values of the JSON object's keys (strings without
+# escapes, numbers, true/false), on one line: the first occurrence of each
+# key, which for `json.dumps(..., sort_keys=True)` of status (domain,
+# endpoint, ..., public_key, running, state, vbds) is the top level's.
+# (sed, not python3.11: each emulated interpreter start is 20-40 s.)
+jget() {
+    local f=$1 k v out=; shift
+    for k in "$@"; do
+        v=$(tr -d '\n' < "$f" | grep -o "\"$k\": *\(\"[^\"\\]*\"\|[-0-9.a-z]*\)" | head -n 1 |
+            sed 's/^[^:]*: *//; s/^"\(.*\)"$/\1/')
+        out="$out${out:+ }$v"
+    done
+    echo "$out"
+}
+
+# --- the interpreters of the first `xentap appliance create` and of the
+# guest's `xentap create` start now (their imports while the rest of the
+# set-up and the suite's daemon start); they go on once the daemon runs and
+# once the appliance domain exists.
+appliance_prestart
+rm -f "$XT_WORK/guest-go"
+xentap_guest_create_after "$XT_WORK/guest-go" "$name" outage 1 "" \
+    "vdev=xvda, access=rw, protect=$ap, target=$disk" "vdev=xvdb, access=ro, target=$sig"
+
 # --- dom0: the bridge, keys, the daemon
 modprobe xen-netback || fail "modprobe xen-netback"
 modprobe bridge || fail "modprobe bridge"
 ip link add xenbr0 type bridge && ip addr add 10.0.0.1/24 dev xenbr0 && ip link set xenbr0 up ||
     fail "cannot make bridge xenbr0"
-keys=${XT_KEYS:-$XT_WORK/keys}
 if [ -z "${XT_KEYS:-}" ]; then
     "$XENTAP" keys --dir "$keys" --role dom0 >/dev/null || fail "xentap keys"
 fi
@@ -92,34 +156,6 @@ else
 fi
 xentap_daemon_start "$dlog" --keys-dir "$keys" --state-dir "$XT_WORK/state" --drain-timeout 120 \
     --mirror-ring 4M --spill-limit 8M
-
-# appliance_start: `xentap appliance create` in the background (it waits
-# for `ready` in xenstore); appliance_up waits for it.  create's last line is
-# what `xentap appliance status --json` prints (apstatus.json: no second CLI
-# start-up, ~10 s of emulated Python in dom0).  appliance_up sets boot_s,
-# apkey and apdom.
-appliance_start() {
-    create_t0=$SECONDS
-    "$XENTAP" appliance create --image "$XT_WORK/img" --ip 10.0.0.2/24 --keys "$keys" \
-        --journal "$journal" --journal-size 512M --wait 900 --open-wait 120 --json \
-        "vif=[ 'mac=00:16:3e:78:74:02, bridge=xenbr0, script=$XT_REPO/xl_scripts/vif-xentap' ]" \
-        > "$XT_WORK/create.out" 2> "$XT_WORK/create.err" &
-    create_pid=$!
-    log "xentap appliance create (pid $create_pid)"
-}
-appliance_up() {
-    wait "$create_pid" ||
-        { cat "$XT_WORK/create.out" "$XT_WORK/create.err"; tail -n 30 "$(guest_log $ap)"; tail -n 20 "$dlog"; fail "xentap appliance create"; }
-    boot_s=$((SECONDS - create_t0))
-    cat "$XT_WORK/create.err"
-    sed '$d' "$XT_WORK/create.out"
-    tail -n 1 "$XT_WORK/create.out" > "$XT_WORK/apstatus.json"
-    log "appliance ready ${boot_s}s after xentap appliance create"
-    cat "$XT_WORK/apstatus.json"
-    read -r apkey apdom < <(jget "$XT_WORK/apstatus.json" public_key domain)
-}
-# jget FILE KEY...: the JSON object's values, on one line
-jget() { python3.11 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(*(d[k] for k in sys.argv[2:]))' "$@"; }
 
 # st KEY: the guest VBD's status key (what the daemon publishes each second)
 st() { xenstore-read "$XT_XS_ROOT/vbd/$domid/$devid/$1" 2>/dev/null; }
@@ -159,7 +195,7 @@ caught_up() {
 # daemon's drainer cannot start, and the mirror ring alone is 4 MiB)
 rm -f "$disk" "$sig"
 truncate -s 256M "$disk" && truncate -s 8M "$sig" || fail "cannot make the images"
-appliance_start
+appliance_start 1
 # `xentap create` names the appliance (protect=): it must be granted its
 # xenstore node, which create does right after `xl create`
 t0=$SECONDS
@@ -169,8 +205,8 @@ until grep -q "^appliance $ap is domain" "$XT_WORK/create.out" 2>/dev/null; do
     sleep 1
 done
 log "the appliance domain exists; the guest boots while it starts"
-xentap_guest_create "$name" outage 1 "" "vdev=xvda, access=rw, protect=$ap, target=$disk" \
-    "vdev=xvdb, access=ro, target=$sig" || { tail -n 30 "$dlog"; fail "xentap create"; }
+touch "$XT_WORK/guest-go"
+xentap_guest_create_wait "$name" || { tail -n 30 "$dlog"; fail "xentap create"; }
 vbd=$(xenstore-read "/local/domain/0/backend/xentap/$domid/$devid/vbd-uuid") || fail "no vbd-uuid"
 log "guest $name: domain $domid, its xvda is stream $vbd"
 appliance_up
@@ -181,20 +217,36 @@ boot1=$boot_s key1=$apkey dom1=$apdom
     fail "create --json names domain $dom1, which is not $ap: $(xenstore-read "/local/domain/$dom1/name" 2>&1)"
 # `xentap appliance status --json` must say the same: in the background,
 # while the guest starts (its check is after phase 1)
-"$XENTAP" appliance status --json > "$XT_WORK/apstatus-cli.json" 2>&1 &
+# The case's xentap interpreter (xentap_cmd) starts now: its imports while
+# the guest starts and phase 1 runs; it runs this, the second appliance
+# create and the commands at the end.
+xentap_server_start xentap.cli_appliance,xentap.appliance_domain,xentap.keys,xentap.create,xentap.xenbus,xentap.xl_config,xentap.appliance_node,xentap.cli_vbd,xentap.cli_journal,engines.journal
+xentap_cmd appliance status --json > "$XT_WORK/apstatus-cli.json" 2>&1 &
 status_pid=$!
 mem=$(( $(xenstore-read "/local/domain/$dom1/memory/target") / 1024 ))
 busybox ping -c 1 -W 5 10.0.0.2 >/dev/null || fail "dom0 cannot ping the appliance"
 
 # --- phase 1: every write acknowledged; the disk as it is now
 wait_console "$name" XT-WAITING 300 || fail "guest: no XT-WAITING"
+# The daemon's drainer has a session with the appliance before the guest
+# writes: the appliance being ready does not say the drainer has started (it
+# starts once the appliance announced its endpoint and key, in the daemon's
+# next status round); a drainer that starts after the guest wrote takes the
+# disk as it is then as the stream's initial sync (a GAP..RESYNC_END window
+# at seq 1, not what this case checks).
+t0=$SECONDS
+until [ "$(st mirror)" = connected ]; do
+    [ $((SECONDS - t0)) -lt 300 ] || { tail -n 30 "$dlog"; fail "no mirror session 300s after the appliance was ready: $(mirror_line)"; }
+    sleep 1
+done
+log "mirror session up $((SECONDS - t0))s after the guest waited: $(mirror_line)"
 go 1
 wait_console "$name" XT-PHASE1-DONE 300 || { tail -n 30 "$dlog"; fail "guest: no phase 1"; }
 caught_up 300 || { tail -n 30 "$dlog"; fail "the appliance did not acknowledge phase 1"; }
 [ "$(st mirror-overflows)" = 0 ] && [ "$(st mirror-gaps)" = 0 ] && [ "$(st errors)" = 0 ] &&
     [ -z "$(st mirror-error)" ] || fail "phase 1: $(mirror_line)"
 wait $status_pid || fail "xentap appliance status --json: $(cat "$XT_WORK/apstatus-cli.json")"
-[ "$(jget "$XT_WORK/apstatus-cli.json" domain public_key running)" = "$dom1 $key1 True" ] ||
+[ "$(jget "$XT_WORK/apstatus-cli.json" domain public_key running)" = "$dom1 $key1 true" ] ||
     fail "xentap appliance status --json differs from create's: $(cat "$XT_WORK/apstatus-cli.json")"
 s1=$(st mirror-acked-seq)
 cp --sparse=always "$disk" "$XT_WORK/phase1.img" || fail "cannot copy the disk"
@@ -220,7 +272,7 @@ done
 [ "$(st mirror-overflows)" -gt 0 ] 2>/dev/null ||
     fail "no overflow while the appliance was away (ring + spill log, 12 MiB, should not hold 40 MiB): $(mirror_line)"
 log "overflow while the appliance is away: $(mirror_line)"
-appliance_start
+appliance_start 2
 wait_console "$name" XT-PHASE2-DONE 400 || { tail -n 30 "$dlog"; fail "guest: phase 2 did not finish"; }
 log "the guest wrote 40 MiB, most without the appliance: $(mirror_line)"
 [ "$(st errors)" = 0 ] || fail "the daemon counted errored requests: $(mirror_line)"
@@ -271,22 +323,14 @@ log "after the guest: $(mirror_line)"
 [ "$(st errors)" = 0 ] || fail "errored requests: $(mirror_line)"
 echo "METRIC $XT_CASE mirror acked_seq=$acked overflows=$(st mirror-overflows) gaps=$(st mirror-gaps)" \
      "outage_s=$((t_up - t_down)) catchup_s=$catchup"
-# journal-check.py (the journal's checks, below) starts now: its imports
-# (tens of seconds of emulated Python) while the rest runs; it waits for
-# journal-go, once the journal disk is mounted.
 data=$jm/data
-rm -f "$XT_WORK/journal-go"
-"$XT_REPO/.venv/bin/python" "$XT_REPO/tests/xen/journal-check.py" --after "$XT_WORK/journal-go" \
-    "$data" "$vbd" "$s1" "$XT_WORK/phase1.img" "$disk" "$acked" "$XT_WORK" \
-    > "$XT_WORK/journal-check.out" 2>&1 &
-jc_pid=$!
 # `xentap status` (for the log: its figures were checked from xenstore
 # above), the guest's VBDs detached and the appliance's clean shutdown (next
-# section), in one interpreter (tests/xen/xentap-multi.py: three emulated
-# Python start-ups less), while dom0 checks the disk
+# section), in the case's xentap interpreter (no emulated Python start-up),
+# while dom0 checks the disk
 t0=$SECONDS
-"$XT_REPO/.venv/bin/python" "$XT_REPO/tests/xen/xentap-multi.py" "$XT_WORK/tail" \
-    status :: detach "$domid" xvda :: detach "$domid" xvdb :: appliance destroy \
+xentap_cmds "$XT_WORK/tail" status :: detach --timeout 120 "$domid" xvda :: \
+    detach --timeout 120 "$domid" xvdb :: appliance destroy \
     > "$XT_WORK/tail.out" 2>&1 &
 tail_pid=$!
 verify_image "$disk" "$XT_WORK/guest.log" 10
@@ -304,10 +348,12 @@ mount -o loop "$journal" "$jm" || fail "cannot mount the journal disk"
 ls -l "$data/$vbd" | sed 's/^/journal disk: /'
 cmp "$data/$vbd/replica.img" "$disk" || fail "the appliance's replica differs from the disk"
 log "the appliance's replica equals the disk"
-# xentap journal list / verify / checkpoints / restore, in one interpreter
-# (journal-check.py, started above, goes on now)
-touch "$XT_WORK/journal-go"
-wait $jc_pid
+# xentap journal list / verify / checkpoints / restore: journal-check.py,
+# run by the case's xentap interpreter (its imports, engines.journal's too,
+# were done during phase 1)
+xentap_cmd --python "$XT_REPO/tests/xen/journal-check.py" \
+    "$data" "$vbd" "$s1" "$XT_WORK/phase1.img" "$disk" "$acked" "$XT_WORK" \
+    > "$XT_WORK/journal-check.out" 2>&1
 rc=$?
 sed 's/^/journal: /' "$XT_WORK/journal-check.out"
 [ $rc = 0 ] || fail "$(grep '^FAILED: ' "$XT_WORK/journal-check.out" | head -1 | cut -c9-)"
