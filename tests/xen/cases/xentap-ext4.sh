@@ -64,6 +64,10 @@ if [ "$protect" = 1 ]; then
     daemon_args=(--keys-dir "$ap/keys" --state-dir "$XT_WORK/state" --drain-timeout 120)
     disk="vdev=xvda, access=rw, protect=$XT_APPLIANCE_ENDPOINT, protect-key=$ap/keys/appliance.key, target=$img"
 fi
+# Its `xentap` commands (create; status --json, status and detach after the
+# guest; the status check below) run in one interpreter, started now
+# (tests/xen/xentap-serve.py): its imports while the daemon starts.
+xentap_server_start xentap.cli_vbd,xentap.create,xentap.xenbus,xentap.xl_config
 xentap_daemon_start "$dlog" "${daemon_args[@]}"
 daemon_pid=${XT_DAEMON_PID:-$xentap_daemon_pid}
 
@@ -172,17 +176,18 @@ sys.exit(0 if m and m[0] and m[0]["state"] in ("stopped", "error") else 1)' "$do
     done
     log "mirror stopped $((SECONDS - t0))s after the guest ended"
 fi
-# `xentap status --json`, `xentap status` and `xentap detach` in one
-# interpreter (tests/xen/xentap-multi.py: two emulated Python start-ups
-# less); the status, taken before the detach, is checked after it
-"$XT_REPO/.venv/bin/python" "$XT_REPO/tests/xen/xentap-multi.py" "$XT_WORK/cli" \
-    status --json :: status :: detach "$domid" xvda
+# `xentap status --json`, `xentap status` and `xentap detach`, in order,
+# stopping at the first that fails, in the case's interpreter (started
+# above); command N's output in cli/N.out, its status in cli/N.rc; the
+# status, taken before the detach, is checked after it
+xentap_cmds "$XT_WORK/cli" status --json :: status :: detach "$domid" xvda
 [ "$(cat "$XT_WORK/cli/1.rc" 2>/dev/null)" = 0 ] ||
     { cat "$XT_WORK/cli/1.out"; fail "xentap status --json"; }
 cp "$XT_WORK/cli/1.out" "$XT_WORK/status.json"
 cat "$XT_WORK/status.json"
 sed 's/^/xentap status: /' "$XT_WORK/cli/2.out"
-python3.11 - "$XT_WORK/status.json" "$domid" "$protect" "$name" <<'EOF' || fail "xentap status --json shows a problem"
+# (run by the case's xentap interpreter: no emulated python3.11 start-up)
+cat > "$XT_WORK/status-check.py" <<'EOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
 bad = []
@@ -219,6 +224,8 @@ for r in rows:
 print("status:", "; ".join(bad) or "ok")
 sys.exit(1 if bad else 0)
 EOF
+xentap_cmd --python "$XT_WORK/status-check.py" "$XT_WORK/status.json" "$domid" "$protect" "$name" ||
+    fail "xentap status --json shows a problem"
 [ "$(cat "$XT_WORK/cli/2.rc" 2>/dev/null)" = 0 ] || fail "xentap status"
 [ "$(cat "$XT_WORK/cli/3.rc" 2>/dev/null)" = 0 ] || { cat "$XT_WORK/cli/3.out"; fail "xentap detach"; }
 cat "$XT_WORK/cli/3.out"
