@@ -64,6 +64,10 @@ else
 fi
 
 # --- xentap
+# (its `xentap` commands and the ratios' script run in one interpreter,
+# started now, after the blkback guest: tests/xen/xentap-serve.py; it only
+# sleeps while the xentap guest's fio job runs)
+xentap_server_start xentap.cli_vbd,xentap.create,xentap.xenbus,xentap.xl_config
 fresh_image
 xentap_daemon_start "$dlog"
 XT_GUEST_DISK="[ $toolsdisk ]" \
@@ -75,13 +79,15 @@ while xenstore-exists "/local/domain/$domid" 2>/dev/null; do
     sleep 1
 done
 results xentap || { tail -n 30 "$dlog"; fail "the fio job failed on xentap"; }
-"$XENTAP" detach "$domid" xvda || fail "xentap detach"
+# (--timeout: the guest is gone, but a loaded dom0's daemon has taken more
+# than detach's default 10 s to close its VBD; the detach must still succeed)
+xentap_cmd detach --timeout 120 "$domid" xvda || fail "xentap detach"
 xentap_daemon_stop
 grep -q Traceback "$dlog" && { cat "$dlog"; fail "the daemon logged a traceback"; }
 ran="$ran xentap"
 
 # --- ratios to blkback, per job and direction
-python3.11 - "$XT_WORK" $ran <<'PY' || fail "cannot compute the ratios"
+cat > "$XT_WORK/ratios.py" <<'PY'
 import re, sys
 work, backends = sys.argv[1], sys.argv[2:]
 res = {}
@@ -102,4 +108,5 @@ for b in backends:
         out.append(f"{job}_{want}={x / y:.2f}" if y else f"{job}_{want}=n/a")
     print(f"METRIC fio-ratio {b}/blkback " + " ".join(out))
 PY
+xentap_cmd --python "$XT_WORK/ratios.py" "$XT_WORK" $ran || fail "cannot compute the ratios"
 rm -f "$img" "$tools"
