@@ -35,13 +35,15 @@ def _write(g, n: int, seed: int) -> None:
     assert res["errors"] == 0
 
 
-def test_a_spill_cursor_left_behind_never_sends_a_seq_again(tmp_path, image):  # noqa: F811
+def test_a_spill_cursor_left_behind_never_sends_a_seq_again(tmp_path, image,  # noqa: F811
+                                                           monkeypatch):
     """While the ring fills, a step sends one spilled frame (budget 1) and keeps
     its cursor into the spill log.  When that frame was the last unsent one,
     the ring's records go next; once sent, they are spilled too (sent is not
     acknowledged).  The cursor kept from before read on into those entries:
     it sent seqs of this session again, and the appliance ended the session
     (bench mirror, 4 KiB: "duplicate of an already received seq")."""
+    monkeypatch.setattr(dr, "GATHER_NS", 0)     # (young writes go at once)
     g = mirrored(tmp_path, image)
     d, sent = _drainer(tmp_path, g, image)
     try:
