@@ -20,7 +20,7 @@ from tests.test_protect import ProtectEnv, announce_appliance
 from xentap import keys, wire
 from xentap import protect as P
 from xentap import xs_keys as K
-from xentap.drainer import read_stream_state
+from xentap.stream_state import read_stream_state
 from xentap.spill import SpillLog
 
 MiB = 1 << 20

@@ -19,7 +19,7 @@ from tests.conftest import XentapEnv
 from tests.test_mirror_e2e import Appliance
 from xentap import keys
 from xentap import xs_keys as K
-from xentap.drainer import read_stream_state
+from xentap.stream_state import read_stream_state
 
 GUEST = 4
 MiB = 1 << 20

@@ -209,7 +209,7 @@ class ProtectedDevice(BackendDevice):
                                    ring_bytes=self.mirror_opts["ring_bytes"],
                                    spill_limit=self.mirror_opts["spill_limit"])
         try:
-            self.mirror.enable(self.vbd)            # before the shim connects
+            self.mirror.enable(self.vbd, self.target)   # before the shim connects
         except OSError as e:
             self._fail(be, e.errno or errno.EIO, f"mirror ring: {e.strerror or e}")
             return False

@@ -21,7 +21,7 @@ reconnects): the shim numbers its records from 1, and the drainer adds
 ended.  :meth:`Drainer.close` ends a drainer so that the next one can take
 over: it drains to the appliance for a bounded time, moves what is left in
 the ring to the spill log, and records the stream's last seq and epoch in
-``<spill_dir>/stream`` (:func:`read_stream_state`).
+``<spill_dir>/stream`` (:mod:`xentap.stream_state`).
 
 A drainer that did not end that way (the daemon was killed) took with it
 what its ring held unacknowledged, and the seqs it gave out are unknown.
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import errno
 import itertools
 import json
 import logging
@@ -59,7 +58,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from xentap import shim, wire
+from xentap import shim, sparse, wire
+from xentap.stream_state import write_stream_state
 from xentap.spill import SpillLog
 
 log = logging.getLogger("xentap.drainer")
@@ -86,44 +86,12 @@ LAG_SAMPLES = 65536
 LAG_RECENT = 4096               # stats() by default: the lags of the last this many frames
                                 # (status asks every second; sorting all LAG_SAMPLES took
                                 # 15 ms a VBD here, 30 times that in an emulated dom0)
-STREAM_STATE = "stream"         # in the spill dir: {"last_seq": ..., "epoch": ...}
 _SEQ = struct.Struct("<Q")
 _MONITOR_EVENT = struct.Struct("=HI")   # a socket monitor message's first frame: event, value
                                         # (read here: zmq.utils.monitor imports asyncio, seconds
                                         # of an emulated dom0's time at the first connection)
 _REC_LEN_FLAGS = struct.Struct("<II")
 _NO_DATA = int(wire.NO_DATA_FLAGS)
-
-
-def read_stream_state(spill_dir: str) -> dict:
-    """What the last drainer of this spill dir recorded: ``last_seq`` (the
-    stream's last seq, acknowledged or in the spill log), ``epoch`` and
-    ``clean`` (it ended by :meth:`Drainer.close` with nothing lost); zeros
-    and clean when there is no record (a new stream), unclean when the record
-    is damaged."""
-    path = os.path.join(spill_dir, STREAM_STATE)
-    if not os.path.exists(path):
-        return {"last_seq": 0, "epoch": 0, "clean": True}
-    try:
-        with open(path, encoding="ascii") as f:
-            raw = json.load(f)
-        out = {k: int(raw[k]) for k in ("last_seq", "epoch")}
-        if all(0 <= v < 1 << 63 for v in out.values()):
-            out["clean"] = raw.get("clean") is True
-            return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return {"last_seq": 0, "epoch": 0, "clean": False}
-
-
-def _write_stream_state(spill_dir: str, last_seq: int, epoch: int, clean: bool) -> None:
-    path = os.path.join(spill_dir, STREAM_STATE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="ascii") as f:
-        json.dump({"last_seq": last_seq, "epoch": epoch, "clean": clean}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rebased(records, count: int, base: int) -> bytearray:
@@ -140,34 +108,9 @@ def _rebased(records, count: int, base: int) -> bytearray:
 
 def data_chunks(fd: int, size: int, chunk: int) -> list[tuple[int, int]]:
     """The chunks of the first `size` bytes of open file `fd` that hold data, as
-    runs (first chunk, count), from SEEK_DATA/SEEK_HOLE (holes read as zeroes
-    and need no reading).  Where the file cannot say (a block device, a file
-    system without SEEK_DATA) every chunk is data."""
-    every = [(0, -(-size // chunk))] if size > 0 else []
-    runs: list[tuple[int, int]] = []
-    off = 0
-    while off < size:
-        try:
-            start = os.lseek(fd, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:      # no data after off
-                break
-            return every
-        if start >= size:
-            break
-        try:
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        except OSError:
-            end = size
-        if end <= start:
-            return every
-        c0, c1 = start // chunk, -(-end // chunk)
-        if runs and runs[-1][0] + runs[-1][1] >= c0:
-            runs[-1] = (runs[-1][0], max(runs[-1][0] + runs[-1][1], c1) - runs[-1][0])
-        else:
-            runs.append((c0, c1 - c0))
-        off = end
-    return runs
+    runs (first chunk, count) (xentap.sparse; every chunk where the file cannot
+    say)."""
+    return sparse.chunk_runs(sparse.data_extents(fd, size), size, chunk)
 
 
 def _resync(sid: int, epoch: int, seq: int, sector: int, data: bytes) -> tuple[bytes, int]:
@@ -217,14 +160,18 @@ class Drainer:
                  spill_dir: str, spill_limit: int, socket_setup=None,
                  context: zmq.Context | None = None, batch_bytes: int = BATCH_BYTES,
                  seq_base: int = 0, epoch: int = 0, unclean: bool = False,
-                 initial_sync: bool = True):
+                 initial_sync: bool = True, data_extents=False):
         """`socket_setup(sock)` configures CurveZMQ on the DEALER (xentap.keys);
         None means plain TCP/IPC, which callers allow only with --insecure.
         `seq_base` is added to the shim's seqs (at least the spill log's last
         seq); `epoch` is the last one this stream used (the next is above);
         `unclean`: the previous drainer of this stream did not close (see
         the module's docstring).  `initial_sync`: a new stream on a disk with
-        data begins with a RESYNC of that data (the module's docstring)."""
+        data begins with a RESYNC of that data (the module's docstring);
+        `data_extents`: where the disk held data before the shim connected
+        (xentap.sparse.data_extents, taken then: a drainer that starts later
+        would take the guest's first writes for data the disk held), False:
+        where it holds data now."""
         self.vbd = vbd
         self.ident = ident
         self.endpoint = endpoint
@@ -253,7 +200,9 @@ class Drainer:
         #: nothing of this stream was numbered before (no record, nothing spilled)
         self.new_stream = not unclean and self.seq_base == 0 and not self.spill
         if initial_sync and self.new_stream:
-            self.data_runs = data_chunks(self.image_fd, ident.size_bytes, RESYNC_CHUNK)
+            if data_extents is False:
+                data_extents = sparse.data_extents(self.image_fd, ident.size_bytes)
+            self.data_runs = sparse.chunk_runs(data_extents, ident.size_bytes, RESYNC_CHUNK)
             if self.data_runs:
                 self.takeover = True
                 self.takeover_reason = wire.GapReason.INITIAL
@@ -285,7 +234,7 @@ class Drainer:
         self._last_heard = self._last_hello = self._last_beat = 0.0
         self._hello_every = HELLO_EVERY
         self.error: BaseException | None = None
-        _write_stream_state(spill_dir, max(self.seq_base, self.spill.last_seq), self.epoch,
+        write_stream_state(spill_dir, max(self.seq_base, self.spill.last_seq), self.epoch,
                             False)     # until close(): a crash leaves it unclean
 
     # ---- life ----
@@ -331,7 +280,7 @@ class Drainer:
         if clean:
             last = max(last, self.seq_base + self.vbd.mirror_stats()["next_seq"] - 1)
         self.spill.sync()
-        _write_stream_state(self.spill_dir, last, self.epoch, clean)
+        write_stream_state(self.spill_dir, last, self.epoch, clean)
         self.spill.close()
         os.close(self.image_fd)
         return acked

@@ -185,17 +185,35 @@ class Mirror:
         self.spill_dir = spill_dir(state_dir, vbd_uuid)
         self.drainer: Drainer | None = None
         self.stopped = False
+        #: a new stream's disk: where it held data before the shim first connected
+        self.data_extents: list[tuple[int, int]] | None | bool = False
 
-    def enable(self, vbd: shim.Vbd) -> None:
-        """Turns the shim's mirror ring on (before it connects)."""
+    def enable(self, vbd: shim.Vbd, image_path: str) -> None:
+        """Turns the shim's mirror ring on (before it connects).  A new
+        stream's drainer sends what the disk holds before the guest's writes
+        (its initial sync): where that is, is taken now, before the guest can
+        write (a drainer starts later, once the appliance is found)."""
         vbd.mirror_enable(self.ring_bytes)
+        if self.data_extents is False and self._new_stream():
+            from xentap import sparse
+            fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self.data_extents = sparse.data_extents(fd, vbd.sectors * 512)
+            finally:
+                os.close(fd)
+
+    def _new_stream(self) -> bool:
+        """Nothing of this stream numbered before: no stream record, nothing spilled."""
+        from xentap.stream_state import is_new_stream
+        return is_new_stream(self.spill_dir, bool(spill_segments(self.spill_dir)))
 
     def start(self, vbd: shim.Vbd, image_path: str) -> None:
         """Starts draining ``vbd``'s ring, going on with the stream where the
         previous drainer of this VBD left it.  OSError/ValueError when dom0's
         keys are missing."""
         from xentap import keys as keys_mod
-        from xentap.drainer import Drainer, VbdIdentity, read_stream_state
+        from xentap.drainer import Drainer, VbdIdentity
+        from xentap.stream_state import read_stream_state
         pub, sec = keys_mod.load_secret(keys_mod.paths(self.keys_dir, keys_mod.DOM0_NAME)[1])
         client = keys_mod.CurveClient(pub, sec, self.target.public_key)
         prev = read_stream_state(self.spill_dir)
@@ -209,7 +227,9 @@ class Mirror:
                                spill_dir=self.spill_dir, spill_limit=self.spill_limit,
                                socket_setup=lambda s: keys_mod.configure_client(s, client),
                                seq_base=prev["last_seq"], epoch=prev["epoch"],
-                               unclean=not prev["clean"]).start()
+                               unclean=not prev["clean"],
+                               data_extents=self.data_extents).start()
+        self.data_extents = False               # the next session's drainer goes on
         self.stopped = False
         log.info("dom%d %s: mirroring to %s (stream %s from seq %d%s)", self.domid,
                  K.devid_to_vdev(self.devid), self.target.endpoint, self.vbd_uuid,
@@ -254,7 +274,7 @@ def spill_drained(directory: str) -> bool:
     last drainer closed cleanly (nothing lost) and left no spill segment
     (the segments of acknowledged writes are deleted as acks come), so
     every write of the stream was acknowledged."""
-    from xentap.drainer import read_stream_state
+    from xentap.stream_state import read_stream_state
     return read_stream_state(directory)["clean"] and not spill_segments(directory)
 
 
@@ -278,7 +298,7 @@ def remove_spill_dir(directory: str, why: str) -> None:
         shutil.rmtree(directory, ignore_errors=True)
         log.info("%s: removed %s (every write acknowledged)", why, directory)
     else:
-        from xentap.drainer import read_stream_state
+        from xentap.stream_state import read_stream_state
         log.warning("%s: keeping %s: %d bytes of writes the appliance has not acknowledged%s",
                     why, directory, spilled_bytes(directory),
                     "" if read_stream_state(directory)["clean"]
