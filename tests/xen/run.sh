@@ -199,7 +199,8 @@ qcpu=0
 while kill -0 $QPID 2>/dev/null; do
     # QEMU's CPU time (user + system, in clock ticks) so far
     # ($QPID is timeout(1); QEMU is its child)
-    qp=$(pgrep -P $QPID 2>/dev/null | head -1)
+    # (none yet in the first second: pgrep's status must not end the run, set -e)
+    qp=$(pgrep -P $QPID 2>/dev/null | head -1) || qp=
     [ -z "$qp" ] || qcpu=$(awk '{ print $14 + $15 }' /proc/$qp/stat 2>/dev/null || echo "$qcpu")
     if grep -q '^XT-DONE' "$SERIAL" 2>/dev/null; then
         for _ in 1 2 3; do kill -0 $QPID 2>/dev/null || break; sleep 1; done
