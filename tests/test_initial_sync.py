@@ -14,7 +14,8 @@ from engines.journal import Journal
 from tests.test_mirror_e2e import MiB, Mirrored, appliance, assert_replica_equals_source  # noqa: F401
 from tests.test_shim import Guest
 from xentap import wire
-from xentap.drainer import RESYNC_CHUNK, Drainer, VbdIdentity, data_chunks
+from xentap.drainer import RESYNC_CHUNK, Drainer, VbdIdentity
+from xentap.sparse import data_chunks
 
 
 def _state(appliance, vbd_uuid) -> dict:

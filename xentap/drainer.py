@@ -106,13 +106,6 @@ def _rebased(records, count: int, base: int) -> bytearray:
     return buf
 
 
-def data_chunks(fd: int, size: int, chunk: int) -> list[tuple[int, int]]:
-    """The chunks of the first `size` bytes of open file `fd` that hold data, as
-    runs (first chunk, count) (xentap.sparse; every chunk where the file cannot
-    say)."""
-    return sparse.chunk_runs(sparse.data_extents(fd, size), size, chunk)
-
-
 def _resync(sid: int, epoch: int, seq: int, sector: int, data: bytes) -> tuple[bytes, int]:
     """A RESYNC frame of `data` read from the disk at `sector`, and its data
     bytes: an all-zero chunk (most of a new disk) goes as ZEROES, no data."""

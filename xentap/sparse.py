@@ -46,3 +46,9 @@ def chunk_runs(extents: list[tuple[int, int]] | None, size: int,
         else:
             runs.append((c0, c1 - c0))
     return runs
+
+
+def data_chunks(fd: int, size: int, chunk: int) -> list[tuple[int, int]]:
+    """The chunks of the first `size` bytes of open file `fd` that hold data
+    now, as runs (first chunk, count); every chunk where the file cannot say."""
+    return chunk_runs(data_extents(fd, size), size, chunk)
