@@ -1,6 +1,8 @@
 """`xentap daemon`: serves every xentap VBD that xenstore names.
 
-One thread, one xenstore connection.  Watches on the backend root and
+One main thread and one xenstore connection for the handshakes, and a
+:class:`StatusWriter` thread with a connection of its own for the status
+(a slow status round never holds up a handshake).  Watches on the backend root and
 ``@releaseDomain`` (and on each VBD's frontend ``state``) wake a
 :class:`~xentap.xenbus.BackendDevice` whose :meth:`step` does the handshake;
 every second the daemon publishes each VBD's counters under
@@ -39,7 +41,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from xentap import protect as P
 from xentap import shim
@@ -411,6 +413,68 @@ class ProtectedDevice(BackendDevice):
         return st
 
 
+class StatusWriter:
+    """Writes the status transactions in a thread of its own, over a xenstore
+    connection of its own.
+
+    A status round writes tens of keys, one xenstored round trip each; in a
+    busy dom0 (emulated Xen: 30-40 s a round, with a drainer catching up
+    beside it) a round written by the main loop held up every VBD's
+    handshake behind it.  The main loop computes what changed and hands it
+    here; while a round is being written it starts no other one.
+    """
+
+    def __init__(self, xs: Xs) -> None:
+        self.xs = xs
+        self._jobs: queue.Queue = queue.Queue()
+        self._busy = False                      # a round handed over and not yet written
+        self._result: tuple[bool, float, int] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="status")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            t0, ok, n = time.monotonic(), False, 0
+            try:
+                n = job(self.xs)
+                ok = True
+            except XenstoreError as e:
+                log.warning("publishing status: %s", e.strerror)
+            except Exception as e:  # noqa: BLE001 - status must never end the daemon
+                log.error("publishing status: %s", e)
+            self._result = (ok, time.monotonic() - t0, n)
+            self._busy = False
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def submit(self, job: Callable[[Xs], int]) -> None:
+        """Queues ``job(xs)`` (returns how many keys it wrote); call only when not busy."""
+        self._busy = True
+        self._result = None
+        self._jobs.put(job)
+
+    def result(self) -> tuple[bool, float, int] | None:
+        """(written, seconds, keys) of the last round, once it is done."""
+        return None if self._busy else self._result
+
+    def wait(self, timeout: float) -> bool:
+        """Waits until the round handed over is written; False after ``timeout``."""
+        end = time.monotonic() + timeout
+        while self._busy and time.monotonic() < end:
+            time.sleep(0.01)
+        return not self._busy
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5.0)
+        self.xs.close()
+
+
 class Daemon:
     """The control plane's main loop.
 
@@ -445,6 +509,9 @@ class Daemon:
         #: status path -> key -> the value last written there (publish_status)
         self._published: dict[str, dict[str, str]] = {}
         self._full_status_at = 0.0
+        self._writer: StatusWriter | None = None
+        #: the round the writer has: (changes, full), for _status_written
+        self._in_writing: tuple[dict[ProtectedDevice, dict[str, str]], bool] | None = None
 
     def stop(self) -> None:
         """Asks run() to return (from a signal handler or another thread)."""
@@ -466,6 +533,7 @@ class Daemon:
                 self._prune_appliances()
                 self._prune_spill()
                 self._publish_daemon(xs, "running")
+                self._writer = StatusWriter(Xs.open(self.xenstore_socket))
                 log.info("xentap daemon running (pid %d, %s transport)", os.getpid(),
                          self.transport_name)
                 if ready is not None:
@@ -506,9 +574,11 @@ class Daemon:
                 self._step(dev)
             if time.monotonic() >= next_status:
                 t0 = time.monotonic()
-                self.publish_status()
-                self._note_slow("a status round", t0)
-                next_status = time.monotonic() + self.status_interval
+                if self._status_round():
+                    self._note_slow("a status round", t0)
+                    next_status = time.monotonic() + self.status_interval
+                else:                                # the last one is still being written
+                    next_status = time.monotonic() + 0.1
 
     @staticmethod
     def _note_slow(what: str, t0: float) -> None:
@@ -700,50 +770,110 @@ class Daemon:
         xs.transaction(tx)
 
     def publish_status(self) -> None:
-        """Writes every VBD's status and the daemon's heartbeat."""
-        xs = self._xs
-        now = f"{time.time():.0f}"
+        """Writes every VBD's status and the daemon's heartbeat, now, over
+        the main connection (the last round, at shutdown)."""
+        changes, full, now = self._status_changes()
+        try:
+            self._status_job(changes, full, now)(self._xs)
+        except XenstoreError as e:
+            log.warning("publishing status: %s", e.strerror)
+            self._status_written(changes, full, False)
+            return
+        self._status_written(changes, full, True)
+
+    def _status_round(self) -> bool:
+        """One status round handed to the StatusWriter; False (nothing done)
+        while it still writes the previous one."""
+        w = self._writer
+        if w.busy:
+            return False
+        if self._in_writing is not None:
+            ok, took, keys = w.result() or (False, 0.0, 0)
+            self._status_written(*self._in_writing, ok)
+            if took > SLOW_TURN:
+                log.warning("writing a status round took %.1f s (%d keys)", took, keys)
+        changes, full, now = self._status_changes()
+        self._in_writing = (changes, full)
+        w.submit(self._status_job(changes, full, now))
+        return True
+
+    def _status_changes(self) -> tuple[dict[ProtectedDevice, dict[str, str]], bool, str]:
+        """Each VBD's status keys whose value changed since they were last
+        written (all of them every FULL_STATUS_EVERY), whether this round
+        writes all, and its time; first the mirrors' retries and follows."""
         resolved: dict[str, P.Target | None] = {}
         for d in list(self.devices.values()):
             d.mirror_retry()
             if d.mirror_follow(resolved):
                 self._step(d)
         full = time.monotonic() >= self._full_status_at
-        changes: dict[str, dict[str, str]] = {}
+        changes: dict[ProtectedDevice, dict[str, str]] = {}
         for d in self.devices.values():
-            path = K.status_path(d.domid, d.devid)
-            last = {} if full else self._published.get(path, {})
-            changes[path] = {k: v for k, v in ((k, str(v)) for k, v in d.status().items())
-                             if last.get(k) != v}
+            last = {} if full else self._published.get(K.status_path(d.domid, d.devid), {})
+            changes[d] = {k: v for k, v in ((k, str(v)) for k, v in d.status().items())
+                          if last.get(k) != v}
+        return changes, full, f"{time.time():.0f}"
 
-        def tx(t: Xs) -> None:
-            t.write(f"{K.DAEMON_PATH}/{K.DAEMON_HEARTBEAT}", now)
-            for path, diff in changes.items():
-                for key, value in diff.items():
-                    if value == "":
-                        t.rm(f"{path}/{key}")
-                    else:
-                        t.write(f"{path}/{key}", value)
-                t.write(f"{path}/{K.ST_UPDATED}", now)
-
-        try:
+    def _status_job(self, changes: dict[ProtectedDevice, dict[str, str]], full: bool,
+                    now: str) -> Callable[[Xs], int]:
+        """The xenstore work of one status round, for whichever connection
+        runs it; returns how many keys it wrote.  A VBD dropped meanwhile is
+        skipped: its node is gone (and a transaction that raced the removal
+        conflicts and runs again)."""
+        def job(xs: Xs) -> int:
             if full:
                 self._ensure_root(xs)
+            written = 0
+
+            def tx(t: Xs) -> None:
+                nonlocal written
+                written = 1
+                t.write(f"{K.DAEMON_PATH}/{K.DAEMON_HEARTBEAT}", now)
+                for d, diff in changes.items():
+                    if self.devices.get((d.domid, d.devid)) is not d:
+                        continue
+                    path = K.status_path(d.domid, d.devid)
+                    for key, value in diff.items():
+                        if value == "":
+                            t.rm(f"{path}/{key}")
+                        else:
+                            t.write(f"{path}/{key}", value)
+                    t.write(f"{path}/{K.ST_UPDATED}", now)
+                    written += len(diff) + 1
+
             xs.transaction(tx)
-        except XenstoreError as e:
-            log.warning("publishing status: %s", e.strerror)
+            return written
+        return job
+
+    def _status_written(self, changes: dict[ProtectedDevice, dict[str, str]], full: bool,
+                        ok: bool) -> None:
+        """Remembers what a status round wrote (all of it next time if it failed)."""
+        if not ok:
             self._full_status_at = 0.0          # what was written is not known: all next time
             return
         if full:
             self._published = {}
             self._full_status_at = time.monotonic() + FULL_STATUS_EVERY
-        for path, diff in changes.items():
-            self._published.setdefault(path, {}).update(diff)
-        for path in self._published.keys() - changes.keys():
+        live = set()
+        for d, diff in changes.items():
+            if self.devices.get((d.domid, d.devid)) is d:
+                path = K.status_path(d.domid, d.devid)
+                self._published.setdefault(path, {}).update(diff)
+                live.add(path)
+        for path in self._published.keys() - live:
             del self._published[path]           # a VBD gone
 
     def _shutdown(self, xs: Xs) -> None:
         connected = xs.connected
+        w, self._writer = self._writer, None
+        if w is not None:
+            if w.wait(10.0):
+                if self._in_writing is not None:
+                    self._status_written(*self._in_writing, (w.result() or (False,))[0])
+            else:
+                log.warning("a status round is still being written; stopping anyway")
+            self._in_writing = None
+            w.close()
         if connected:
             self.publish_status()                   # the last counters
         for dev in list(self.devices.values()):

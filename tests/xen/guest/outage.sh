@@ -9,7 +9,7 @@
 #      writes once the workload idles), four files of known checksums, sync,
 #      read back; XT-PHASE1-DONE.  dom0 checks that the appliance
 #      acknowledged every write and copies the disk.
-#   2. XT-PHASE2-START, 40 MiB in five files (sync after each): dom0
+#   2. XT-PHASE2-START, 20 MiB in five files (sync after each): dom0
 #      `xl destroy`s the appliance as soon as it sees XT-PHASE2-START, so
 #      most of this is written while no appliance runs; more than the mirror
 #      ring and spill log hold (12 MiB, run-cases.sh).  XT-PHASE2-DONE.
@@ -76,8 +76,8 @@ wait_go 2 6000 || give_up "no go for phase 2 after 600s"
 # --- phase 2: the appliance goes away while this runs
 echo "XT-PHASE2-START"
 t0=$(up)
-for n in 1 2 3 4 5; do put g$n 8388608; sync; done
-echo "guest: phase 2 wrote 40 MiB in $(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')s"
+for n in 1 2 3 4 5; do put g$n 4194304; sync; done
+echo "guest: phase 2 wrote 20 MiB in $(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')s"
 echo "XT-PHASE2-DONE"
 wait_go 3 6000 || give_up "no go for phase 3 after 600s"
 
