@@ -53,6 +53,7 @@ log = logging.getLogger("xentap.daemon")
 
 SLOW_TURN = 2.0                 # seconds: a turn of the main loop this long is logged
 FULL_STATUS_EVERY = 30.0        # seconds: every status key is written again (see publish_status)
+STATUS_REST = 2.0               # xenstored's time between status rounds, per second a round took
 _TOKEN_BACKEND = b"xentap-backend"
 _TOKEN_RELEASE = b"xentap-release"
 _TOKEN_FRONTEND = b"xentap-fe:"
@@ -81,6 +82,7 @@ class DrainJob:
         self._after = after
         self._vbd: shim.Vbd | None = vbd
         self._lock = threading.Lock()        # the image is closed under it
+        self._last_live: tuple[dict[str, Any] | None, dict[str, int] | None] = (None, None)
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(timeout,), daemon=True,
                                         name=f"drain-{mirror.vbd_uuid}")
@@ -108,12 +110,19 @@ class DrainJob:
 
     def live(self) -> tuple[dict[str, Any] | None, dict[str, int] | None]:
         """The drainer's figures and the shim's mirror stats while it drains
-        (then its last figures, and None)."""
-        with self._lock:
+        (then its last figures, and None).  While the job closes the image
+        (seconds in a busy dom0) the last ones taken: a status round does
+        not wait for it."""
+        if not self._lock.acquire(blocking=False):
+            return self._last_live
+        try:
             if self._vbd is None:
                 return self.figures, None
             d = self.drainer
-            return (d.stats() if d is not None else None), self._vbd.mirror_stats()
+            self._last_live = (d.stats() if d is not None else None), self._vbd.mirror_stats()
+            return self._last_live
+        finally:
+            self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
@@ -421,7 +430,11 @@ class StatusWriter:
     busy dom0 (emulated Xen: 30-40 s a round, with a drainer catching up
     beside it) a round written by the main loop held up every VBD's
     handshake behind it.  The main loop computes what changed and hands it
-    here; while a round is being written it starts no other one.
+    here; while a round is being written it starts no other one, and after
+    a round that took T seconds it waits ``STATUS_REST * T`` (xenstored
+    serves one request at a time: back-to-back rounds would queue every
+    handshake's reads behind theirs).  On a quick xenstored this is the
+    status interval, every second.
     """
 
     def __init__(self, xs: Xs) -> None:
@@ -429,6 +442,7 @@ class StatusWriter:
         self._jobs: queue.Queue = queue.Queue()
         self._busy = False                      # a round handed over and not yet written
         self._result: tuple[bool, float, int] | None = None
+        self.done_at = 0.0                      # when the last round was written (monotonic)
         self._thread = threading.Thread(target=self._run, daemon=True, name="status")
         self._thread.start()
 
@@ -445,7 +459,8 @@ class StatusWriter:
                 log.warning("publishing status: %s", e.strerror)
             except Exception as e:  # noqa: BLE001 - status must never end the daemon
                 log.error("publishing status: %s", e)
-            self._result = (ok, time.monotonic() - t0, n)
+            self.done_at = time.monotonic()
+            self._result = (ok, self.done_at - t0, n)
             self._busy = False
 
     @property
@@ -510,6 +525,8 @@ class Daemon:
         self._published: dict[str, dict[str, str]] = {}
         self._full_status_at = 0.0
         self._writer: StatusWriter | None = None
+        self._status_rest = 0.0                 # after a round written in T s: STATUS_REST * T
+        self._slowest: tuple[float, str] = (0.0, "")     # of this turn (_part_took)
         #: the round the writer has: (changes, full), for _status_written
         self._in_writing: tuple[dict[ProtectedDevice, dict[str, str]], bool] | None = None
 
@@ -580,13 +597,20 @@ class Daemon:
                 else:                                # the last one is still being written
                     next_status = time.monotonic() + 0.1
 
-    @staticmethod
-    def _note_slow(what: str, t0: float) -> None:
+    def _part_took(self, what: str, t0: float) -> None:
+        """Keeps the slowest part of this turn of the loop, for _note_slow."""
+        took = time.monotonic() - t0
+        if took > self._slowest[0]:
+            self._slowest = (took, what)
+
+    def _note_slow(self, what: str, t0: float) -> None:
         """A log line when one turn of the loop held up every VBD's handshake
         and detach (and the status) for long: where a slow daemon's time went."""
         took = time.monotonic() - t0
+        part, self._slowest = self._slowest, (0.0, "")
         if took > SLOW_TURN:
-            log.warning("%s took %.1f s", what, took)
+            log.warning("%s took %.1f s%s", what, took,
+                        f" ({part[1]}: {part[0]:.1f} s)" if part[1] else "")
 
     def _classify(self, event) -> tuple:
         path = event.path.decode("latin-1")
@@ -609,11 +633,13 @@ class Daemon:
             return
         for item in sorted(pending):
             key = (item[1], item[2])
+            t0 = time.monotonic()
             dev = self.devices.get(key)
             if dev is None:
                 dev = self._add(*key)
             if dev is not None:
                 self._step(dev)
+                self._part_took(f"{dev.name}'s step", t0)
 
     # -- devices --
 
@@ -790,8 +816,12 @@ class Daemon:
         if self._in_writing is not None:
             ok, took, keys = w.result() or (False, 0.0, 0)
             self._status_written(*self._in_writing, ok)
+            self._in_writing = None
+            self._status_rest = STATUS_REST * took
             if took > SLOW_TURN:
                 log.warning("writing a status round took %.1f s (%d keys)", took, keys)
+        if time.monotonic() < w.done_at + self._status_rest:
+            return False
         changes, full, now = self._status_changes()
         self._in_writing = (changes, full)
         w.submit(self._status_job(changes, full, now))
@@ -803,15 +833,19 @@ class Daemon:
         writes all, and its time; first the mirrors' retries and follows."""
         resolved: dict[str, P.Target | None] = {}
         for d in list(self.devices.values()):
+            t0 = time.monotonic()
             d.mirror_retry()
             if d.mirror_follow(resolved):
                 self._step(d)
+            self._part_took(f"{d.name}'s mirror retry and follow", t0)
         full = time.monotonic() >= self._full_status_at
         changes: dict[ProtectedDevice, dict[str, str]] = {}
         for d in self.devices.values():
+            t0 = time.monotonic()
             last = {} if full else self._published.get(K.status_path(d.domid, d.devid), {})
             changes[d] = {k: v for k, v in ((k, str(v)) for k, v in d.status().items())
                           if last.get(k) != v}
+            self._part_took(f"{d.name}'s status", t0)
         return changes, full, f"{time.time():.0f}"
 
     def _status_job(self, changes: dict[ProtectedDevice, dict[str, str]], full: bool,
