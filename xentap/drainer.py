@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import zmq
 
 from xentap import shim, sparse, wire
-from xentap.stream_state import write_stream_state
+from xentap.stream_state import is_new, write_stream_state
 from xentap.spill import SpillLog
 
 log = logging.getLogger("xentap.drainer")
@@ -190,8 +190,7 @@ class Drainer:
         self.initial_syncs = 0
         self.resync_started = 0.0
         self.data_runs: list[tuple[int, int]] = []
-        #: nothing of this stream was numbered before (no record, nothing spilled)
-        self.new_stream = not unclean and self.seq_base == 0 and not self.spill
+        self.new_stream = is_new(not unclean, self.seq_base, bool(self.spill))
         if initial_sync and self.new_stream:
             if data_extents is False:
                 data_extents = sparse.data_extents(self.image_fd, ident.size_bytes)

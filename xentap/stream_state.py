@@ -40,8 +40,14 @@ def write_stream_state(spill_dir: str, last_seq: int, epoch: int, clean: bool) -
     os.replace(tmp, path)
 
 
+def is_new(clean: bool, last_seq: int, spilled: bool) -> bool:
+    """Nothing of the stream was numbered before: it ended clean (or never
+    ran) at seq 0 and nothing is spilled."""
+    return clean and last_seq == 0 and not spilled
+
+
 def is_new_stream(spill_dir: str, spilled: bool) -> bool:
-    """Nothing of the stream was numbered before: no record of a last seq and
-    nothing spilled (`spilled`: the spill dir holds segments)."""
+    """is_new from the stream's record in ``spill_dir`` (`spilled`: the spill
+    dir holds segments)."""
     st = read_stream_state(spill_dir)
-    return st["clean"] and st["last_seq"] == 0 and not spilled
+    return is_new(st["clean"], st["last_seq"], spilled)
