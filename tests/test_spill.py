@@ -62,3 +62,16 @@ def test_a_log_changed_since_it_was_closed_is_recovered_from_its_files(tmp_path,
         assert log.last_seq == old.segments[-2].last_seq
     assert log.first_seq == 1
     log.close()
+
+
+def test_frames_after_with_head_reads_only_the_start_of_each_frame(tmp_path):
+    """The status round's lag reads one field of the first unacknowledged
+    frame: with ``head`` the rest of each frame is skipped, not read."""
+    d, log = written(tmp_path)
+    log = SpillLog(d, 64 << 20, segment_bytes=1 << 20)
+    whole = list(log.frames_after(64))
+    heads = list(log.frames_after(64, head=60))
+    assert [f[:2] for f in heads] == [f[:2] for f in whole]
+    assert all(len(h[2]) == 60 and h[2] == f[2][:60] for h, f in zip(heads, whole))
+    assert all(len(f[2]) > 60 for f in whole)
+    log.close()

@@ -139,11 +139,9 @@ def _now_ns() -> int:
 
 
 def _oldest_ts(frame: bytes) -> int:
-    """The completion time of a WRITES frame's first record (now for others)."""
-    if frame[6] == wire.MsgType.WRITES:
-        off = wire.HEADER_SIZE + 12 + 8     # header, (first_seq, count), record seq
-        return int.from_bytes(frame[off:off + 8], "little")
-    return _now_ns()
+    """The completion time of a frame's first write (now for a RESYNC)."""
+    ts = wire.frame_time_ns(frame)
+    return _now_ns() if ts is None else ts
 
 
 class Drainer:

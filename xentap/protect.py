@@ -307,19 +307,6 @@ def remove_spill_dir(directory: str, why: str) -> None:
 
 # --- how far behind the appliance is ------------------------------------------------------
 
-def _frame_time_ns(frame: bytes) -> int | None:
-    """The completion time of the first write a spilled frame carries (None
-    for frames without one, or one torn by a concurrent append)."""
-    from xentap import wire
-    try:
-        msg = wire.decode(frame)
-    except wire.WireError:
-        return None
-    if isinstance(msg, wire.Writes):
-        return msg.records[0].timestamp_ns if msg.records else None
-    return getattr(msg, "timestamp_ns", None)
-
-
 class UnackedAge:
     """The age of the oldest write the appliance has not acknowledged: how
     far behind the appliance is right now (``mirror-lag-ms``).
@@ -370,12 +357,14 @@ class UnackedAge:
         the drainer's thread appends and trims: a vanished segment or a torn
         frame is simply not a date)."""
         from construct import ConstructError
+
+        from xentap import wire
         spill = drainer.spill
         try:
             if spill.last_seq <= acked_seq:
                 return []
-            for _first, _last, frame in spill.frames_after(acked_seq):
-                ts = _frame_time_ns(frame)
+            for _first, _last, frame in spill.frames_after(acked_seq, wire.FRAME_TIME_BYTES):
+                ts = wire.frame_time_ns(frame)
                 return [] if ts is None else [ts]
         except (OSError, ValueError, IndexError, ConstructError) as e:
             log.debug("reading the spill log for the lag: %s", e)

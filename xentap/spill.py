@@ -159,21 +159,27 @@ class SpillLog:
 
     # ---- reading ----
 
-    def frames_after(self, seq: int):
-        """Yields (first_seq, last_seq, frame) of every entry with last_seq > seq, in order."""
+    def frames_after(self, seq: int, head: int | None = None):
+        """Yields (first_seq, last_seq, frame) of every entry with last_seq > seq,
+        in order; with ``head``, only the first ``head`` bytes of each frame."""
         for seg in list(self.segments):
             if seg.last_seq <= seq:
                 continue
             with open(seg.path, "rb") as f:
                 while True:
-                    head = f.read(ENTRY_HEADER_SIZE)
-                    if len(head) < ENTRY_HEADER_SIZE:
+                    raw = f.read(ENTRY_HEADER_SIZE)
+                    if len(raw) < ENTRY_HEADER_SIZE:
                         break
-                    h = EntryHeader.parse(head)
+                    h = EntryHeader.parse(raw)
                     if h.last_seq <= seq:
                         f.seek(h.frame_len, os.SEEK_CUR)
                         continue
-                    yield h.first_seq, h.last_seq, f.read(h.frame_len)
+                    if head is None or head >= h.frame_len:
+                        yield h.first_seq, h.last_seq, f.read(h.frame_len)
+                    else:
+                        frame = f.read(head)
+                        f.seek(h.frame_len - head, os.SEEK_CUR)
+                        yield h.first_seq, h.last_seq, frame
 
     # ---- trimming ----
 

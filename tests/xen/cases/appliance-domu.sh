@@ -280,10 +280,19 @@ log "xl destroy $ap (domain $dom1) while the guest writes: $(mirror_line)"
 # writing when it is back, as after a real outage).  The overflow must come
 # while the appliance is away: checked below, on the first sample that shows
 # it.
+# (The status is a sample: once the guest is done, what a sample taken
+# after that shows is final; a round of the emulated dom0's daemon can take
+# tens of seconds.)
+p2_done=
+phase2_final() {
+    [ -n "$p2_done" ] || { tr -d '\r' < "$(guest_log "$name")" | grep -qx XT-PHASE2-DONE &&
+                           p2_done=$(date +%s); }
+    [ -n "$p2_done" ] && [ "${S[updated]:-0}" -gt "$p2_done" ] 2>/dev/null
+}
 t0=$SECONDS
 until snap; [ "${S[mirror-overflows]:-0}" -gt 0 ] 2>/dev/null ||
       [ "${S[mirror-spill-bytes]:-0}" -ge $((4 << 20)) ] 2>/dev/null; do
-    tr -d '\r' < "$(guest_log "$name")" | grep -qx XT-PHASE2-DONE && break
+    phase2_final && break
     [ $((SECONDS - t0)) -lt 400 ] || break
     sleep 1
 done
@@ -291,7 +300,7 @@ log "the spill log holds ${S[mirror-spill-bytes]:-?} bytes $((SECONDS - t_down))
 appliance_start 2
 until snap; [ "${S[mirror-overflows]:-0}" -gt 0 ] 2>/dev/null; do
     [ "${S[mirror]:-}" = connected ] && break       # back before the overflow: fails below
-    tr -d '\r' < "$(guest_log "$name")" | grep -qx XT-PHASE2-DONE && break
+    phase2_final && break
     [ $((SECONDS - t0)) -lt 400 ] || break
     sleep 1
 done
