@@ -81,6 +81,7 @@ class DrainJob:
         self._after = after
         self._vbd: shim.Vbd | None = vbd
         self._lock = threading.Lock()        # the image is closed under it
+        #: live()'s last answer: while the image closes, the stream's final figures
         self._last_live: tuple[dict[str, Any] | None, dict[str, int] | None] = (None, None)
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(timeout,), daemon=True,
@@ -99,6 +100,8 @@ class DrainJob:
         except Exception as e:  # noqa: BLE001 - one VBD's failure, said, must not stop others
             log.error("%s: stopping the mirror: %s", self.name, e)
         finally:
+            with self._lock:                 # what status shows while the image closes
+                self._last_live = self.figures, self._vbd.mirror_stats() or {}
             with self._lock:
                 vbd, self._vbd = self._vbd, None
                 st = vbd.mirror_stats() or {}
