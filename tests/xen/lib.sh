@@ -279,7 +279,10 @@ xentap_cmd() {
     printf '%s\0' "$@" > "$xt_srv/$n.cmd.tmp" && mv "$xt_srv/$n.cmd.tmp" "$xt_srv/$n.cmd" ||
         { exec {fd}<&-; log "xentap_cmd: cannot write request $n"; return 1; }
     echo >&"$xt_srv_wfd"
-    until read -r -t 5 -u "$fd" rc; do
+    # (the FIFO only wakes us; the status is read from N.rc, written before:
+    # bash reads a FIFO a byte at a time, and a timeout between the "0" and
+    # its newline once left an empty line as the status)
+    until read -r -t 5 -u "$fd" _; do
         if ! kill -0 "$xt_srv_pid" 2>/dev/null; then
             exec {fd}<&-
             log "xentap_cmd: the server exited: $(cat "$xt_srv/server.log")"; return 1
@@ -287,7 +290,9 @@ xentap_cmd() {
         [ $((SECONDS - t0)) -lt 1500 ] || { exec {fd}<&-; log "xentap_cmd $*: no answer after 1500s"; return 1; }
     done
     exec {fd}<&-
+    rc=$(cat "$xt_srv/$n.rc" 2>/dev/null)
     cat "$xt_srv/$n.out"
+    [ -n "$rc" ] || { log "xentap_cmd $*: no status in $xt_srv/$n.rc"; return 1; }
     return "$rc"
 }
 # xentap_cmds OUTDIR CMD [ARG...] [:: CMD [ARG...]]...: as tests/xen/xentap-multi.py,
