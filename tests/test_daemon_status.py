@@ -237,3 +237,34 @@ def test_an_idle_vbds_status_costs_one_write_a_round_and_a_busy_ones_what_change
     assert not {K.ST_READS, K.ST_TARGET, K.ST_STATE, K.ST_ERRORS} & set(busy), busy
     env.wait_for(lambda: env.xs.read(f"{st}/{K.ST_WRITES}") == str(
         env.daemon.devices[(A, devid)].vbd.stats()["reqs_write"]), what="the last count")
+
+
+def test_a_slow_status_round_does_not_hold_up_a_handshake(xentap_env, monkeypatch):
+    """The status is written by its own thread over its own connection: a
+    xenstored that takes seconds for a round (an emulated dom0's took 20-40 s)
+    delays the status, never a guest's handshake."""
+    from xentap.daemon import StatusWriter
+
+    env = xentap_env
+    rounds = []
+    submit = StatusWriter.submit
+
+    def slow_submit(self, job):
+        def slow(xs):
+            rounds.append(time.monotonic())
+            time.sleep(3.0)
+            return job(xs)
+        submit(self, slow)
+    monkeypatch.setattr(StatusWriter, "submit", slow_submit)
+    env.wait_for(lambda: rounds, what="a slow status round")    # one under way
+    env.guest(A)
+    t0 = time.monotonic()
+    devid = env.attach(A, env.image(), "xvda")
+    env.front(A, "xvda")
+    be = f"{K.backend_path(A, devid)}/{K.STATE}"
+    env.wait_for(lambda: env.xs.read(be) == str(int(XenbusState.CONNECTED)), timeout=2.5,
+                 what="Connected while the status round is written")
+    assert time.monotonic() - t0 < 2.5
+    st = K.status_path(A, devid)
+    env.wait_for(lambda: env.xs.read(f"{st}/{K.ST_STATE}") == "Connected", timeout=15,
+                 what="the status, a round later")
