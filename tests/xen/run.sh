@@ -249,6 +249,14 @@ if [ $fail -gt 0 ] || [ $timed_out = 1 ]; then
     done
 fi
 say "wall time: qemu $((T2 - T1))s, total $((T2 - T0))s; qemu cpu $((qcpu / $(getconf CLK_TCK)))s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+# The last lines say what failed and where the time went: a CI log that keeps
+# only its head and tail still shows them.
+say "case times: $(sed -En 's/^TIME ([^ ]+) ([0-9]+)$/\1 \2 s,/p' "$XT_OUT/serial.txt" | tr '\n' ' ' | sed 's/, *$//')"
+for c in $failed; do
+    why=$(sed -n 's/^[0-9.]* FAILED: //p' "$XT_OUT/cases/$c.log" 2>/dev/null | head -1 | cut -c1-400)
+    [ -n "$why" ] || why=$(grep -m1 -x "\[$c\] timed out after [0-9]*s" "$XT_OUT/serial.txt" | sed 's/^\[[^]]*\] //')
+    say "$c failed: ${why:-no FAILED line (see $XT_OUT/cases/$c.log)}"
+done
 skipped=$(echo $SKIPPED | wc -w)
 for c in $SKIPPED; do echo "SKIP $c (make xen-test CASES=$c runs it)"; done
 echo "$pass passed, $fail failed, $skipped skipped"

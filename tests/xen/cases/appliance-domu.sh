@@ -289,7 +289,16 @@ phase2_final() {
                            p2_done=$(date +%s); }
     [ -n "$p2_done" ] && [ "${S[updated]:-0}" -gt "$p2_done" ] 2>/dev/null
 }
+# The drainer notices the outage first: until it has heard nothing for
+# drainer.DEAD_AFTER (10 s) its session looks alive, and a `connected` seen
+# later can only be the appliance back.  (On a fast host the guest fills half
+# the spill log within a second of the destroy.)
 t0=$SECONDS
+until snap; [ "${S[mirror]:-}" != connected ]; do
+    [ $((SECONDS - t0)) -lt 120 ] || fail "the drainer still says connected 120s after xl destroy: $(mirror_line)"
+    sleep 1
+done
+log "the drainer noticed the outage $((SECONDS - t_down))s after xl destroy: $(mirror_line)"
 until snap; [ "${S[mirror-overflows]:-0}" -gt 0 ] 2>/dev/null ||
       [ "${S[mirror-spill-bytes]:-0}" -ge $((4 << 20)) ] 2>/dev/null; do
     phase2_final && break
