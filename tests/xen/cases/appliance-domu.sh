@@ -269,8 +269,10 @@ log "phase 1: the appliance holds seqs up to $s1; disk copied"
 echo "METRIC $XT_CASE phase1 acked_seq=$s1 lag_p99_ms=$(st mirror-lag-ms)"
 
 # --- phase 2: the go, and the appliance destroyed while the guest writes
+# (The limits below are for a stuck run, not a slow one: hosts differ; this
+# suite's whole run has taken 4.5 min on one and 35 on another.)
 go 2
-wait_console "$name" XT-PHASE2-START 180 || fail "guest: no phase 2"
+wait_console "$name" XT-PHASE2-START 400 || fail "guest: no phase 2"
 t_down=$SECONDS
 xl destroy "$ap" || fail "xl destroy $ap"
 log "xl destroy $ap (domain $dom1) while the guest writes: $(mirror_line)"
@@ -295,14 +297,14 @@ phase2_final() {
 # the spill log within a second of the destroy.)
 t0=$SECONDS
 until snap; [ "${S[mirror]:-}" != connected ]; do
-    [ $((SECONDS - t0)) -lt 120 ] || fail "the drainer still says connected 120s after xl destroy: $(mirror_line)"
+    [ $((SECONDS - t0)) -lt 300 ] || fail "the drainer still says connected 300s after xl destroy: $(mirror_line)"
     sleep 1
 done
 log "the drainer noticed the outage $((SECONDS - t_down))s after xl destroy: $(mirror_line)"
 until snap; [ "${S[mirror-overflows]:-0}" -gt 0 ] 2>/dev/null ||
       [ "${S[mirror-spill-bytes]:-0}" -ge $((4 << 20)) ] 2>/dev/null; do
     phase2_final && break
-    [ $((SECONDS - t0)) -lt 400 ] || break
+    [ $((SECONDS - t0)) -lt 900 ] || break
     sleep 1
 done
 log "the spill log holds ${S[mirror-spill-bytes]:-?} bytes $((SECONDS - t_down))s after xl destroy: the appliance again"
@@ -310,7 +312,7 @@ appliance_start 2
 until snap; [ "${S[mirror-overflows]:-0}" -gt 0 ] 2>/dev/null; do
     [ "${S[mirror]:-}" = connected ] && break       # back before the overflow: fails below
     phase2_final && break
-    [ $((SECONDS - t0)) -lt 400 ] || break
+    [ $((SECONDS - t0)) -lt 900 ] || break
     sleep 1
 done
 [ "${S[mirror-overflows]:-0}" -gt 0 ] 2>/dev/null && [ "${S[mirror]:-}" != connected ] ||
@@ -318,7 +320,7 @@ done
 log "overflow while the appliance is away: mirror ${S[mirror]:-} acked=${S[mirror-acked-seq]:-}" \
     "next=${S[mirror-next-seq]:-} pending=${S[mirror-pending]:-} spill=${S[mirror-spill-bytes]:-}" \
     "ring=${S[mirror-ring-bytes]:-} overflows=${S[mirror-overflows]:-} gaps=${S[mirror-gaps]:-}"
-wait_console "$name" XT-PHASE2-DONE 400 || { tail -n 30 "$dlog"; fail "guest: phase 2 did not finish"; }
+wait_console "$name" XT-PHASE2-DONE 900 || { tail -n 30 "$dlog"; fail "guest: phase 2 did not finish"; }
 log "the guest wrote 20 MiB, most without the appliance: $(mirror_line)"
 [ "$(st errors)" = 0 ] || fail "the daemon counted errored requests: $(mirror_line)"
 
@@ -329,7 +331,7 @@ boot2=$boot_s key2=$apkey
 n=$(tr -d '\r' < "$(guest_log $ap)" | grep -c 'formatting the journal disk')
 [ "$n" -le 1 ] || fail "the journal disk was formatted $n times"
 t_up=$SECONDS
-caught_up 400 || { tail -n 40 "$dlog"; fail "the mirror did not catch up after the restart"; }
+caught_up 900 || { tail -n 40 "$dlog"; fail "the mirror did not catch up after the restart"; }
 catchup=$((SECONDS - t_up))
 [ "$(st mirror-gaps)" -gt 0 ] 2>/dev/null || fail "no GAP after the outage: $(mirror_line)"
 log "caught up ${catchup}s after the appliance was ready again (outage $((t_up - t_down))s)"
