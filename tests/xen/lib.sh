@@ -42,7 +42,7 @@ guest_log() { echo "$XT_OUT/guests/guest-$1.log"; }
 # rather than `xl list`: every xl call costs seconds of emulated CPU that the
 # guest would otherwise get.
 guest_run() {
-    local name=$1 cfg=$2 limit=${3:-240} domid start now
+    local name=$1 cfg=$2 limit=${3:-900} domid start now
     log "xl create $cfg"
     start=$(date +%s)
     if ! xl create "$cfg" > "$XT_WORK/xl-create.out" 2>&1; then
@@ -88,7 +88,7 @@ xentap_daemon_start() {
         until [ "$(xenstore-read $XT_XS_ROOT/daemon/state 2>/dev/null)" = running ] &&
               [ "$(xenstore-read $XT_XS_ROOT/daemon/pid 2>/dev/null)" = "$XT_DAEMON_PID" ]; do
             kill -0 "$XT_DAEMON_PID" 2>/dev/null || fail "the suite's xentap daemon ($XT_DAEMON_PID) is gone"
-            [ $((SECONDS - t0)) -lt 240 ] || fail "the suite's xentap daemon is not running after 240s"
+            [ $((SECONDS - t0)) -lt 600 ] || fail "the suite's xentap daemon is not running after 600s"
             sleep 0.5
         done
         log "using the suite's xentap daemon (pid $XT_DAEMON_PID, log: ${XT_DAEMON_LOG#$XT_OUT/})"
@@ -106,7 +106,7 @@ xentap_daemon_start() {
           [ "$(xenstore-read $XT_XS_ROOT/daemon/pid 2>/dev/null)" = "$xentap_daemon_pid" ]; do
         kill -0 "$xentap_daemon_pid" 2>/dev/null ||
             { cat "$dlog"; xentap_daemon_pid=; fail "xentap daemon exited"; }
-        [ $((SECONDS - t0)) -lt 90 ] || { cat "$dlog"; fail "xentap daemon not running after 90s"; }
+        [ $((SECONDS - t0)) -lt 300 ] || { cat "$dlog"; fail "xentap daemon not running after 300s"; }
         sleep 0.5
     done
     log "xentap daemon running after $((SECONDS - t0))s"
@@ -149,7 +149,7 @@ xentap_appliance_start() {
             { cat "$alog"; xentap_appliance_pid=; fail "xentap appliance exited"; }
         # 300 s for keys and start-up: with cases beside it on a loaded host,
         # `xentap keys` alone has taken a minute of emulated Python
-        [ $((SECONDS - t0)) -lt 300 ] || { cat "$alog"; fail "appliance not listening after 300s"; }
+        [ $((SECONDS - t0)) -lt 900 ] || { cat "$alog"; fail "appliance not listening after 900s"; }
         sleep 0.5
     done
     log "xentap appliance listening after $((SECONDS - t0))s"
@@ -202,7 +202,7 @@ _xt_create_args() {
     log "xentap create xl_scripts/guest-xentap.cfg (name=$name vcpus=$vcpus disks: $disks)"
     # (--wait: the daemon has taken more than create's default 30 s to open
     # an image while another case's mirror resynced, on a loaded host)
-    _xt_args=(create --wait 120 "$XT_REPO/xl_scripts/guest-xentap.cfg"
+    _xt_args=(create --wait 600 "$XT_REPO/xl_scripts/guest-xentap.cfg"
         "name='$name'" "kernel='$XT_GUEST_KERNEL'" "ramdisk='${XT_GUEST_RAMDISK:-$XT_GUEST_INITRD}'"
         "extra='console=hvc0 quiet xt_workload=$workload${extra:+ $extra}'"
         "memory=${XT_GUEST_MEMORY:-256}" "vcpus=$vcpus" "on_reboot='destroy'" "on_crash='destroy'"

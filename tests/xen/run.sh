@@ -11,9 +11,10 @@
 # Environment:
 #   XT_CACHE    cache of kernel, xen image, initramfs (default /var/cache/xentap-xen)
 #   XT_OUT      logs (default <repo>/out/xen); wiped at the start of each run
-#   XT_TIMEOUT  hard limit on the QEMU run in seconds (default 2700: a hang
+#   XT_TIMEOUT  hard limit on the QEMU run in seconds (default 3600: a hang
 #               guard; the cases run in lanes side by side, see run-cases.sh;
-#               a whole run has taken 1800 s on a host busy with other work)
+#               a whole run has taken 272 s on one host and 2103 s on another,
+#               where QEMU got 0.8 of a core on average)
 #   XT_CASE_TIMEOUT  per-case limit inside dom0 in seconds (default 300)
 #   XT_CPU      QEMU -cpu (default max,xsave=off; only change it to show the
 #               canary catching the corruption plain `max` causes)
@@ -23,7 +24,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 XT_CACHE=${XT_CACHE:-/var/cache/xentap-xen}
 XT_OUT=${XT_OUT:-$REPO/out/xen}
-XT_TIMEOUT=${XT_TIMEOUT:-2700}
+XT_TIMEOUT=${XT_TIMEOUT:-3600}
 XT_CASE_TIMEOUT=${XT_CASE_TIMEOUT:-300}
 XT_CPU=${XT_CPU:-max,xsave=off}
 T0=$(date +%s)

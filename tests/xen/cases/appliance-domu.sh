@@ -43,7 +43,7 @@
 #   write-ordered, while one before it is.
 # METRIC lines: boot times, image size, memory, catch-up after the restart.
 # xt-lane: appliance
-# xt-timeout: 2400
+# xt-timeout: 3000
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
 ap=xentap-appliance                        # the appliance domain's name
@@ -76,7 +76,7 @@ echo "METRIC $XT_CASE image boot_initramfs_bytes=$(stat -c %s "$IMG/appliance.cp
 # `xentap appliance status --json` prints (apstatus.json: no second CLI
 # start-up).  appliance_up sets boot_s, apkey and apdom.
 create_args=(appliance create --image "$XT_WORK/img" --ip 10.0.0.2/24 --keys "$keys"
-    --journal "$journal" --journal-size 512M --wait 900 --open-wait 120 --json
+    --journal "$journal" --journal-size 512M --wait 900 --open-wait 600 --json
     "vif=[ 'mac=00:16:3e:78:74:02, bridge=xenbr0, script=$XT_REPO/xl_scripts/vif-xentap' ]")
 appliance_prestart() {
     rm -f "$XT_WORK/create-go"
@@ -215,7 +215,7 @@ appliance_start 1
 t0=$SECONDS
 until grep -q "^appliance $ap is domain" "$XT_WORK/create.out" 2>/dev/null; do
     kill -0 "$create_pid" 2>/dev/null || appliance_up
-    [ $((SECONDS - t0)) -lt 400 ] || fail "no appliance domain after 400s: $(cat "$XT_WORK/create.out")"
+    [ $((SECONDS - t0)) -lt 900 ] || fail "no appliance domain after 900s: $(cat "$XT_WORK/create.out")"
     sleep 1
 done
 log "the appliance domain exists; the guest boots while it starts"
@@ -241,7 +241,7 @@ mem=$(( $(xenstore-read "/local/domain/$dom1/memory/target") / 1024 ))
 busybox ping -c 1 -W 5 10.0.0.2 >/dev/null || fail "dom0 cannot ping the appliance"
 
 # --- phase 1: every write acknowledged; the disk as it is now
-wait_console "$name" XT-WAITING 300 || fail "guest: no XT-WAITING"
+wait_console "$name" XT-WAITING 900 || fail "guest: no XT-WAITING"
 # The daemon's drainer has a session with the appliance before the guest
 # writes: the appliance being ready does not say the drainer has started (it
 # starts once the appliance announced its endpoint and key, in the daemon's
@@ -250,13 +250,13 @@ wait_console "$name" XT-WAITING 300 || fail "guest: no XT-WAITING"
 # at seq 1, not what this case checks).
 t0=$SECONDS
 until [ "$(st mirror)" = connected ]; do
-    [ $((SECONDS - t0)) -lt 300 ] || { tail -n 30 "$dlog"; fail "no mirror session 300s after the appliance was ready: $(mirror_line)"; }
+    [ $((SECONDS - t0)) -lt 900 ] || { tail -n 30 "$dlog"; fail "no mirror session 900s after the appliance was ready: $(mirror_line)"; }
     sleep 1
 done
 log "mirror session up $((SECONDS - t0))s after the guest waited: $(mirror_line)"
 go 1
-wait_console "$name" XT-PHASE1-DONE 300 || { tail -n 30 "$dlog"; fail "guest: no phase 1"; }
-caught_up 300 || { tail -n 30 "$dlog"; fail "the appliance did not acknowledge phase 1"; }
+wait_console "$name" XT-PHASE1-DONE 900 || { tail -n 30 "$dlog"; fail "guest: no phase 1"; }
+caught_up 900 || { tail -n 30 "$dlog"; fail "the appliance did not acknowledge phase 1"; }
 [ "$(st mirror-overflows)" = 0 ] && [ "$(st mirror-gaps)" = 0 ] && [ "$(st errors)" = 0 ] &&
     [ -z "$(st mirror-error)" ] || fail "phase 1: $(mirror_line)"
 wait $status_pid || fail "xentap appliance status --json: $(cat "$XT_WORK/apstatus-cli.json")"
@@ -341,7 +341,7 @@ grep -E 'GAP|resync|overflow|takeover' "$dlog" | tail -n 8 | sed 's/^/daemon: /'
 go 3
 t0=$SECONDS
 while xenstore-exists "/local/domain/$domid" 2>/dev/null; do
-    [ $((SECONDS - t0)) -lt 300 ] || { xl destroy "$domid"; fail "guest did not finish"; }
+    [ $((SECONDS - t0)) -lt 900 ] || { xl destroy "$domid"; fail "guest did not finish"; }
     sleep 1
 done
 log "guest $name ended $((SECONDS - t0))s after go3"
@@ -376,8 +376,8 @@ data=$jm/data
 # section), in the case's xentap interpreter (no emulated Python start-up),
 # while dom0 checks the disk
 t0=$SECONDS
-xentap_cmds "$XT_WORK/tail" status :: detach --timeout 120 "$domid" xvda :: \
-    detach --timeout 120 "$domid" xvdb :: appliance destroy \
+xentap_cmds "$XT_WORK/tail" status :: detach --timeout 600 "$domid" xvda :: \
+    detach --timeout 600 "$domid" xvdb :: appliance destroy \
     > "$XT_WORK/tail.out" 2>&1 &
 tail_pid=$!
 verify_image "$disk" "$XT_WORK/guest.log" 10

@@ -3,7 +3,7 @@
 # mkfs.ext4's it, writes files of known checksums, reads them back, times dd,
 # fscks; then dom0 checks the image with e2fsck -fn and the files' checksums
 # with debugfs.  The comparison point for xentap's own backend later.
-# xt-timeout: 900
+# xt-timeout: 1800
 # xt-lane: blkback
 . "$XT_REPO/tests/xen/lib.sh"
 set -u

@@ -6,7 +6,7 @@
 # and the ratios to blkback.  Emulated (TCG), so only the ratios mean
 # anything.  Fails if blkback or xentap fails its job (data verified);
 # qdisk is reported, not required.
-# xt-timeout: 900
+# xt-timeout: 1800
 # xt-lane: blkback
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
@@ -81,7 +81,7 @@ done
 results xentap || { tail -n 30 "$dlog"; fail "the fio job failed on xentap"; }
 # (--timeout: the guest is gone, but a loaded dom0's daemon has taken more
 # than detach's default 10 s to close its VBD; the detach must still succeed)
-xentap_cmd detach --timeout 120 "$domid" xvda || fail "xentap detach"
+xentap_cmd detach --timeout 600 "$domid" xvda || fail "xentap detach"
 xentap_daemon_stop
 grep -q Traceback "$dlog" && { cat "$dlog"; fail "the daemon logged a traceback"; }
 ran="$ran xentap"

@@ -29,7 +29,7 @@
 #   XT_XENTAP_GUEST_VCPUS  the guest's vcpus (blkfront makes at most one queue per cpu)
 #   XT_XENTAP_EXPECT_FE    "key=value ..." the frontend node must hold once connected
 #   XT_XENTAP_EXPECT_GUEST "key=value ..." the guest's XT-BLKINFO line must hold
-# xt-timeout: 900
+# xt-timeout: 1800
 # xt-lane: xentap
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
@@ -109,7 +109,7 @@ t0=$SECONDS
 while :; do
     xenstore-ls -f "$ROOT/vbd/$domid/$devid" > "$XT_WORK/st.ls" 2>/dev/null || : > "$XT_WORK/st.ls"
     [ "$(kv "$XT_WORK/st.ls" updated)" -gt "$gone" ] 2>/dev/null && break
-    [ $((SECONDS - t0)) -lt 180 ] ||
+    [ $((SECONDS - t0)) -lt 600 ] ||
         { tail -n 30 "$dlog"; fail "the daemon published no status for the VBD after its guest ended"; }
     sleep 1
 done

@@ -6,7 +6,7 @@
 # runs and checks in xenstore that both xvdb nodes and its status are gone;
 # the guest sees xvdb vanish, reads xvda again (same hash) and powers off.  Last, dom0
 # checks the xvdb image (e2fsck -fn, the files' checksums via debugfs).
-# xt-timeout: 900
+# xt-timeout: 1800
 # xt-lane: xentap
 . "$XT_REPO/tests/xen/lib.sh"
 set -u
@@ -72,7 +72,7 @@ echo "METRIC $name xvdb requests=$(stv requests) writes=$(stv writes) reads=$(st
 t0=$SECONDS
 # (--timeout: the guest's blkfront has taken more than detach's default 10 s
 # to let go on a loaded host, with another case's appliance restarting)
-xentap_cmd detach --timeout 120 "$domid" xvdb || { tail -n 30 "$dlog"; fail "xentap detach"; }
+xentap_cmd detach --timeout 600 "$domid" xvdb || { tail -n 30 "$dlog"; fail "xentap detach"; }
 log "detached after $((SECONDS - t0))s"
 for p in "$be_b" "$fe_b" "$st_b"; do
     xenstore-exists "$p" 2>/dev/null && fail "$p still there after detach"
@@ -83,7 +83,7 @@ grep -Eq "^$domid +xvdb " "$XT_WORK/list2.txt" && fail "xentap list still shows 
 # The guest sees xvdb go and powers off.
 t0=$SECONDS
 while xenstore-exists "/local/domain/$domid" 2>/dev/null; do
-    [ $((SECONDS - t0)) -lt 400 ] || { xl destroy "$domid"; fail "guest did not finish"; }
+    [ $((SECONDS - t0)) -lt 900 ] || { xl destroy "$domid"; fail "guest did not finish"; }
     sleep 1
 done
 tr -d '\r' < "$(guest_log "$name")" > "$XT_WORK/guest.log"
@@ -97,7 +97,7 @@ done
 
 # (--timeout: the guest is gone; a loaded dom0's daemon has taken more than
 # detach's default 10 s to close a VBD)
-xentap_cmd detach --timeout 120 "$domid" xvda || fail "xentap detach xvda"
+xentap_cmd detach --timeout 600 "$domid" xvda || fail "xentap detach xvda"
 xentap_daemon_stop
 grep -q Traceback "$dlog" && { cat "$dlog"; fail "the daemon logged a traceback"; }
 verify_image "$data" "$XT_WORK/guest.log" 2

@@ -4,7 +4,7 @@
 # frontend really used them, and in the guest that indirect descriptors are
 # on with 256 segments per request and two hardware queues; then the same
 # data verification as xentap-ext4.
-# xt-timeout: 900
+# xt-timeout: 1800
 # xt-lane: blkback
 XT_XENTAP_GUEST_EXTRA="xen_blkfront.max_ring_page_order=4 xen_blkfront.max_queues=2 xen_blkfront.max_indirect_segments=256"
 XT_XENTAP_GUEST_VCPUS=2   # blkfront: queues = min(max_queues, cpus)

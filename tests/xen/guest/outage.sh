@@ -59,7 +59,7 @@ put() {
 wait_dev present xvda 600 || give_up "no /dev/xvda"
 wait_dev present xvdb 600 || give_up "no /dev/xvdb (the go disk)"
 echo "XT-WAITING"
-wait_go 1 6000 || give_up "no go for phase 1 after 600s"
+wait_go 1 18000 || give_up "no go for phase 1 after 1800s"
 echo "guest: xvda is $(cat /sys/block/xvda/size) sectors"
 mkfs.ext4 -F -q -E lazy_itable_init=1,lazy_journal_init=1 /dev/xvda || give_up mkfs
 mkdir -p /mnt/d
@@ -71,7 +71,7 @@ sync
 flush_dev
 echo "guest: phase 1 done at $(up)s"
 echo "XT-PHASE1-DONE"
-wait_go 2 6000 || give_up "no go for phase 2 after 600s"
+wait_go 2 18000 || give_up "no go for phase 2 after 1800s"
 
 # --- phase 2: the appliance goes away while this runs
 echo "XT-PHASE2-START"
@@ -79,7 +79,7 @@ t0=$(up)
 for n in 1 2 3 4 5; do put g$n 4194304; sync; done
 echo "guest: phase 2 wrote 20 MiB in $(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')s"
 echo "XT-PHASE2-DONE"
-wait_go 3 6000 || give_up "no go for phase 3 after 600s"
+wait_go 3 18000 || give_up "no go for phase 3 after 1800s"
 
 # --- phase 3
 put h1 1048576
