@@ -230,9 +230,6 @@ for c in $CASES; do
 done
 sed -En 's/^(\[[^]]*\] )?(METRIC .*)/\2/p' "$XT_OUT/serial.txt"
 grep 'RETRY' "$XT_OUT/serial.txt" | sed 's/^/xen-test: warning: /' >&2 || true
-# Where the time went: each case's wall time (cases in different lanes
-# overlap), and the suite daemon's start.
-sed -En 's/^(TIME [^ ]+ [0-9]+)$/\1 s/p; s/^=== (suite daemon: .*)/TIME \1/p' "$XT_OUT/serial.txt"
 if grep -q '^XT-DAEMON-TRACEBACK' "$XT_OUT/serial.txt"; then
     say "the suite's xentap daemon logged a traceback (out/xen/cases/daemon.log)"
     fail=$((fail + 1)); failed="$failed daemon-log"
@@ -250,9 +247,10 @@ if [ $fail -gt 0 ] || [ $timed_out = 1 ]; then
     done
 fi
 say "wall time: qemu $((T2 - T1))s, total $((T2 - T0))s; qemu cpu $((qcpu / $(getconf CLK_TCK)))s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
-# The last lines say what failed and where the time went: a CI log that keeps
-# only its head and tail still shows them.
-say "case times: $(sed -En 's/^TIME ([^ ]+) ([0-9]+)$/\1 \2 s,/p' "$XT_OUT/serial.txt" | tr '\n' ' ' | sed 's/, *$//')"
+# The last lines say where the time went (each case's wall time, cases in
+# different lanes overlap, and the suite daemon's start) and what failed: a
+# CI log that keeps only its head and tail still shows them.
+sed -En 's/^(TIME [^ ]+ [0-9]+)$/\1 s/p; s/^=== (suite daemon: .*)/TIME \1/p' "$XT_OUT/serial.txt"
 for c in $failed; do
     why=$(sed -n 's/^[0-9.]* FAILED: //p' "$XT_OUT/cases/$c.log" 2>/dev/null | head -1 | cut -c1-400)
     [ -n "$why" ] || why=$(grep -m1 -x "\[$c\] timed out after [0-9]*s" "$XT_OUT/serial.txt" | sed 's/^\[[^]]*\] //')
