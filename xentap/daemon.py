@@ -856,19 +856,14 @@ class Daemon:
 
             def tx(t: Xs) -> None:
                 nonlocal written
-                written = 1
-                t.write(f"{K.DAEMON_PATH}/{K.DAEMON_HEARTBEAT}", now)
+                items: list[tuple[str, str | None]] = [(f"{K.DAEMON_PATH}/{K.DAEMON_HEARTBEAT}", now)]
                 for d, diff in changes.items():
                     if self.devices.get((d.domid, d.devid)) is not d:
                         continue
                     path = K.status_path(d.domid, d.devid)
-                    for key, value in diff.items():
-                        if value == "":
-                            t.rm(f"{path}/{key}")
-                        else:
-                            t.write(f"{path}/{key}", value)
-                    t.write(f"{path}/{K.ST_UPDATED}", now)
-                    written += len(diff) + 1
+                    items += [(f"{path}/{key}", value or None) for key, value in diff.items()]
+                    items.append((f"{path}/{K.ST_UPDATED}", now))
+                written = t.write_many(items)       # one round trip, not one a key
 
             xs.transaction(tx)
             return written

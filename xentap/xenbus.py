@@ -30,7 +30,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +144,59 @@ class Xs:
 
     def mkdir(self, path: str) -> None:
         self._call("mkdir", path, lambda: self.client.mkdir(path.encode()))
+
+    def write_many(self, items: Iterable[tuple[str, str | int | None]]) -> int:
+        """Writes each (path, value): "" makes an empty node, None removes the
+        node (absent is fine).  Pipelined: every request is sent before the
+        first reply is awaited, so N keys cost xenstored's work and one round
+        trip, not N round trips and 2N thread hand-overs (a status round of
+        171 keys, one at a time, took 574 s in a one-CPU emulated dom0).
+        xenstored answers a connection's requests in order.  Raises
+        XenstoreError for the first request that failed, after every reply is
+        in; returns how many requests were sent."""
+        from pyxs._internal import NUL, Op, Packet, next_rq_id
+        from pyxs.helpers import check_path, error
+        sent = []
+        for path, value in items:
+            p = path.encode()
+            try:
+                check_path(p)
+                if value is None:
+                    op, payload = Op.RM, p + NUL
+                elif str(value) == "":
+                    op, payload = Op.MKDIR, p + NUL
+                else:
+                    v = str(value).encode("ascii")
+                    if not all(0x20 <= c < 0x7f for c in v):
+                        raise ValueError(value)
+                    op, payload = Op.WRITE, p + NUL + v
+                packet = Packet(op, payload, rq_id=next_rq_id(), tx_id=self.client.tx_id)
+            except (PyXSError, ValueError, UnicodeEncodeError) as e:
+                self._drain(sent)
+                raise XenstoreError(errno.EINVAL, f"xenstore write {path}: invalid path or value") from e
+            try:
+                sent.append((path, op, self.client.router.send(packet)))
+            except (PyXSError, OSError) as e:
+                self._drain(sent)
+                raise XenstoreError(errno.ECONNRESET, f"xenstore write {path}: {_reason(e)}") from None
+        failed = None
+        for path, op, reply in sent:
+            packet = reply.get()
+            if packet.op != Op.ERROR or failed is not None:
+                continue
+            code = error(packet.payload.rstrip(NUL)).args[0] or errno.EIO
+            if not (op == Op.RM and code == errno.ENOENT):
+                what = {Op.RM: "rm", Op.MKDIR: "mkdir"}.get(op, "write")
+                failed = XenstoreError(code, f"xenstore {what} {path}: {os.strerror(code)}")
+        if failed is not None:
+            raise failed
+        return len(sent)
+
+    @staticmethod
+    def _drain(sent: list) -> None:
+        """Waits for the replies to requests already sent (their results unused)."""
+        for _, _, reply in sent:
+            reply.get()
 
     def rm(self, path: str) -> None:
         """Removes ``path`` and its children; absent is fine."""
@@ -539,11 +592,10 @@ class BackendDevice:
         absent = [k for k in K.BE_FEATURE_KEYS if k not in keys] + [K.BE_ERROR]
 
         def tx(t: Xs) -> None:
-            for key, value in keys.items():
-                t.write(f"{self.be}/{key}", value)
-            for key in absent:                   # a feature is advertised only when it works
-                t.rm(f"{self.be}/{key}")
-            t.write(f"{self.be}/{K.STATE}", int(XenbusState.INIT_WAIT))
+            t.write_many([*((f"{self.be}/{key}", value) for key, value in keys.items()),
+                          # a feature is advertised only when it works
+                          *((f"{self.be}/{key}", None) for key in absent),
+                          (f"{self.be}/{K.STATE}", int(XenbusState.INIT_WAIT))])
 
         self.xs.transaction(tx)
         self.state = XenbusState.INIT_WAIT
