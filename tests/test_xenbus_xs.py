@@ -61,3 +61,23 @@ def test_write_many_refuses_what_xenstore_cannot_take_before_sending_it(xs, path
     assert e.value.errno == errno.EINVAL
     assert xs.read("/r/first") == "1"      # sent before the bad one, and answered
     assert xs.read("/ok") is None
+
+
+def test_read_many_gives_none_for_absent_nodes(xs):
+    xs.write_many([("/m/a", "1"), ("/m/b", "")])
+    assert xs.read_many(["/m/a", "/m/b", "/m/nope", "/nowhere/x"]) == ["1", "", None, None]
+    assert xs.read_many([]) == []
+
+
+def test_read_dir_reads_every_child(xs):
+    xs.write_many([(f"/d/k{i}", str(i)) for i in range(50)])
+    assert xs.read_dir("/d") == {f"k{i}": str(i) for i in range(50)}
+    assert xs.read_dir("/no/such/dir") == {}
+
+
+def test_read_many_refuses_a_bad_path_and_the_connection_goes_on(xs):
+    xs.write("/g/a", "1")
+    with pytest.raises(XenstoreError) as e:
+        xs.read_many(["/g/a", "/bad path"])
+    assert e.value.errno == errno.EINVAL
+    assert xs.read_many(["/g/a"]) == ["1"]

@@ -192,6 +192,43 @@ class Xs:
             raise failed
         return len(sent)
 
+    def read_many(self, paths: Iterable[str]) -> list[str | None]:
+        """The values at ``paths`` (None where absent), pipelined as
+        :meth:`write_many`: one round trip for all of them."""
+        from pyxs._internal import NUL, Op, Packet, next_rq_id
+        from pyxs.helpers import check_path, error
+        sent = []
+        for path in paths:
+            try:
+                packet = Packet(Op.READ, check_path(path.encode()) + NUL, rq_id=next_rq_id(),
+                                tx_id=self.client.tx_id)
+                sent.append((path, Op.READ, self.client.router.send(packet)))
+            except (PyXSError, ValueError, OSError) as e:
+                self._drain(sent)
+                raise XenstoreError(errno.EINVAL if isinstance(e, ValueError) else errno.ECONNRESET,
+                                    f"xenstore read {path}: {_reason(e)}") from None
+        out: list[str | None] = []
+        failed = None
+        for path, _, reply in sent:
+            packet = reply.get()
+            if packet.op != Op.ERROR:
+                out.append(packet.payload.rstrip(NUL).decode("latin-1"))
+                continue
+            out.append(None)
+            code = error(packet.payload.rstrip(NUL)).args[0] or errno.EIO
+            if code != errno.ENOENT and failed is None:
+                failed = XenstoreError(code, f"xenstore read {path}: {os.strerror(code)}")
+        if failed is not None:
+            raise failed
+        return out
+
+    def read_dir(self, path: str) -> dict[str, str]:
+        """Every child of ``path`` with its value (empty when ``path`` is absent),
+        in two round trips."""
+        names = self.ls(path) or []
+        values = self.read_many(f"{path}/{n}" for n in names)
+        return {n: v for n, v in zip(names, values) if v is not None}
+
     @staticmethod
     def _drain(sent: list) -> None:
         """Waits for the replies to requests already sent (their results unused)."""
