@@ -268,3 +268,26 @@ def test_a_slow_status_round_does_not_hold_up_a_handshake(xentap_env, monkeypatc
     st = K.status_path(A, devid)
     env.wait_for(lambda: env.xs.read(f"{st}/{K.ST_STATE}") == "Connected", timeout=15,
                  what="the status, a round later")
+
+
+def test_a_status_value_xenstore_cannot_take_is_made_ascii_not_a_failed_round(xentap_env, monkeypatch):
+    """An error text with a character outside printable ASCII failed the whole
+    status round (xenstore takes no such value), and every round after it."""
+    from xentap.daemon import ProtectedDevice
+    original = ProtectedDevice.status
+
+    def status(self):
+        st = original(self)
+        st[K.ST_MIRROR_ERROR] = "caf\u00e9\nbroken"
+        return st
+
+    monkeypatch.setattr(ProtectedDevice, "status", status)
+    env = xentap_env
+    env.guest(A)
+    devid = env.attach(A, env.image(), "xvda")
+    env.front(A, "xvda")
+    st = K.status_path(A, devid)
+    env.wait_for(lambda: env.xs.read(f"{st}/{K.ST_STATE}") == "Connected", what="status")
+    assert env.xs.read(f"{st}/{K.ST_MIRROR_ERROR}") == "caf??broken"
+    before = env.xs.read(f"{st}/{K.ST_UPDATED}")
+    env.wait_for(lambda: env.xs.read(f"{st}/{K.ST_UPDATED}") != before, what="the next round")

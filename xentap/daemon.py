@@ -47,7 +47,7 @@ from xentap import protect as P
 from xentap import shim
 from xentap import xs_keys as K
 from xentap.xenbus import (BackendDevice, BackendNode, ServeOptions, TransportFactory, Xs,
-                           XenstoreError)
+                           XenstoreError, ascii_value)
 
 log = logging.getLogger("xentap.daemon")
 
@@ -838,7 +838,9 @@ class Daemon:
         for d in self.devices.values():
             t0 = time.monotonic()
             last = {} if full else self._published.get(K.status_path(d.domid, d.devid), {})
-            changes[d] = {k: v for k, v in ((k, str(v)) for k, v in d.status().items())
+            # as xenstore takes them: one odd character (an error's text) must not
+            # fail every status round after it
+            changes[d] = {k: v for k, v in ((k, ascii_value(str(v))) for k, v in d.status().items())
                           if last.get(k) != v}
             self._part_took(f"{d.name}'s status", t0)
         return changes, full, f"{time.time():.0f}"

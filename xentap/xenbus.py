@@ -53,7 +53,7 @@ class XenstoreError(OSError):
     """A xenstore request failed (errno from xenstored), or it is unreachable."""
 
 
-def _ascii(value: str) -> str:
+def ascii_value(value: str) -> str:
     """What may be written as a value through pyxs: printable 7-bit ASCII."""
     return "".join(c if " " <= c <= "~" else "?" for c in value)
 
@@ -656,7 +656,7 @@ class BackendDevice:
         log.warning("%s: %s", self.name, reason)
         self.release()
         try:
-            self.xs.write(f"{self.be}/{K.BE_ERROR}", _ascii(f"{errnum} {reason}"))
+            self.xs.write(f"{self.be}/{K.BE_ERROR}", ascii_value(f"{errnum} {reason}"))
         except XenstoreError as e:
             log.warning("%s: cannot write error node: %s", self.name, e.strerror)
         self._go_closed(be)
