@@ -395,8 +395,11 @@ def read_vbds(xs: Xs) -> list[dict[str, Any]]:
             be = K.backend_path(domid, devid)
             st = K.status_path(domid, devid)
             # the backend's and the status' keys in a few round trips, not one a key
-            # (a status poll in a busy emulated dom0 took seconds a key)
-            known = {f"{d}/{k}": v for d in (be, st) for k, v in xs.read_dir(d).items()}
+            # (a status poll in a busy emulated dom0 took seconds a key), and in a
+            # transaction: one status round's keys, not a key listed before a round
+            # and its neighbours read after it
+            known = xs.transaction(lambda t, be=be, st=st: {
+                f"{d}/{k}": v for d in (be, st) for k, v in t.read_dir(d).items()})
 
             def r(p: str) -> str | None:
                 return known.get(p) if p.rsplit("/", 1)[0] in (be, st) else xs.read(p)
