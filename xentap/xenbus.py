@@ -53,9 +53,13 @@ class XenstoreError(OSError):
     """A xenstore request failed (errno from xenstored), or it is unreachable."""
 
 
+#: The bytes a xenstore value may hold here (what pyxs takes, less NUL and DEL).
+PRINTABLE = range(0x20, 0x7f)
+
+
 def ascii_value(value: str) -> str:
-    """What may be written as a value through pyxs: printable 7-bit ASCII."""
-    return "".join(c if " " <= c <= "~" else "?" for c in value)
+    """``value`` as it may be written to xenstore: anything not PRINTABLE is "?"."""
+    return "".join(c if ord(c) in PRINTABLE else "?" for c in value)
 
 
 class _Router(pyxs.Router):
@@ -197,7 +201,7 @@ class Xs:
                 check_path(path.encode())
             except ValueError:
                 raise XenstoreError(errno.EINVAL, f"xenstore {what} {path}: invalid path") from None
-            if len(payload) > 4096 or not all(0x20 <= c < 0x7f for c in value):
+            if len(payload) > 4096 or not all(c in PRINTABLE for c in value):
                 raise XenstoreError(errno.EINVAL, f"xenstore {what} {path}: invalid value")
         sent = []
         failed: XenstoreError | None = None
