@@ -291,3 +291,53 @@ def test_a_status_value_xenstore_cannot_take_is_made_ascii_not_a_failed_round(xe
     assert env.xs.read(f"{st}/{K.ST_MIRROR_ERROR}") == "caf??broken"
     before = env.xs.read(f"{st}/{K.ST_UPDATED}")
     env.wait_for(lambda: env.xs.read(f"{st}/{K.ST_UPDATED}") != before, what="the next round")
+
+
+def test_a_status_round_after_a_detach_does_not_bring_the_status_back(xentap_env, monkeypatch):
+    """``xentap detach`` removes the backend and the status in one transaction;
+    a status round written after it, before the main loop saw the backend go,
+    wrote the VBD's status again (the Xen suite's xentap-hotplug found the
+    status node still there after detach)."""
+    from xentap.daemon import Daemon, StatusWriter
+
+    env = xentap_env
+    env.guest(A)
+    devid = env.attach(A, env.image(), "xvda")
+    env.front(A, "xvda")
+    st, be, fe = K.status_path(A, devid), K.backend_path(A, devid), K.frontend_path(A, devid)
+    env.wait_for(lambda: env.xs.read(f"{st}/{K.ST_STATE}") == "Connected", what="status")
+
+    held, removed, written, looked = (threading.Event() for _ in range(4))
+    submit, drop = StatusWriter.submit, Daemon._drop
+
+    def gated_submit(self, job):
+        def gated(xs):
+            if not held.is_set():
+                held.set()
+                removed.wait(10)         # the round was computed before the detach
+            try:
+                return job(xs)
+            finally:
+                written.set()
+        submit(self, gated)
+
+    def late_drop(self, dev):
+        looked.wait(10)                  # the main loop sees the backend go after the round
+        drop(self, dev)
+
+    monkeypatch.setattr(StatusWriter, "submit", gated_submit)
+    monkeypatch.setattr(Daemon, "_drop", late_drop)
+    env.wait_for(held.is_set, what="a status round held")
+
+    def remove(t):                       # what detach_vbd does once the backend closed
+        t.rm(be)
+        t.rm(fe)
+        t.rm(st)
+    env.xs.transaction(remove)
+    removed.set()
+    env.wait_for(written.is_set, what="the round written")
+    there = env.xs.exists(st)
+    looked.set()
+    assert not there, "the status is back after the detach"
+    env.wait_for(lambda: (A, devid) not in env.daemon.devices, what="the VBD dropped")
+    assert not env.xs.exists(st)

@@ -849,8 +849,11 @@ class Daemon:
                     now: str) -> Callable[[Xs], int]:
         """The xenstore work of one status round, for whichever connection
         runs it; returns how many keys it wrote.  A VBD dropped meanwhile is
-        skipped: its node is gone (and a transaction that raced the removal
-        conflicts and runs again)."""
+        skipped, and so is one whose backend node is gone though the main
+        loop has not seen it yet: ``xentap detach`` removes the backend and
+        the status in one transaction, and a round written just after it
+        must not bring the status back (the transaction reads the backend
+        nodes, so one that races the removal conflicts and runs again)."""
         def job(xs: Xs) -> int:
             if full:
                 self._ensure_root(xs)
@@ -859,9 +862,12 @@ class Daemon:
             def tx(t: Xs) -> None:
                 nonlocal written
                 items: list[tuple[str, str | None]] = [(f"{K.DAEMON_PATH}/{K.DAEMON_HEARTBEAT}", now)]
-                for d, diff in changes.items():
-                    if self.devices.get((d.domid, d.devid)) is not d:
+                live = [d for d in changes if self.devices.get((d.domid, d.devid)) is d]
+                backends = t.read_many(K.backend_path(d.domid, d.devid) for d in live)
+                for d, backend in zip(live, backends):
+                    if backend is None:
                         continue
+                    diff = changes[d]
                     path = K.status_path(d.domid, d.devid)
                     items += [(f"{path}/{key}", value or None) for key, value in diff.items()]
                     items.append((f"{path}/{K.ST_UPDATED}", now))
