@@ -28,6 +28,10 @@ def test_bench_mirror_result_shape(tmp_path):
             assert all(v >= 0 for v in x["cpu"][side].values())
         assert x["cpu"]["on"]["drainer"] > 0      # the drainer's thread is measured
         assert {"polls", "woken_by_shim", "eventfd_writes", "frames"} <= set(x["drainer_wakes_per_s"])
+        if bm.DiskMeter(str(tmp_path)).stat:    # the images on a block device: its figures
+            for side in ("off", "on"):
+                d = x["disk"][side]
+                assert d["writes_per_s"] > 0 and d["us_per_write"] > 0 and d["at_device"] >= 0, d
     assert r["replica_equals_source"] is True
     j = r["appliance_journal"]
     assert {"path", "fs", "device", "why", "same_device_as_images"} <= set(j)
@@ -38,6 +42,20 @@ def test_bench_mirror_result_shape(tmp_path):
     table = bm.format_table(r)
     assert "appliance journal and replica: " + j["path"] in table
     assert "CPU in cores" in table
+    if bm.DiskMeter(str(tmp_path)).stat:
+        assert "the images' disk" in table
+
+
+def test_disk_figures_are_the_devices_time_per_write_and_requests_at_it():
+    """Documentation/block/stat.rst: fields 5 (writes completed), 8 (ms writing),
+    11 (ms of time in queue, summed over the requests)."""
+    before = (10.0, [0, 0, 0, 0, 1000, 0, 8000, 500, 0, 0, 4000])
+    after = (12.0, [5, 0, 40, 3, 21000, 0, 168000, 8500, 0, 900, 44000])
+    d = bm.DiskMeter.between(before, after)
+    assert d == {"writes_per_s": 10000.0, "us_per_write": 400.0, "at_device": 20.0}
+    assert bm.DiskMeter.between(None, after) is None
+    assert bm.DiskMeter.between(before, (12.0, after[1][:4])) is None
+    assert bm.DiskMeter.between(before, (12.0, before[1]))["us_per_write"] == 0.0
 
 
 def test_bench_mirror_appliance_dir_is_chosen_and_named(tmp_path):
