@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from xentap import bench_datapath as bd
 from xentap import bench_mirror as bm
 
 MiB = 1 << 20
@@ -28,10 +29,10 @@ def test_bench_mirror_result_shape(tmp_path):
             assert all(v >= 0 for v in x["cpu"][side].values())
         assert x["cpu"]["on"]["drainer"] > 0      # the drainer's thread is measured
         assert {"polls", "woken_by_shim", "eventfd_writes", "frames"} <= set(x["drainer_wakes_per_s"])
-        if bm.DiskMeter(str(tmp_path)).stat:    # the images on a block device: its figures
+        if bd.DiskMeter(str(tmp_path)).stat:    # the images on a block device: its figures
             for side in ("off", "on"):
                 d = x["disk"][side]
-                assert d["writes_per_s"] > 0 and d["us_per_write"] > 0 and d["at_device"] >= 0, d
+                assert d["ios_per_s"] > 0 and d["us_per_io"] > 0 and d["at_device"] >= 0, d
     assert r["replica_equals_source"] is True
     j = r["appliance_journal"]
     assert {"path", "fs", "device", "why", "same_device_as_images"} <= set(j)
@@ -42,20 +43,25 @@ def test_bench_mirror_result_shape(tmp_path):
     table = bm.format_table(r)
     assert "appliance journal and replica: " + j["path"] in table
     assert "CPU in cores" in table
-    if bm.DiskMeter(str(tmp_path)).stat:
+    if bd.DiskMeter(str(tmp_path)).stat:
         assert "the images' disk" in table
 
 
-def test_disk_figures_are_the_devices_time_per_write_and_requests_at_it():
-    """Documentation/block/stat.rst: fields 5 (writes completed), 8 (ms writing),
-    11 (ms of time in queue, summed over the requests)."""
+def test_disk_figures_are_the_devices_time_per_io_and_requests_at_it():
+    """Documentation/block/stat.rst: fields 1 and 4 (reads completed, ms reading),
+    5 and 8 (writes completed, ms writing), 11 (ms of time in queue, summed
+    over the requests)."""
     before = (10.0, [0, 0, 0, 0, 1000, 0, 8000, 500, 0, 0, 4000])
-    after = (12.0, [5, 0, 40, 3, 21000, 0, 168000, 8500, 0, 900, 44000])
-    d = bm.DiskMeter.between(before, after)
-    assert d == {"writes_per_s": 10000.0, "us_per_write": 400.0, "at_device": 20.0}
-    assert bm.DiskMeter.between(None, after) is None
-    assert bm.DiskMeter.between(before, (12.0, after[1][:4])) is None
-    assert bm.DiskMeter.between(before, (12.0, before[1]))["us_per_write"] == 0.0
+    after = (12.0, [500, 0, 40, 100, 21000, 0, 168000, 8500, 0, 900, 44000])
+    d = bd.DiskMeter.between(before, after, "write")
+    assert d == {"ios_per_s": 10000.0, "us_per_io": 400.0, "at_device": 20.0}
+    assert bd.DiskMeter.between(before, after, "read") == \
+        {"ios_per_s": 250.0, "us_per_io": 200.0, "at_device": 20.0}
+    assert bd.DiskMeter.between(before, after, "write", 1.6) == \
+        {"ios_per_s": 12500.0, "us_per_io": 400.0, "at_device": 25.0}   # the run's own time
+    assert bd.DiskMeter.between(None, after, "write") is None
+    assert bd.DiskMeter.between(before, (12.0, after[1][:4]), "write") is None
+    assert bd.DiskMeter.between(before, (12.0, before[1]), "write")["us_per_io"] == 0.0
 
 
 def test_bench_mirror_appliance_dir_is_chosen_and_named(tmp_path):

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from xentap.bench_datapath import DiskMeter
+
 XENTAP = [sys.executable, "-m", "xentap.cli"]
 
 
@@ -38,6 +40,9 @@ def test_bench_datapath_json_has_a_ratio_per_workload(tmp_path):
     for name in ("randwrite_4k_qd32", "randread_4k_qd32", "seqwrite_1m_qd8"):
         assert out[name]["ratio"] > 0
         assert out[name]["fio_iops"] > 0 and out[name]["shim_iops"] > 0
+        if DiskMeter(str(tmp_path)).stat:     # the image on a block device: its figures
+            for side in ("fio", "shim"):
+                assert out[name]["disk"][side]["ios_per_s"] > 0, out[name]["disk"]
     assert 0 <= out["rss_mib_per_vbd"] < 32
 
 

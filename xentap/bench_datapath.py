@@ -74,7 +74,59 @@ def run_fio(path: str, job: Job, size: int, seconds: float | None) -> dict:
     j = json.loads(out[out.index("{"):])["jobs"][0]
     side = j["read"] if job.read_pct else j["write"]
     return {"iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6,
-            "cpu": (j["usr_cpu"] + j["sys_cpu"]) / 100}
+            "cpu": (j["usr_cpu"] + j["sys_cpu"]) / 100, "seconds": j["job_runtime"] / 1000}
+
+
+class DiskMeter:
+    """What the image's block device did, from its /sys/dev/block/<maj:min>/stat
+    (the kernel's Documentation/block/stat.rst): per I/O, the device's own
+    time, and how many requests were at it on average.  Side by side, these
+    say whether a side lost at the disk or on the way to it (Little's law:
+    throughput = requests at the disk / time per request).  None where the
+    image is on no block device (tmpfs, overlay)."""
+
+    # the stat file's fields: I/Os completed and ms spent, per direction
+    FIELDS = {"read": (0, 3), "write": (4, 7)}
+    TIME_IN_QUEUE = 10
+
+    def __init__(self, path: str) -> None:
+        dev = os.stat(path).st_dev
+        stat = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat"
+        self.stat = stat if os.major(dev) and os.path.exists(stat) else None
+
+    def sample(self) -> tuple[float, list[int]] | None:
+        if self.stat is None:
+            return None
+        try:
+            with open(self.stat) as f:
+                return time.monotonic(), [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            return None
+
+    @classmethod
+    def between(cls, a, b, kind: str, seconds: float | None = None) -> dict | None:
+        """``kind`` ("read" or "write") I/Os per second, the device's time per
+        I/O (ms spent / I/Os completed), and the requests at the device on
+        average (time in queue, all directions, / time).  ``seconds``: how
+        long the workload ran between the two samples (fio's process starts
+        and ends around its run: a tenth of a 2 s run here), else the time
+        between them."""
+        if a is None or b is None or min(len(a[1]), len(b[1])) <= cls.TIME_IN_QUEUE:
+            return None
+        wall_ms = (seconds if seconds else b[0] - a[0]) * 1000
+        n, ms = cls.FIELDS[kind]
+        ios, io_ms = b[1][n] - a[1][n], b[1][ms] - a[1][ms]
+        queued = b[1][cls.TIME_IN_QUEUE] - a[1][cls.TIME_IN_QUEUE]
+        return {"ios_per_s": round(ios * 1000 / wall_ms, 1) if wall_ms > 0 else 0.0,
+                "us_per_io": round(io_ms * 1000 / ios, 1) if ios else 0.0,
+                "at_device": round(queued / wall_ms, 2) if wall_ms > 0 else 0.0}
+
+
+def disk_median(runs: list[dict]) -> dict | None:
+    """The median of each of the runs' DiskMeter figures (None: none measured)."""
+    disks = [r["disk"] for r in runs if r.get("disk")]
+    return ({k: round(statistics.median(d[k] for d in disks), 1) for k in disks[0]}
+            if disks else None)
 
 
 def _guest(simdir: str, sectors: int, conn) -> None:
@@ -126,7 +178,7 @@ class ShimSide:
             raise RuntimeError(f"{r['errors']} I/O errors through the shim")
         nbytes = r["bytes_read"] + r["bytes_written"]
         return {"iops": r["ios"] / r["seconds"], "mb_s": nbytes / r["seconds"] / 1e6,
-                "cpu": cpu / r["seconds"],
+                "cpu": cpu / r["seconds"], "seconds": r["seconds"],
                 "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"]}
 
     def rss_mib(self) -> tuple[float, float]:
@@ -190,6 +242,7 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
         progress("reading the image once, so that both sides start from the same cache state")
         warm_image(path, size)
         side = ShimSide(path, workdir)
+        disk = DiskMeter(path)
         results: dict = {}
         try:
             for job in JOBS:
@@ -202,10 +255,15 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
                     # machine's drift (a VM's neighbours) falls on both sides.
                     for name in (("fio", "shim") if i % 2 == 0 else ("shim", "fio")):
                         progress(f"{job.label}: {name} run {i + 1}/{repeat}")
+                        d0 = disk.sample()
                         if name == "fio":
                             fio_runs.append(run_fio(path, job, size, seconds))
                         else:
                             shim_runs.append(side.run(job, size, seconds))
+                        last = (fio_runs if name == "fio" else shim_runs)[-1]
+                        last["disk"] = DiskMeter.between(d0, disk.sample(),
+                                                         "read" if job.read_pct else "write",
+                                                         last["seconds"])
                 f_iops = statistics.median(r["iops"] for r in fio_runs)
                 s_iops = statistics.median(r["iops"] for r in shim_runs)
                 pair_ratios = [s["iops"] / f["iops"] for f, s in zip(fio_runs, shim_runs) if f["iops"]]
@@ -222,6 +280,8 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
                     "ratio": round(statistics.median(pair_ratios), 3) if pair_ratios else 0.0,
                     "ratio_min": round(min(pair_ratios), 3) if pair_ratios else 0.0,
                     "ratio_max": round(max(pair_ratios), 3) if pair_ratios else 0.0,
+                    # the image's disk per side (median per run; None: no block device)
+                    "disk": {"fio": disk_median(fio_runs), "shim": disk_median(shim_runs)},
                 }
             grown, buffers = side.rss_mib()
         finally:
@@ -249,6 +309,16 @@ def format_table(r: dict) -> str:
         pairs = f"{x['ratio_min']:.2f}-{x['ratio_max']:.2f}"
         lines.append(f"{job.label:<30} {f:>11,.0f} {unit:<4} {s:>11,.0f} {unit:<4} {x['ratio']:>9.3f}"
                      f" {pairs:>13} {x['fio_cpu']:>8.2f}/{x['shim_cpu']:<4.2f}")
+    if any(r[job.name].get("disk", {}).get("fio") for job in JOBS):
+        lines.append("the image's disk, median per run: its time per I/O, and the requests at it "
+                     "on average")
+        for job in JOBS:
+            d = r[job.name].get("disk", {})
+            if d.get("fio") and d.get("shim"):
+                lines.append(f"  {job.label:<28} fio {d['fio']['us_per_io']:>7,.0f} us "
+                             f"{d['fio']['at_device']:>5.1f} at the disk   shim "
+                             f"{d['shim']['us_per_io']:>7,.0f} us {d['shim']['at_device']:>5.1f} "
+                             "at the disk")
     lines.append(f"shim resident memory per VBD: {r['rss_mib_per_vbd']:.2f} MiB "
                  f"(beyond {r['request_buffers_mib']:.2f} MiB of request buffers)")
     lines.append(f"({r['engine']}; {r['image_mib']} MiB image; {r['repeat']} pairs of runs of "

@@ -137,41 +137,6 @@ class CpuMeter:
                 "appliance": _ticks(f"/proc/{self.appliance_pid}/stat") / TICK}
 
 
-class DiskMeter:
-    """What the images' block device did, from its /sys/dev/block/<maj:min>/stat
-    (see the kernel's Documentation/block/stat.rst): the mirror writes nothing
-    to it (the journal is elsewhere; the spill log only when it says so), so a
-    side whose writes take the disk longer, or that keeps fewer of them at the
-    disk, shows where the guest's time went.  None where the images are on no
-    block device (tmpfs, overlay)."""
-
-    def __init__(self, path: str) -> None:
-        st = os.stat(path).st_dev
-        stat = f"/sys/dev/block/{os.major(st)}:{os.minor(st)}/stat"
-        self.stat = stat if os.major(st) and os.path.exists(stat) else None
-
-    def sample(self) -> tuple[float, list[int]] | None:
-        if self.stat is None:
-            return None
-        try:
-            with open(self.stat) as f:
-                return time.monotonic(), [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            return None
-
-    @staticmethod
-    def between(a, b) -> dict | None:
-        """Per write, the device's time (ms of write ticks / writes completed),
-        and the requests at the device on average (time in queue / wall time)."""
-        if a is None or b is None or len(a[1]) < 11 or len(b[1]) < 11:
-            return None
-        wall_ms = (b[0] - a[0]) * 1000
-        writes, write_ms = b[1][4] - a[1][4], b[1][7] - a[1][7]
-        return {"writes_per_s": round(writes / (wall_ms / 1000), 1) if wall_ms > 0 else 0.0,
-                "us_per_write": round(write_ms * 1000 / writes, 1) if writes else 0.0,
-                "at_device": round((b[1][10] - a[1][10]) / wall_ms, 2) if wall_ms > 0 else 0.0}
-
-
 # ---------------------------------------------------------------- the drainer, counted
 
 class _CountingPoller:
@@ -268,7 +233,7 @@ def _wait_quiet(pid: int, limit: float = 10.0) -> float:
 
 class _Side:
     def __init__(self, name: str, shim_side: bd.ShimSide, meter: CpuMeter,
-                 drainer: CountingDrainer | None, appliance_pid: int, disk: DiskMeter):
+                 drainer: CountingDrainer | None, appliance_pid: int, disk: bd.DiskMeter):
         self.name, self.side, self.meter, self.drainer = name, shim_side, meter, drainer
         self.appliance_pid, self.disk = appliance_pid, disk
 
@@ -283,7 +248,7 @@ class _Side:
         r = self.side.run(job, size, seconds)
         c1, d1, t1 = self.meter.sample(guest), self.disk.sample(), time.monotonic()
         wall = t1 - t0
-        r["disk"] = DiskMeter.between(d0, d1)
+        r["disk"] = bd.DiskMeter.between(d0, d1, "write", r["seconds"])
         w_end = d.snapshot() if d else None
         r["cpu"] = {k: (c1[k] - c0[k]) / wall for k in c0}
         if d:
@@ -309,11 +274,6 @@ class _Side:
 def _med(xs) -> float:
     xs = list(xs)
     return statistics.median(xs) if xs else 0.0
-
-
-def _disk_median(runs: list[dict]) -> dict | None:
-    disks = [r["disk"] for r in runs if r.get("disk")]
-    return {k: round(_med(d[k] for d in disks), 1) for k in disks[0]} if disks else None
 
 
 def _summary(job: bd.Job, offs: list[dict], ons: list[dict]) -> dict:
@@ -348,7 +308,7 @@ def _summary(job: bd.Job, offs: list[dict], ons: list[dict]) -> dict:
         # CPU in cores (CPU seconds per second of run) of each part, per side
         "cpu": cpu,
         # the images' disk during the runs, per side (median per run; None: no block device)
-        "disk": {side: _disk_median(runs) for side, runs in (("off", offs), ("on", ons))},
+        "disk": {side: bd.disk_median(runs) for side, runs in (("off", offs), ("on", ons))},
         # after each mirrored run: until every write was acknowledged, then
         # until the appliance was idle (CPU seconds it used then, per run)
         "catch_up_s": round(_med(r["catch_up_s"] for r in ons), 2),
@@ -419,7 +379,7 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
         initial = {"mib": round(drainer.bytes_sent / MiB, 1),
                    "seconds": round(time.monotonic() - t_sync, 2)}
         meter.drainer_tid = drainer._thread.native_id  # noqa: SLF001
-        disk = DiskMeter(paths[0])
+        disk = bd.DiskMeter(paths[0])
         sides = {"off": _Side("off", off, meter, None, appliance.proc.pid, disk),
                  "on": _Side("on", on, meter, drainer, appliance.proc.pid, disk)}
         results: dict = {}
@@ -496,9 +456,9 @@ def format_table(r: dict) -> str:
         for job in _jobs(r):
             d = r[job.name]["disk"]
             if d["off"] and d["on"]:
-                lines.append(f"  {job.label:<27} mirror off {d['off']['us_per_write']:>7,.0f} us "
+                lines.append(f"  {job.label:<27} mirror off {d['off']['us_per_io']:>7,.0f} us "
                              f"{d['off']['at_device']:>5.1f} at the disk   mirror on "
-                             f"{d['on']['us_per_write']:>7,.0f} us {d['on']['at_device']:>5.1f} "
+                             f"{d['on']['us_per_io']:>7,.0f} us {d['on']['at_device']:>5.1f} "
                              "at the disk")
     lines.append("")
     lines.append("drainer, per second of a mirrored run: loop turns / sleeps / woken by the shim's "
