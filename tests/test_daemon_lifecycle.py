@@ -24,6 +24,9 @@ def test_attach_io_detach_reattach(xentap_env):
     be, fe = K.backend_path(A, devid), K.frontend_path(A, devid)
     assert env.xs.get_perms(be) == ["n0", f"r{A}"]
     assert env.xs.get_perms(fe) == [f"n{A}", "r0"]
+    # the keys take their node's permissions (written after it, libxl's way)
+    assert env.xs.get_perms(f"{be}/{K.BE_PARAMS}") == ["n0", f"r{A}"]
+    assert env.xs.get_perms(f"{fe}/{K.STATE}") == [f"n{A}", "r0"]
     assert env.xs.read(f"{fe}/{K.FE_BACKEND}") == be
     assert env.xs.read(f"{be}/{K.BE_FRONTEND}") == fe
     f = env.front(A, "xvdb")
@@ -194,6 +197,8 @@ def test_daemon_stop_and_start_reconnects_without_errors(xentap_env):
     (["attach", "5", "{tmp}", "xvda"], "neither a file"),
     (["attach", "5", "{img}", "sda"], "unknown virtual device 'sda'"),
     (["attach", "5", "{img}", "0"], "out of range"),
+    (["attach", "5", "{tmp}/caf\u00e9.img", "xvda"], "must be printable ASCII"),
+    (["attach", "5", "{tmp}/a\x7fb.img", "xvda"], "must be printable ASCII"),
     (["attach", "5", "{img}", "xvda", "--mode", "x"], "Invalid value"),
     (["attach", "0", "{img}", "xvda"], "domain 0 cannot"),
     (["detach", "5", "xvdz"], "has no xentap disk xvdz"),

@@ -24,7 +24,7 @@ from xentap import protect as P
 from xentap import shim
 from xentap import xs_keys as K
 from xentap.appliance_node import grant_appliance, read_appliance_status, revoke_appliance
-from xentap.xenbus import Xs, sim_transports, xen_transports
+from xentap.xenbus import PRINTABLE, Xs, sim_transports, xen_transports
 from xentap.xs_keys import XenbusState
 
 #: How long `detach` waits for the backend to reach Closed (libxl waits 10 s).
@@ -165,7 +165,7 @@ def check_target(target: str, mode: str) -> str:
     """The absolute path of an image ``target`` fit for ``mode`` ("r"/"w");
     raises VbdCliError with the reason."""
     path = os.path.abspath(target)
-    if not path.isascii() or any(c < " " for c in path):
+    if not all(ord(c) in PRINTABLE for c in path):     # as xenstore values are written
         raise VbdCliError(f"target path {target!r} must be printable ASCII")
     try:
         st = os.stat(path)
@@ -215,27 +215,30 @@ def attach_vbd(xs: Xs, domid: int, path: str, vdev: str, mode: str,
         if t.exists(be) or t.exists(fe):
             raise VbdCliError(f"{name} of domain {domid} is in use")
         for d in t.ls(K.BACKEND_ROOT) or []:
-            for v in t.ls(f"{K.BACKEND_ROOT}/{d}") or []:
-                if t.read(f"{K.BACKEND_ROOT}/{d}/{v}/{K.BE_PARAMS}") == path:
+            vbds = [v for v in t.ls(f"{K.BACKEND_ROOT}/{d}") or [] if v.isdigit()]
+            params = t.read_many(f"{K.BACKEND_ROOT}/{d}/{v}/{K.BE_PARAMS}" for v in vbds)
+            for v, p in zip(vbds, params):
+                if p == path:
                     raise VbdCliError(f"target {path} is already attached to domain {d} "
                                       f"as {K.devid_to_vdev(int(v))}")
+        # each node's keys in one round trip (pipelined); a new node takes its
+        # parent's permissions, so the keys get those set on be and fe first
         t.mkdir(be)
         t.set_perms(be, K.backend_perms(domid))
-        for key, value in ((K.BE_FRONTEND, fe), (K.BE_FRONTEND_ID, domid),
-                           (K.BE_ONLINE, 1), (K.STATE, int(XenbusState.INITIALISING)),
-                           (K.BE_PARAMS, path), (K.BE_MODE, mode), (K.BE_DEV, name),
-                           (K.BE_TYPE, K.BACKEND_TYPE), (K.BE_DEVICE_TYPE, "disk"),
-                           *extra.items()):
-            t.write(f"{be}/{key}", value)
+        t.write_many((f"{be}/{key}", value) for key, value in (
+            (K.BE_FRONTEND, fe), (K.BE_FRONTEND_ID, domid),
+            (K.BE_ONLINE, 1), (K.STATE, int(XenbusState.INITIALISING)),
+            (K.BE_PARAMS, path), (K.BE_MODE, mode), (K.BE_DEV, name),
+            (K.BE_TYPE, K.BACKEND_TYPE), (K.BE_DEVICE_TYPE, "disk"), *extra.items()))
         if not t.exists(vbd_dir):
             t.mkdir(vbd_dir)
             t.set_perms(vbd_dir, K.frontend_perms(domid))
         t.mkdir(fe)
         t.set_perms(fe, K.frontend_perms(domid))
-        for key, value in ((K.FE_BACKEND, be), (K.FE_BACKEND_ID, K.BACKEND_DOMID),
-                           (K.STATE, int(XenbusState.INITIALISING)),
-                           (K.FE_VIRTUAL_DEVICE, devid), (K.FE_DEVICE_TYPE, "disk")):
-            t.write(f"{fe}/{key}", value)
+        t.write_many((f"{fe}/{key}", value) for key, value in (
+            (K.FE_BACKEND, be), (K.FE_BACKEND_ID, K.BACKEND_DOMID),
+            (K.STATE, int(XenbusState.INITIALISING)),
+            (K.FE_VIRTUAL_DEVICE, devid), (K.FE_DEVICE_TYPE, "disk")))
 
     xs.transaction(tx)
     return name
