@@ -786,10 +786,10 @@ class Daemon:
         self._ensure_root(xs)
 
         def tx(t: Xs) -> None:
-            t.write(f"{K.DAEMON_PATH}/{K.DAEMON_PID}", os.getpid())
-            t.write(f"{K.DAEMON_PATH}/{K.DAEMON_STATE}", state)
-            t.write(f"{K.DAEMON_PATH}/{K.DAEMON_TRANSPORT}", self.transport_name)
-            t.write(f"{K.DAEMON_PATH}/{K.DAEMON_HEARTBEAT}", f"{time.time():.0f}")
+            t.write_many((f"{K.DAEMON_PATH}/{key}", value) for key, value in (
+                (K.DAEMON_PID, os.getpid()), (K.DAEMON_STATE, state),
+                (K.DAEMON_TRANSPORT, self.transport_name),
+                (K.DAEMON_HEARTBEAT, f"{time.time():.0f}")))
 
         xs.transaction(tx)
 
