@@ -122,6 +122,16 @@ class DiskMeter:
                 "at_device": round(queued / wall_ms, 2) if wall_ms > 0 else 0.0}
 
 
+def disk_line(label: str, sides: dict[str, dict | None]) -> str | None:
+    """One workload's line of the disk table: each side's time per I/O and
+    requests at the disk (None when a side has no figures)."""
+    if not all(sides.values()):
+        return None
+    return f"  {label:<27} " + "   ".join(
+        f"{name} {d['us_per_io']:>7,.0f} us {d['at_device']:>5.1f} at the disk"
+        for name, d in sides.items())
+
+
 def disk_median(runs: list[dict]) -> dict | None:
     """The median of each of the runs' DiskMeter figures (None: none measured)."""
     disks = [r["disk"] for r in runs if r.get("disk")]
@@ -314,11 +324,9 @@ def format_table(r: dict) -> str:
                      "on average")
         for job in JOBS:
             d = r[job.name].get("disk", {})
-            if d.get("fio") and d.get("shim"):
-                lines.append(f"  {job.label:<28} fio {d['fio']['us_per_io']:>7,.0f} us "
-                             f"{d['fio']['at_device']:>5.1f} at the disk   shim "
-                             f"{d['shim']['us_per_io']:>7,.0f} us {d['shim']['at_device']:>5.1f} "
-                             "at the disk")
+            line = disk_line(job.label, {"fio": d.get("fio"), "shim": d.get("shim")})
+            if line:
+                lines.append(line)
     lines.append(f"shim resident memory per VBD: {r['rss_mib_per_vbd']:.2f} MiB "
                  f"(beyond {r['request_buffers_mib']:.2f} MiB of request buffers)")
     lines.append(f"({r['engine']}; {r['image_mib']} MiB image; {r['repeat']} pairs of runs of "

@@ -455,11 +455,9 @@ def format_table(r: dict) -> str:
                      "write, and the requests at it on average")
         for job in _jobs(r):
             d = r[job.name]["disk"]
-            if d["off"] and d["on"]:
-                lines.append(f"  {job.label:<27} mirror off {d['off']['us_per_io']:>7,.0f} us "
-                             f"{d['off']['at_device']:>5.1f} at the disk   mirror on "
-                             f"{d['on']['us_per_io']:>7,.0f} us {d['on']['at_device']:>5.1f} "
-                             "at the disk")
+            line = bd.disk_line(job.label, {"mirror off": d["off"], "mirror on": d["on"]})
+            if line:
+                lines.append(line)
     lines.append("")
     lines.append("drainer, per second of a mirrored run: loop turns / sleeps / woken by the shim's "
                  "eventfd / by the appliance / eventfd writes by the shim / frames sent / MB sent")
