@@ -63,6 +63,7 @@ import xxhash
 import zstandard
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
+from xentap import sparse
 from xentap.durable import fsync_dir, write_atomically
 from xentap.structs import derive_struct
 from xentap.wire import Records, numpy_dtype
@@ -1668,25 +1669,17 @@ def _replay_final(fd: int, plan: list, from_seq: int, to_seq: int, dctx,
 
 def _copy_sparse(src: str, dst_fd: int, size: int,
                  progress: Callable[[int], None] | None = None) -> int:
-    """Copy the data extents of src into dst_fd (holes stay holes); returns bytes copied."""
+    """Copy the data extents of src into dst_fd (holes stay holes; all of it
+    where the file system cannot say where its data is); returns bytes copied."""
     copied = 0
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         end = min(size, os.fstat(fd).st_size)
-        off = 0
-        while off < end:
-            try:
-                data = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            if data >= end:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-            pos = data
-            while pos < hole:
-                n = min(hole - pos, 64 << 20)
+        extents = sparse.data_extents(fd, end)
+        for start, stop in ([(0, end)] if extents is None else extents):
+            pos = start
+            while pos < stop:
+                n = min(stop - pos, 64 << 20)
                 try:
                     k = os.copy_file_range(fd, dst_fd, n, pos, pos)
                 except OSError as e:
@@ -1702,7 +1695,6 @@ def _copy_sparse(src: str, dst_fd: int, size: int,
                 copied += k
                 if progress:
                     progress(pos)
-            off = hole
     finally:
         os.close(fd)
     if progress:
