@@ -389,6 +389,10 @@ class Drainer:
         self._poller = zmq.Poller()     # one per socket, not one per turn of the loop
         for what in (s, self._monitor, self.wake_fd):
             self._poller.register(what, zmq.POLLIN)
+        self._hello_anew()
+
+    def _hello_anew(self) -> None:
+        """Out of session: the next HELLO goes at once, and its backoff starts over."""
         self.in_session = False
         self._last_heard = time.monotonic()
         self._last_hello = 0.0
@@ -439,10 +443,7 @@ class Drainer:
                 return
             event = _MONITOR_EVENT.unpack_from(frames[0])[0]
             if event in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED):
-                self.in_session = False         # a HELLO opens the next one
-                self._last_hello = 0.0
-                self._hello_every = HELLO_EVERY
-                self._last_heard = time.monotonic()
+                self._hello_anew()              # a HELLO opens the next session
 
     def _hello(self) -> None:
         self.epoch += 1
