@@ -35,6 +35,9 @@ import sys
 import time
 import uuid
 
+from xentap import xs_keys as K
+from xentap.appliance_node import is_z85_key
+
 HEARTBEAT_EVERY = 2.0
 POLL_EVERY = 0.5  #: seconds between looks at the VBDs' analysis files
 XENBUS = "/dev/xen/xenbus"
@@ -48,14 +51,7 @@ _U64 = (1 << 64) - 1
 
 def status_dir(domid: int) -> str:
     """Where dom0 lets appliance ``domid`` write (xentap.xs_keys)."""
-    try:
-        from xentap import xs_keys as K
-        return K.appliance_status_path(domid)
-    except (ImportError, AttributeError):    # an older xs_keys: the same layout
-        return f"/local/domain/0/xentap/appliance/{domid}/status"
-
-
-_Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+    return K.appliance_status_path(domid)
 
 
 def public_key(path: str) -> str:
@@ -71,7 +67,7 @@ def public_key(path: str) -> str:
             rest = line[len(b"public-key"):].lstrip()
             if rest.startswith(b"="):
                 key = rest[1:].strip(b" \t'\"").decode("ascii", "replace")
-                if len(key) == 40 and all(c in _Z85 for c in key):
+                if is_z85_key(key):
                     return key
                 raise ValueError(f"{path}: the public key is not 40 Z85 characters")
     raise ValueError(f"{path}: no public-key line")
