@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+import preload as preload_option
+
 
 def _uptime() -> float:
     with open("/proc/uptime") as f:
@@ -34,14 +36,9 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     go, opts, args = argv[0], argv[1:argv.index("--")], argv[argv.index("--") + 1:]
-    preload: list[str] = []
-    while opts:
-        if opts[0] == "--preload" and len(opts) > 1:
-            preload += [m for m in opts[1].split(",") if m]
-            opts = opts[2:]
-        else:
-            print(f"xentap-after.py: unknown option {opts[0]!r}", file=sys.stderr)
-            return 2
+    preload = preload_option.parse("xentap-after.py", opts)
+    if preload is None:
+        return 2
     t0 = time.monotonic()
     from xentap.cli import main as xentap_main
     for mod in preload:

@@ -33,6 +33,8 @@ import sys
 import time
 import traceback
 
+import preload as preload_option
+
 
 def _write(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
@@ -65,14 +67,9 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     d, opts = argv[0], argv[1:]
-    preload: list[str] = []
-    while opts:
-        if opts[0] == "--preload" and len(opts) > 1:
-            preload += [m for m in opts[1].split(",") if m]
-            opts = opts[2:]
-        else:
-            print(f"xentap-serve.py: unknown option {opts[0]!r}", file=sys.stderr)
-            return 2
+    preload = preload_option.parse("xentap-serve.py", opts)
+    if preload is None:
+        return 2
     parent = os.getppid()
     t0 = time.monotonic()
     from click.testing import CliRunner
