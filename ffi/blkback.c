@@ -116,18 +116,29 @@ RING_IDX xt_publish_recover(blkif_sring_t *sring, uint32_t protocol, unsigned en
 static void respond(struct xt_queue *q, struct xt_req *req, int16_t status)
 {
     RING_IDX mask = RING_SIZE(&q->ring) - 1;
+    bool timed = req->t_engine && status == BLKIF_RSP_OKAY;
     q->rsp[req->ring_idx & mask] = (struct xt_rsp){
         .id = req->id, .status = status, .operation = req->io_op, .ready = true,
+        .t_taken = req->t_taken, .t_engine = req->t_engine, .t_done = timed ? q->t_seen : 0,
     };
     req->next_free = q->free_list;
     q->free_list = req;
     atomic_fetch_sub_explicit(&q->c.in_flight, 1, memory_order_relaxed);
+    uint64_t now = 0;
     while (q->ring.rsp_prod_pvt != q->ring.req_cons && q->rsp[q->ring.rsp_prod_pvt & mask].ready) {
         struct xt_rsp *r = &q->rsp[q->ring.rsp_prod_pvt & mask];
         publish(q->ring.sring, q->vbd->protocol, q->entry_size, RING_SIZE(&q->ring),
                 q->ring.rsp_prod_pvt, r->id, r->operation, r->status);
         r->ready = false;
         q->ring.rsp_prod_pvt++;
+        if (r->t_done) {
+            if (!now)
+                now = xt_now_ns();
+            count(&q->c.timed, 1);
+            count(&q->c.ns_to_engine, r->t_engine - r->t_taken);
+            count(&q->c.ns_at_engine, r->t_done - r->t_engine);
+            count(&q->c.ns_to_answer, now - r->t_done);
+        }
     }
 }
 
@@ -310,6 +321,8 @@ static void submit(struct xt_queue *q, struct xt_req *req, enum xt_io_op op)
     req->io.len = op == XT_IO_FSYNC ? 0 : op == XT_IO_PUNCH ? req->discard_sectors * XT_SECTOR_SIZE
                                                              : req->len;
     q->engine.ops->submit(&q->engine, &req->io);
+    if (req->io_op == BLKIF_OP_READ || req->io_op == BLKIF_OP_WRITE)
+        req->t_engine = xt_now_ns();
 }
 
 /* Writes (and the data of a flush or barrier) are copied in and submitted. */
@@ -531,12 +544,15 @@ static void consume(struct xt_queue *q)
         stop_ring(q, "the guest's request producer index runs past the ring");
         return;
     }
+    uint64_t now = rc != rp ? xt_now_ns() : 0;
     while (rc != rp && !paused(q)) {
         if (RING_REQUEST_CONS_OVERFLOW(&q->ring, rc))
             break;
         struct xt_req *req = take(q);
         if (!req)
             break;
+        req->t_taken = now;
+        req->t_engine = 0;
         struct xt_ring_req r;
         RING_IDX i = rc & (RING_SIZE(&q->ring) - 1);
         req->ring_idx = rc;
@@ -561,13 +577,6 @@ static void consume(struct xt_queue *q)
  */
 #define POLL_START_NS 10000u
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static inline void cpu_relax(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
@@ -586,12 +595,12 @@ static bool has_requests(const struct xt_queue *q)
 /* True as soon as there is something to do; false after q->poll_ns. */
 static bool poll_for_work(struct xt_queue *q)
 {
-    uint64_t end = now_ns() + q->poll_ns;
+    uint64_t end = xt_now_ns() + q->poll_ns;
     for (unsigned i = 1;; i++) {
         if (q->engine.ops->ready(&q->engine) || has_requests(q))
             return true;
         cpu_relax();
-        if (i % 32 == 0 && now_ns() > end)
+        if (i % 32 == 0 && xt_now_ns() > end)
             return false;
     }
 }
@@ -633,11 +642,14 @@ bool xt_queue_step(struct xt_queue *q, bool may_block)
         block = false;
         polling = false;
     }
-    uint64_t t0 = polling ? now_ns() : 0;
+    uint64_t t0 = polling ? xt_now_ns() : 0;
     unsigned woken = 0;
     int n = q->engine.ops->wait(&q->engine, done, REAP_BATCH, &woken, block);
+    uint64_t t1 = n > 0 || polling ? xt_now_ns() : 0;
+    if (n > 0)
+        q->t_seen = t1;
     if (polling)
-        poll_adjust(q, now_ns() - t0);
+        poll_adjust(q, t1 - t0);
     for (int i = 0; i < n; i++) {
         struct xt_req *req = (struct xt_req *)((uint8_t *)done[i] - offsetof(struct xt_req, io));
         complete(q, req);

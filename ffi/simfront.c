@@ -62,6 +62,7 @@ struct front_queue {
     unsigned barriers_in_flight;
     uint64_t *lat;
     uint64_t lat_max;
+    uint64_t lat_sum;           /* ns, over every answered request */
     struct xt_front_result res;
     int rc;
     char err[XT_ERRLEN];
@@ -402,6 +403,7 @@ static void record_latency(struct front_queue *q, uint64_t ns)
 {
     uint64_t us = ns / 1000;
     q->lat[us < LAT_BUCKETS ? us : LAT_BUCKETS - 1]++;
+    q->lat_sum += ns;
     if (ns > q->lat_max)
         q->lat_max = ns;
 }
@@ -607,6 +609,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
         q->writes_since_barrier = 0;
         q->rc = 0;
         q->lat_max = 0;
+        q->lat_sum = 0;
         free(q->busy);
         q->busy = calloc(f->region_blocks / f->cfg.nr_queues + 1, 1);
         q->lat = calloc(LAT_BUCKETS, sizeof(uint64_t));
@@ -628,7 +631,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
     res->seconds = (double)(now_ns() - t0) / 1e9;
 
     uint64_t *hist = calloc(LAT_BUCKETS, sizeof(uint64_t));
-    uint64_t lat_max = 0;
+    uint64_t lat_max = 0, lat_sum = 0;
     for (unsigned i = 0; i < f->cfg.nr_queues; i++) {
         struct front_queue *q = &f->queues[i];
         if (q->rc && rc == 0)
@@ -651,6 +654,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
                 hist[b] += q->lat[b];
         if (q->lat_max > lat_max)
             lat_max = q->lat_max;
+        lat_sum += q->lat_sum;
         free(q->lat);
         q->lat = NULL;
     }
@@ -658,6 +662,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
         res->lat_us_p50 = (double)percentile(hist, res->ios, 0.50);
         res->lat_us_p99 = (double)percentile(hist, res->ios, 0.99);
         res->lat_us_max = (double)lat_max / 1000.0;
+        res->lat_us_mean = (double)lat_sum / 1000.0 / (double)res->ios;
     }
     free(hist);
     return rc;
@@ -746,6 +751,7 @@ int xt_front_replay(xt_front *f, const struct xt_replay_op *ops, uint64_t n,
     q->w = &w;
     q->rc = 0;
     q->lat_max = 0;
+    q->lat_sum = 0;
     free(q->busy);
     q->busy = calloc(1, 1);
     q->lat = calloc(LAT_BUCKETS, sizeof(uint64_t));
@@ -817,6 +823,7 @@ int xt_front_replay(xt_front *f, const struct xt_replay_op *ops, uint64_t n,
         res->lat_us_p50 = (double)percentile(q->lat, res->ios, 0.50);
         res->lat_us_p99 = (double)percentile(q->lat, res->ios, 0.99);
         res->lat_us_max = (double)q->lat_max / 1000.0;
+        res->lat_us_mean = (double)q->lat_sum / 1000.0 / (double)res->ios;
     }
     free(q->lat);
     q->lat = NULL;

@@ -441,6 +441,10 @@ void xt_vbd_stats(const xt_vbd *cv, struct xt_stats *out)
     out->in_flight = sum.in_flight;
     out->buffer_bytes = sum.buffer_bytes;
     out->ring_stopped = sum.ring_stopped;
+    out->timed = sum.timed;
+    out->ns_to_engine = sum.ns_to_engine;
+    out->ns_at_engine = sum.ns_at_engine;
+    out->ns_to_answer = sum.ns_to_answer;
 }
 
 /* ---- the tap ---- */

@@ -123,6 +123,15 @@ struct xt_stats {
     uint64_t in_flight;         /* requests taken from rings, not yet answered */
     uint64_t buffer_bytes;      /* bounce buffers held (peak in-flight data) */
     uint64_t ring_stopped;      /* rings stopped for a protocol violation */
+    /* Where the time of the reads and writes answered OKAY went, summed over
+     * `timed` of them (CLOCK_MONOTONIC ns): to_engine from being taken off
+     * the ring to being handed to the I/O engine (parsing, the grant copy of
+     * a write's data, waiting behind the requests taken with it);
+     * at_engine from there to the shim seeing it done (the disk, and the
+     * kernel on both sides of it); to_answer from there to its answer being
+     * in the ring for the guest (a read's grant copy, the tap, answers
+     * published in ring order). */
+    uint64_t timed, ns_to_engine, ns_at_engine, ns_to_answer;
 };
 
 int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err);
@@ -249,7 +258,7 @@ struct xt_front_result {
     uint64_t first_bad_sector;
     uint64_t flush_order_violations; /* a flush or barrier answered before an earlier write, or a write before an earlier barrier */
     double seconds;
-    double lat_us_p50, lat_us_p99, lat_us_max;
+    double lat_us_p50, lat_us_p99, lat_us_max, lat_us_mean;
 };
 
 int xt_front_open(const struct xt_front_config *cfg, xt_front **out,

@@ -8,8 +8,9 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
-#include <stdint.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <time.h>
 
 /* Xen's public headers leave the memory barriers of ring.h to the user
  * (tools define __XEN_TOOLS__ and their own xen_mb, as xenctrl.h does). */
@@ -23,6 +24,14 @@
 #include <xen/io/blkif.h>
 
 #include "xt.h"
+
+/* CLOCK_MONOTONIC in ns (the vDSO: no system call) */
+static inline uint64_t xt_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 #define XT_PAGE_SIZE 4096u
 #define XT_PAGE_SHIFT 12
@@ -214,6 +223,7 @@ struct xt_req {
     size_t buf_cap, len;
     struct xt_io io;
     struct xt_req *next_free;
+    uint64_t t_taken, t_engine;  /* CLOCK_MONOTONIC ns: taken from the ring, handed to the engine */
 };
 
 struct xt_counters {
@@ -221,6 +231,8 @@ struct xt_counters {
     atomic_uint_fast64_t bytes_read, bytes_written;
     atomic_uint_fast64_t err_bad_request, err_unsupported, err_grant, err_io;
     atomic_uint_fast64_t in_flight, buffer_bytes, ring_stopped;
+    /* where a read's or write's time went (xt_stats has the meaning) */
+    atomic_uint_fast64_t timed, ns_to_engine, ns_at_engine, ns_to_answer;
 };
 
 /* An answer held until every request taken before it is answered too. */
@@ -253,6 +265,7 @@ struct xt_rsp {
     int16_t status;
     uint8_t operation;
     bool ready;
+    uint64_t t_taken, t_engine, t_done; /* its request's times (xt_req); t_done 0: not timed */
 };
 
 struct xt_queue {
@@ -284,6 +297,7 @@ struct xt_queue {
     struct blkif_request_segment ind_segs[XT_MAX_INDIRECT_SEGMENTS];
     struct xt_copy copies[XT_MAX_INDIRECT_SEGMENTS];
     struct xt_counters c;
+    uint64_t t_seen;            /* when the last batch of completions was seen */
 };
 
 struct xt_vbd {

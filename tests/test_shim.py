@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from xentap import bench_datapath
 from xentap.shim import (DEFAULT_POLL_US, MAX_INDIRECT_SEGMENTS, RingParams, SimDomain, SimFront, Transport,
                          Vbd, VbdBusyError)
 
@@ -154,6 +155,28 @@ def test_counters_match_what_the_guest_did(guest_factory):
     assert st["bytes_read"] == res["bytes_read"]
     assert st["bytes_written"] == res["bytes_written"]
     assert st["state"] == "connected" and st["nr_queues"] == 2
+
+
+def test_the_shims_time_per_request_fits_in_the_guests_round_trip(guest_factory):
+    """Every read and write answered is timed, in three parts (xt_stats), and
+    the parts of each fit in what the guest measured from issuing it to
+    reaping its answer (both on CLOCK_MONOTONIC); flushes are not timed."""
+    g = guest_factory(queues=2, order=1)
+    before = g.vbd.stats()
+    res = g.front.run(block_size=4096, queue_depth=16, read_pct=50, size=8 * MiB,
+                      max_ios=3000, flush_every=200, seed=4)
+    after = g.vbd.stats()
+    assert after["timed"] - before["timed"] == res["reads"] + res["writes"]
+    n = res["reads"] + res["writes"]
+    parts = {k: (after[f"ns_{k}"] - before[f"ns_{k}"]) / n / 1e3
+             for k in ("to_engine", "at_engine", "to_answer")}
+    assert all(v >= 0 for v in parts.values()) and parts["at_engine"] > 0, parts
+    assert 0 < res["lat_us_p50"] <= res["lat_us_max"] and res["lat_us_mean"] <= res["lat_us_max"]
+    # the guest's mean includes the flushes' (longer) round trips: a bound, not an equality
+    assert sum(parts.values()) <= res["lat_us_mean"] * (res["ios"] / n), (parts, res)
+    t = bench_datapath.shim_times(before, after, res["lat_us_mean"])
+    assert t["guest"] == pytest.approx(res["lat_us_mean"] - sum(parts.values()))
+    assert bench_datapath.shim_times(after, after, 1.0) is None
 
 
 def test_a_rate_holds_the_guest_to_that_many_ios_a_second(guest_factory):

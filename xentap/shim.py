@@ -218,7 +218,7 @@ class RingParams:
 _STAT_FIELDS = ("nr_queues", "sectors", "reqs_read", "reqs_write", "reqs_flush",
                 "reqs_barrier", "reqs_discard", "reqs_indirect", "bytes_read", "bytes_written", "err_bad_request",
                 "err_unsupported", "err_grant", "err_io", "in_flight", "buffer_bytes",
-                "ring_stopped")
+                "ring_stopped", "timed", "ns_to_engine", "ns_at_engine", "ns_to_answer")
 
 
 class Vbd:
@@ -392,7 +392,7 @@ def _front_result(res) -> dict[str, Any]:
     return {k: getattr(res, k) for k in (
         "ios", "reads", "writes", "flushes", "barriers", "discards", "bytes_read", "bytes_written", "errors",
         "verify_failures", "first_bad_sector", "flush_order_violations", "seconds", "lat_us_p50", "lat_us_p99",
-        "lat_us_max")}
+        "lat_us_max", "lat_us_mean")}
 
 
 class SimFront:
