@@ -33,6 +33,10 @@ def test_bench_mirror_result_shape(tmp_path):
             for side in ("off", "on"):
                 d = x["disk"][side]
                 assert d["ios_per_s"] > 0 and d["us_per_io"] > 0 and d["at_device"] >= 0, d
+        for side in ("off", "on"):
+            t = x["time_us"][side]
+            assert t["at_engine"] > 0 and t["round_trip"] == pytest.approx(
+                t["to_engine"] + t["at_engine"] + t["to_answer"] + t["guest"], abs=0.2), t
     assert r["replica_equals_source"] is True
     j = r["appliance_journal"]
     assert {"path", "fs", "device", "why", "same_device_as_images"} <= set(j)
@@ -43,8 +47,24 @@ def test_bench_mirror_result_shape(tmp_path):
     table = bm.format_table(r)
     assert "appliance journal and replica: " + j["path"] in table
     assert "CPU in cores" in table
+    assert "a write's time, us" in table
     if bd.DiskMeter(str(tmp_path)).stat:
         assert "the images' disk" in table
+
+
+def test_time_figures_add_up_to_the_median_round_trip():
+    """Medians part by part, with the guest's part what the median round trip
+    leaves, so that the printed sum holds; fio's side is a round trip only."""
+    runs = [{"time_us": {"round_trip": rt, "to_engine": a, "at_engine": b, "to_answer": c,
+                         "guest": rt - a - b - c}}
+            for rt, a, b, c in ((400, 40, 300, 10), (380, 50, 280, 5), (500, 30, 330, 20))]
+    t = bd.median_times(runs)
+    assert t == {"round_trip": 400, "to_engine": 40, "at_engine": 300, "to_answer": 10, "guest": 50}
+    line = bd.time_line("4 KiB", {"round_trip": 300.0}, t)
+    assert line.split() == ["4", "KiB", "fio", "300", "shim", "400", "=", "40", "+", "300", "+",
+                            "10", "+", "50"]
+    assert bd.time_line("4 KiB", None, t) is None
+    assert bd.median_times([{"time_us": None}]) is None
 
 
 def test_disk_figures_are_the_devices_time_per_io_and_requests_at_it():

@@ -43,6 +43,10 @@ def test_bench_datapath_json_has_a_ratio_per_workload(tmp_path):
         if DiskMeter(str(tmp_path)).stat:     # the image on a block device: its figures
             for side in ("fio", "shim"):
                 assert out[name]["disk"][side]["ios_per_s"] > 0, out[name]["disk"]
+        t = out[name]["time_us"]
+        assert t["fio"]["round_trip"] > 0 and t["shim"]["at_engine"] > 0, t
+        assert t["shim"]["round_trip"] == pytest.approx(
+            sum(t["shim"][k] for k in ("to_engine", "at_engine", "to_answer", "guest")), abs=1), t
     assert 0 <= out["rss_mib_per_vbd"] < 32
 
 

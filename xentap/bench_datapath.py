@@ -74,7 +74,8 @@ def run_fio(path: str, job: Job, size: int, seconds: float | None) -> dict:
     j = json.loads(out[out.index("{"):])["jobs"][0]
     side = j["read"] if job.read_pct else j["write"]
     return {"iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6,
-            "cpu": (j["usr_cpu"] + j["sys_cpu"]) / 100, "seconds": j["job_runtime"] / 1000}
+            "cpu": (j["usr_cpu"] + j["sys_cpu"]) / 100, "seconds": j["job_runtime"] / 1000,
+            "time_us": {"round_trip": side["lat_ns"]["mean"] / 1e3}}
 
 
 class DiskMeter:
@@ -132,11 +133,50 @@ def disk_line(label: str, sides: dict[str, dict | None]) -> str | None:
         for name, d in sides.items())
 
 
-def disk_median(runs: list[dict]) -> dict | None:
-    """The median of each of the runs' DiskMeter figures (None: none measured)."""
-    disks = [r["disk"] for r in runs if r.get("disk")]
-    return ({k: round(statistics.median(d[k] for d in disks), 1) for k in disks[0]}
-            if disks else None)
+def median_figures(runs: list[dict], key: str) -> dict | None:
+    """The median of each of the runs' figures under `key` (DiskMeter's "disk",
+    "time_us"); None where no run has them."""
+    figs = [r[key] for r in runs if r.get(key)]
+    return ({k: round(statistics.median(d[k] for d in figs), 1) for k in figs[0]}
+            if figs else None)
+
+
+def shim_times(before: dict, after: dict, round_trip_us: float) -> dict | None:
+    """Where a request's time went, in us per request, between two Vbd.stats():
+    the guest's round trip (its mean), and of it the shim's three parts (see
+    xt_stats: taken -> handed to the engine, at the engine, seen done ->
+    answered); the rest is the guest's and the hand-offs between them (the
+    guest issuing and reaping, its wake-ups, the shim noticing new requests)."""
+    n = after["timed"] - before["timed"]
+    if n <= 0:
+        return None
+    part = {k: (after[f"ns_{k}"] - before[f"ns_{k}"]) / n / 1e3
+            for k in ("to_engine", "at_engine", "to_answer")}
+    return {"round_trip": round_trip_us, **part, "guest": round_trip_us - sum(part.values())}
+
+
+def median_times(runs: list[dict]) -> dict | None:
+    """The median of the runs' shim_times, part by part; the guest's part is
+    what the median round trip leaves (medians taken apart do not add up)."""
+    t = median_figures(runs, "time_us")
+    if t and "to_engine" in t:
+        t["guest"] = round(t["round_trip"] - t["to_engine"] - t["at_engine"] - t["to_answer"], 1)
+    return t
+
+
+def _split(t: dict) -> str:
+    return (f"{t['round_trip']:>7,.0f}" if "to_engine" not in t else
+            f"{t['round_trip']:>7,.0f} = {t['to_engine']:>5,.0f} + {t['at_engine']:>7,.0f}"
+            f" + {t['to_answer']:>5,.0f} + {t['guest']:>6,.0f}")
+
+
+def time_line(label: str, a: dict | None, b: dict | None,
+              names: tuple[str, str] = ("fio", "shim")) -> str | None:
+    """One workload's line of the time table: each side's round trip, split
+    where the shim timed it (None when a side has no figures)."""
+    if not (a and b):
+        return None
+    return f"  {label:<27} {names[0]} {_split(a)}   {names[1]} {_split(b)}"
 
 
 def _guest(simdir: str, sectors: int, conn) -> None:
@@ -178,10 +218,10 @@ class ShimSide:
     def run(self, job: Job, size: int, seconds: float) -> dict:
         w = shim.Workload(block_size=job.bs, queue_depth=job.qd, read_pct=job.read_pct,
                           sequential=job.sequential, size=size, seconds=seconds)
-        cpu0 = _cpu_seconds()
+        cpu0, st0 = _cpu_seconds(), self.vbd.stats()
         self.conn.send(w)
         r = self.conn.recv()
-        cpu = _cpu_seconds() - cpu0
+        cpu, st1 = _cpu_seconds() - cpu0, self.vbd.stats()
         if isinstance(r, Exception):
             raise r
         if r["errors"]:
@@ -189,7 +229,8 @@ class ShimSide:
         nbytes = r["bytes_read"] + r["bytes_written"]
         return {"iops": r["ios"] / r["seconds"], "mb_s": nbytes / r["seconds"] / 1e6,
                 "cpu": cpu / r["seconds"], "seconds": r["seconds"],
-                "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"]}
+                "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"],
+                "time_us": shim_times(st0, st1, r["lat_us_mean"])}
 
     def rss_mib(self) -> tuple[float, float]:
         """(resident anonymous memory the VBD added, of which request buffers), MiB."""
@@ -291,7 +332,10 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
                     "ratio_min": round(min(pair_ratios), 3) if pair_ratios else 0.0,
                     "ratio_max": round(max(pair_ratios), 3) if pair_ratios else 0.0,
                     # the image's disk per side (median per run; None: no block device)
-                    "disk": {"fio": disk_median(fio_runs), "shim": disk_median(shim_runs)},
+                    "disk": {"fio": median_figures(fio_runs, "disk"),
+                             "shim": median_figures(shim_runs, "disk")},
+                    # a request's time, us (shim_times; fio: its round trip only)
+                    "time_us": {"fio": median_times(fio_runs), "shim": median_times(shim_runs)},
                 }
             grown, buffers = side.rss_mib()
         finally:
@@ -327,6 +371,13 @@ def format_table(r: dict) -> str:
             line = disk_line(job.label, {"fio": d.get("fio"), "shim": d.get("shim")})
             if line:
                 lines.append(line)
+    times = [time_line(job.label, r[job.name].get("time_us", {}).get("fio"),
+                       r[job.name].get("time_us", {}).get("shim")) for job in JOBS]
+    if any(times):
+        lines.append("a request's time, us, median per run: its round trip, and the shim's as "
+                     "taken -> engine + at the engine (the disk, the kernel) + done -> answered "
+                     "+ the guest and the hand-offs")
+        lines += [t for t in times if t]
     lines.append(f"shim resident memory per VBD: {r['rss_mib_per_vbd']:.2f} MiB "
                  f"(beyond {r['request_buffers_mib']:.2f} MiB of request buffers)")
     lines.append(f"({r['engine']}; {r['image_mib']} MiB image; {r['repeat']} pairs of runs of "

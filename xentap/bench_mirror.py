@@ -308,7 +308,10 @@ def _summary(job: bd.Job, offs: list[dict], ons: list[dict]) -> dict:
         # CPU in cores (CPU seconds per second of run) of each part, per side
         "cpu": cpu,
         # the images' disk during the runs, per side (median per run; None: no block device)
-        "disk": {side: bd.disk_median(runs) for side, runs in (("off", offs), ("on", ons))},
+        "disk": {side: bd.median_figures(runs, "disk") for side, runs in (("off", offs), ("on", ons))},
+        # a request's time per side, us (bench_datapath.shim_times): the tap's share is in
+        # to_answer, a slower disk's in at_engine, the guest's wake-ups in guest
+        "time_us": {side: bd.median_times(runs) for side, runs in (("off", offs), ("on", ons))},
         # after each mirrored run: until every write was acknowledged, then
         # until the appliance was idle (CPU seconds it used then, per run)
         "catch_up_s": round(_med(r["catch_up_s"] for r in ons), 2),
@@ -458,6 +461,14 @@ def format_table(r: dict) -> str:
             line = bd.disk_line(job.label, {"mirror off": d["off"], "mirror on": d["on"]})
             if line:
                 lines.append(line)
+    times = [bd.time_line(job.label, r[job.name]["time_us"]["off"], r[job.name]["time_us"]["on"],
+                          ("mirror off", "mirror on")) for job in _jobs(r)]
+    if any(times):
+        lines.append("")
+        lines.append("a write's time, us, median per run: its round trip, as taken -> engine + at the "
+                     "engine (the disk, the kernel) + done -> answered (the tap) + the guest and the "
+                     "hand-offs")
+        lines += [t for t in times if t]
     lines.append("")
     lines.append("drainer, per second of a mirrored run: loop turns / sleeps / woken by the shim's "
                  "eventfd / by the appliance / eventfd writes by the shim / frames sent / MB sent")
