@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +54,24 @@ def test_bench_mirror_result_shape(tmp_path):
     assert "a write's time, us" in table
     if bd.DiskMeter(str(tmp_path)).stat:
         assert "the images' disk" in table
+
+
+@pytest.mark.parametrize("where", ["tmp", "shm"])
+def test_images_are_written_whole_and_alike_side_by_side(tmp_path, where):
+    """Both images fully allocated and the same bytes, on a file system that
+    takes O_DIRECT (written interleaved) and on tmpfs (which does not)."""
+    d = tmp_path if where == "tmp" else Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        paths = [str(d / "a.img"), str(d / "b.img")]
+        bd.prepare_images(paths, 8 << 20)
+        a, b = (Path(p).read_bytes() for p in paths)
+        assert len(a) == 8 << 20 and a == b and a[:1 << 20] == a[-(1 << 20):]
+        assert len(set(a[:4096])) > 200                     # random bytes, not zeroes
+        for p in paths:
+            assert os.stat(p).st_blocks * 512 >= 8 << 20     # not sparse
+    finally:
+        if where == "shm":
+            shutil.rmtree(d)
 
 
 def test_time_figures_add_up_to_the_median_round_trip():

@@ -10,6 +10,7 @@ dom0 would: its resident memory is measured there.
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing as mp
 import os
 import resource
@@ -258,14 +259,37 @@ def same_file(a: str, b: str) -> bool:
                 return True
 
 
-def prepare_image(path: str, size: int) -> None:
-    """A fully written (not sparse) image, so that neither side pays for allocation."""
-    chunk = os.urandom(MiB)
-    with open(path, "wb") as f:
-        for _ in range(size // MiB):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+def prepare_images(paths: list[str], size: int) -> None:
+    """Fully written (not sparse) images, so that no side pays for allocation,
+    written side by side: a MiB of each in turn, with O_DIRECT where the file
+    system takes it, so that each file's blocks are allocated as it is
+    written and the files interleave on the disk.
+
+    Two images written one after the other land on different regions of the
+    disk, and on this project's VM they differed by themselves: fio's 4 KiB
+    random writes ran at 0.70-0.75 on the second image of what they did on
+    the first, round after round and after the second was written again.
+    Written side by side, the two were within 3 % of each other (2026-11-27).
+    """
+    chunk = mmap.mmap(-1, MiB)          # page aligned, as O_DIRECT needs
+    chunk.write(os.urandom(MiB))
+    fds = []
+    try:
+        for p in paths:
+            try:
+                fds.append(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600))
+            except OSError:             # tmpfs and others: no O_DIRECT, nor a layout to share
+                fds.append(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        for i in range(size // MiB):
+            for fd in fds:
+                if os.pwritev(fd, [chunk], i * MiB) != MiB:
+                    raise OSError(f"short write preparing {size // MiB} MiB images")
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        chunk.close()
 
 
 WARMUP_SECONDS = 1.0
@@ -289,7 +313,7 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, progress)
     try:
         path = os.path.join(workdir, "disk.img")
         progress(f"preparing a {size // MiB} MiB image in {workdir}")
-        prepare_image(path, size)
+        prepare_images([path], size)
         progress("reading the image once, so that both sides start from the same cache state")
         warm_image(path, size)
         side = ShimSide(path, workdir)

@@ -352,12 +352,12 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
                    "same_device_as_images": shared}
         progress(f"preparing two {size // MiB} MiB images in {workdir} ({images['device']}, "
                  f"{images['fs']}); the appliance's journal in {adir} ({where['device']})")
-        # both written and synced the same way: a copy (copy_file_range) leaves the
-        # second one's data dirty in the page cache or its extents shared/unwritten,
-        # and the shim's O_DIRECT writes to it then go through io_uring's workers --
-        # 10x slower, whatever the mirror does
-        for p in paths:
-            bd.prepare_image(p, size)
+        # both written and synced the same way, side by side so that they share the
+        # disk's regions (bench_datapath.prepare_images); not a copy: copy_file_range
+        # leaves the second one's data dirty in the page cache or its extents
+        # shared/unwritten, and the shim's O_DIRECT writes to it then go through
+        # io_uring's workers -- 10x slower, whatever the mirror does
+        bd.prepare_images(paths, size)
         progress("reading both images once, so that both sides start from the same cache state")
         for p in paths:
             warm_image(p, size)
