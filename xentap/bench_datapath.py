@@ -269,7 +269,8 @@ def prepare_images(paths: list[str], size: int) -> None:
     disk, and on this project's VM they differed by themselves: fio's 4 KiB
     random writes ran at 0.70-0.75 on the second image of what they did on
     the first, round after round and after the second was written again.
-    Written side by side, the two were within 3 % of each other (2026-11-27).
+    Written side by side, the two were within 1-8 % of each other, neither
+    steadily ahead (2026-11-27).
     """
     chunk = mmap.mmap(-1, MiB)          # page aligned, as O_DIRECT needs
     chunk.write(os.urandom(MiB))
