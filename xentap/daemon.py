@@ -441,7 +441,8 @@ class StatusWriter:
     def __init__(self, xs: Xs) -> None:
         self.xs = xs
         self._jobs: queue.Queue = queue.Queue()
-        self._busy = False                      # a round handed over and not yet written
+        self._idle = threading.Event()          # clear: a round handed over, not yet written
+        self._idle.set()
         self._result: tuple[bool, float, int] | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="status")
         self._thread.start()
@@ -460,28 +461,25 @@ class StatusWriter:
             except Exception as e:  # noqa: BLE001 - status must never end the daemon
                 log.error("publishing status: %s", e)
             self._result = (ok, time.monotonic() - t0, n)
-            self._busy = False
+            self._idle.set()
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        return not self._idle.is_set()
 
     def submit(self, job: Callable[[Xs], int]) -> None:
         """Queues ``job(xs)`` (returns how many keys it wrote); call only when not busy."""
-        self._busy = True
+        self._idle.clear()
         self._result = None
         self._jobs.put(job)
 
     def result(self) -> tuple[bool, float, int] | None:
         """(written, seconds, keys) of the last round, once it is done."""
-        return None if self._busy else self._result
+        return self._result if self._idle.is_set() else None
 
     def wait(self, timeout: float) -> bool:
         """Waits until the round handed over is written; False after ``timeout``."""
-        end = time.monotonic() + timeout
-        while self._busy and time.monotonic() < end:
-            time.sleep(0.01)
-        return not self._busy
+        return self._idle.wait(timeout)
 
     def close(self) -> None:
         self._jobs.put(None)
