@@ -43,7 +43,8 @@ flock -n 9 || { say "waiting for another run to finish"; flock -w 1200 9 || die 
 
 # ---------------------------------------------------------------- packages --
 # Checked with dpkg-query so that a second run installs (and updates) nothing.
-PKGS="qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils
+# qemu-system-xen: Xen's device model in dom0, for fio-ratio's qdisk guest
+PKGS="qemu-system-x86 qemu-system-xen xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils
       busybox-static cpio kmod e2fsprogs util-linux openssl python3.11 coreutils xz-utils fio"
 missing=
 for p in $PKGS; do
