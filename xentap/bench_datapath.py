@@ -142,6 +142,16 @@ def median_figures(runs: list[dict], key: str) -> dict | None:
             if figs else None)
 
 
+#: the shim's parts of a request's time (xt_stats' ns_<part>), in order
+SHIM_PARTS = ("to_engine", "at_engine", "to_answer")
+
+
+def _with_guest(t: dict) -> dict:
+    """`t` with its "guest" part: what its round trip leaves after the shim's."""
+    t["guest"] = t["round_trip"] - sum(t[k] for k in SHIM_PARTS)
+    return t
+
+
 def shim_times(before: dict, after: dict, round_trip_us: float) -> dict | None:
     """Where a request's time went, in us per request, between two Vbd.stats():
     the guest's round trip (its mean), and of it the shim's three parts (see
@@ -151,22 +161,22 @@ def shim_times(before: dict, after: dict, round_trip_us: float) -> dict | None:
     n = after["timed"] - before["timed"]
     if n <= 0:
         return None
-    part = {k: (after[f"ns_{k}"] - before[f"ns_{k}"]) / n / 1e3
-            for k in ("to_engine", "at_engine", "to_answer")}
-    return {"round_trip": round_trip_us, **part, "guest": round_trip_us - sum(part.values())}
+    part = {k: (after[f"ns_{k}"] - before[f"ns_{k}"]) / n / 1e3 for k in SHIM_PARTS}
+    return _with_guest({"round_trip": round_trip_us, **part})
 
 
 def median_times(runs: list[dict]) -> dict | None:
     """The median of the runs' shim_times, part by part; the guest's part is
     what the median round trip leaves (medians taken apart do not add up)."""
     t = median_figures(runs, "time_us")
-    if t and "to_engine" in t:
-        t["guest"] = round(t["round_trip"] - t["to_engine"] - t["at_engine"] - t["to_answer"], 1)
+    if t and SHIM_PARTS[0] in t:
+        t = _with_guest(t)
+        t["guest"] = round(t["guest"], 1)
     return t
 
 
 def _split(t: dict) -> str:
-    return (f"{t['round_trip']:>7,.0f}" if "to_engine" not in t else
+    return (f"{t['round_trip']:>7,.0f}" if SHIM_PARTS[0] not in t else
             f"{t['round_trip']:>7,.0f} = {t['to_engine']:>5,.0f} + {t['at_engine']:>7,.0f}"
             f" + {t['to_answer']:>5,.0f} + {t['guest']:>6,.0f}")
 
