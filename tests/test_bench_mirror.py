@@ -48,7 +48,11 @@ def test_bench_mirror_result_shape(tmp_path):
         assert j["same_device_as_images"] is False
     assert not glob.glob(j["path"])             # cleaned up after
     assert r["spill_log"]["same_device_as_images"] is True     # beside the images by default
+    t = r["transport_alone"]     # one stream by itself, with CurveZMQ and without
+    for mode in ("curve", "plain"):
+        assert t[mode]["mb_s"] > 0 and t[mode]["cores"] > 0, t
     table = bm.format_table(r)
+    assert "the transport alone" in table
     assert "appliance journal and replica: " + j["path"] in table
     assert "CPU in cores" in table
     assert "a write's time, us" in table
