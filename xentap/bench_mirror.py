@@ -25,6 +25,10 @@ What the guest pays, and what it does not:
 - The drainer's wake-ups are counted (without changing it): how often the
   shim's eventfd woke it, how many eventfd writes the shim made, how many
   frames it sent.
+- Before the runs, with nothing else running, the transport is measured by
+  itself (transport_alone): what one CurveZMQ stream carries on loopback,
+  and at what CPU, so that a reader sees how much of the machine mirroring
+  the guest's rate takes before the appliance does anything with it.
 """
 from __future__ import annotations
 
