@@ -264,6 +264,9 @@ def transport_alone(appliance: LocalAppliance, seconds: float = 1.0) -> dict:
             s.close(0)
             ctx.term()
             p.join(10)
+            if p.is_alive():    # it failed above: the receiver waits for an "end" in vain
+                p.kill()
+                p.join()
         out[name] = {"mb_s": round(nbytes / wall / 1e6, 1), "cores": round(cpu / wall, 2)}
     return out
 
