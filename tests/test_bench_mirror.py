@@ -125,3 +125,61 @@ def test_bench_mirror_appliance_dir_is_chosen_and_named(tmp_path):
     assert r["spill_log"]["path"].startswith(str(adir))
     assert "THE SAME DEVICE" in bm.format_table(r)
     assert list(adir.iterdir()) == []
+
+
+def test_cpu_lists_are_read_as_taskset_writes_them():
+    assert bm.parse_cpus("2") == {2}
+    assert bm.parse_cpus("0,2-3") == {0, 2, 3}
+    for bad in ("", "x", "3-1", "-1", "1,", "1-"):
+        with pytest.raises(ValueError, match="a CPU list expected"):
+            bm.parse_cpus(bad)
+
+
+def test_the_appliance_cannot_take_every_cpu_nor_one_that_is_not_there():
+    allowed = os.sched_getaffinity(0)
+    with pytest.raises(ValueError, match="leave some for the guest"):
+        bm.split_cpus(set(allowed))
+    with pytest.raises(ValueError, match="not among this process's CPUs"):
+        bm.split_cpus({max(allowed) + 1})
+    if len(allowed) > 1:
+        one = {max(allowed)}
+        assert bm.split_cpus(one) == allowed - one
+
+
+def test_bench_mirror_cli_refuses_a_bad_cpu_list_in_one_line():
+    from click.testing import CliRunner
+
+    from xentap.cli import cli
+    r = CliRunner().invoke(cli, ["bench", "mirror", "--appliance-cpus", "9999"])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines() == [
+        f"xentap: --appliance-cpus 9999: not among this process's CPUs "
+        f"({bm._cpu_list(os.sched_getaffinity(0))})"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_appliance_runs_on_its_cpus_and_the_rest_on_the_others(tmp_path, monkeypatch):
+    allowed = os.sched_getaffinity(0)
+    mine = {max(allowed)}
+    seen = {}
+    real_run = bm._Side.run
+
+    def run(self, job, size, seconds):     # during a run: where each part may go
+        seen.setdefault("appliance", os.sched_getaffinity(self.appliance_pid))
+        seen.setdefault("guest", os.sched_getaffinity(self.side.proc.pid))
+        seen.setdefault("queue threads", {t: os.sched_getaffinity(int(t))
+                                          for t in os.listdir("/proc/self/task")
+                                          if open(f"/proc/self/task/{t}/comm").read()
+                                          .startswith("xt-d")})
+        return real_run(self, job, size, seconds)
+
+    monkeypatch.setattr(bm._Side, "run", run)
+    monkeypatch.setattr(bm, "JOBS", bm.JOBS[:1])
+    r = bm.run(str(tmp_path), 32 * MiB, 0.2, 1, 4 * MiB, lambda m: None, appliance_cpus=mine)
+    assert seen["appliance"] == mine
+    assert seen["guest"] == allowed - mine
+    assert seen["queue threads"] and all(c == allowed - mine for c in seen["queue threads"].values())
+    assert os.sched_getaffinity(0) == allowed        # given back after
+    assert r["appliance_cpus"] == sorted(mine) and r["other_cpus"] == sorted(allowed - mine)
+    assert "--appliance-cpus" in bm.format_table(r)
+    assert r["replica_equals_source"] is True

@@ -204,12 +204,48 @@ class CountingDrainer(Drainer):
 
 # ---------------------------------------------------------------- the run
 
+def parse_cpus(text: str) -> set[int]:
+    """A CPU list as taskset and cpusets write it ("2", "2-3", "0,2-3") as a set."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"{text!r}: a CPU list expected, e.g. 2-3 or 0,2") from None
+        if a < 0 or b < a:
+            raise ValueError(f"{text!r}: a CPU list expected, e.g. 2-3 or 0,2")
+        cpus.update(range(a, b + 1))
+    return cpus
+
+
+def split_cpus(appliance_cpus: set[int]) -> set[int]:
+    """The CPUs left for the guest, the shim and the drainer when the
+    appliance takes `appliance_cpus`; ValueError unless both get some."""
+    allowed = os.sched_getaffinity(0)
+    if not appliance_cpus <= allowed:
+        raise ValueError(f"{_cpu_list(appliance_cpus - allowed)}: not among this process's "
+                         f"CPUs ({_cpu_list(allowed)})")
+    rest = allowed - appliance_cpus
+    if not rest:
+        raise ValueError(f"{_cpu_list(appliance_cpus)}: every CPU of this process; leave "
+                         "some for the guest and the shim")
+    return rest
+
+
+def _cpu_list(cpus) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 TRANSPORT_FRAME = MiB  #: frame size of the transport probe (the drainer's frames: up to 4 MiB)
 
 
-def _sink(server, conn) -> None:  # pragma: no cover - a child process
+def _sink(server, conn, cpus) -> None:  # pragma: no cover - a child process
     """The transport probe's receiving end: a ROUTER on a free loopback port
-    (sent back first) that counts bytes until b"end", then sends the count."""
+    (sent back first) that counts bytes until b"end", then sends the count;
+    on `cpus` when given (the appliance's)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     ctx = zmq.Context()
     s = ctx.socket(zmq.ROUTER)
     auth = keys.configure_server(s, server) if server else None
@@ -228,18 +264,20 @@ def _sink(server, conn) -> None:  # pragma: no cover - a child process
     ctx.term()
 
 
-def transport_alone(appliance: LocalAppliance, seconds: float = 1.0) -> dict:
+def transport_alone(appliance: LocalAppliance, seconds: float = 1.0,
+                    cpus: set[int] | None = None) -> dict:
     """What the mirror's transport carries by itself on this machine, with
     nothing else running: one DEALER -> ROUTER stream on loopback, frames of
     TRANSPORT_FRAME bytes, with CurveZMQ (the appliance's keys) and without.
     MB/s and the CPU both ends took, in cores: the ceiling a mirror of one
-    VBD meets before any journaling, and what encryption adds to it."""
+    VBD meets before any journaling, and what encryption adds to it.  The
+    receiving end runs on `cpus` when given (the appliance's)."""
     out = {}
     frame = zmq.Frame(os.urandom(TRANSPORT_FRAME))
     for name, curve in (("curve", True), ("plain", False)):
         server = keys.CurveServer.from_dir(appliance.keys, appliance.allowed) if curve else None
         conn, child = multiprocessing.Pipe()
-        p = multiprocessing.get_context("fork").Process(target=_sink, args=(server, child),
+        p = multiprocessing.get_context("fork").Process(target=_sink, args=(server, child, cpus),
                                                         daemon=True)
         p.start()
         ctx = zmq.Context()
@@ -396,16 +434,24 @@ def _summary(job: bd.Job, offs: list[dict], ons: list[dict]) -> dict:
 
 
 def run(directory: str | None, size: int, seconds: float, repeat: int, ring_bytes: int,
-        progress, appliance_dir: str | None = None, spill_dir: str | None = None) -> dict:
+        progress, appliance_dir: str | None = None, spill_dir: str | None = None,
+        appliance_cpus: set[int] | None = None) -> dict:
     """`appliance_dir`: where the appliance keeps its journal and replica (a
     fresh directory is made in it and removed after); default a directory
     on tmpfs (/dev/shm) when it has room, else beside the images (and the
     output says so).  `spill_dir`: where the drainer's spill log goes (a
     fresh directory in it, removed after); default beside the images, as
-    the daemon's state dir on a one-disk dom0."""
+    the daemon's state dir on a one-disk dom0.  `appliance_cpus`: the
+    appliance runs on these CPUs and everything else (this process's threads
+    from here on, the guests) on the others, as an appliance domain with
+    vCPUs of its own would; default all share every CPU."""
+    allowed = os.sched_getaffinity(0)
+    others = split_cpus(appliance_cpus) if appliance_cpus else None
     workdir = tempfile.mkdtemp(prefix="xentap-bench-mirror-", dir=directory)
     appliance = adir = sdir = None
     try:
+        if others:      # inherited by the threads and processes started below
+            os.sched_setaffinity(0, others)
         paths = [os.path.join(workdir, n) for n in ("off.img", "on.img")]
         images = _storage(workdir)
         if appliance_dir:
@@ -433,7 +479,7 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
         progress("reading both images once, so that both sides start from the same cache state")
         for p in paths:
             warm_image(p, size)
-        appliance = LocalAppliance(workdir, data_dir=adir)
+        appliance = LocalAppliance(workdir, data_dir=adir, cpus=appliance_cpus)
         meter = CpuMeter(appliance.proc.pid)
         off = bd.ShimSide(paths[0], os.path.join(workdir, "off"))
         on = bd.ShimSide(paths[1], os.path.join(workdir, "on"), mirror_bytes=ring_bytes)
@@ -455,7 +501,7 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
                    "seconds": round(time.monotonic() - t_sync, 2)}
         meter.drainer_tid = drainer._thread.native_id  # noqa: SLF001
         progress("the transport alone: one CurveZMQ stream on loopback, then plain TCP")
-        transport = transport_alone(appliance)
+        transport = transport_alone(appliance, cpus=appliance_cpus)
         disk = bd.DiskMeter(paths[0])
         sides = {"off": _Side("off", off, meter, None, appliance.proc.pid, disk),
                  "on": _Side("on", on, meter, drainer, appliance.proc.pid, disk)}
@@ -485,6 +531,8 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
         results["spill_log"] = {"path": sdir, "fs": spill["fs"], "device": spill["device"],
                                 "same_device_as_images": spill["st_dev"] == images["st_dev"]}
         results["cpus"] = os.cpu_count()
+        results["appliance_cpus"] = sorted(appliance_cpus) if appliance_cpus else None
+        results["other_cpus"] = sorted(others) if others else None
         results["ring_mib"] = ring_bytes // MiB
         results["seconds_per_run"] = seconds
         results["warmup_seconds"] = min(WARMUP_SECONDS, seconds)
@@ -493,6 +541,8 @@ def run(directory: str | None, size: int, seconds: float, repeat: int, ring_byte
         results["poll_us"] = shim.DEFAULT_POLL_US
         return results
     finally:
+        if others:
+            os.sched_setaffinity(0, allowed)
         if appliance:
             appliance.stop()
         for d in (adir, sdir):
@@ -591,9 +641,15 @@ def format_table(r: dict) -> str:
                  f"{sp['device']} ({sp['fs']})" + (", the guest's disk: what it spills competes "
                                                     "with the guest's writes"
                                                     if sp["same_device_as_images"] else ""))
-    lines.append(f"the appliance runs on this machine's {r['cpus']} CPUs beside the guest and the "
-                 "shim (its own domain would have its own vCPUs): the CPU table shows what each "
-                 "part took; guest = the simulated guest's process, shim = the shim's queue "
+    if r.get("appliance_cpus"):
+        where = (f"the appliance ran on CPUs {_cpu_list(r['appliance_cpus'])} (--appliance-cpus, "
+                 f"as an appliance domain's own vCPUs), the guest, the shim and the drainer on "
+                 f"CPUs {_cpu_list(r['other_cpus'])}")
+    else:
+        where = (f"the appliance runs on this machine's {r['cpus']} CPUs beside the guest and the "
+                 "shim (its own domain would have its own vCPUs: --appliance-cpus)")
+    lines.append(f"{where}: the CPU table shows what each part took; guest = the simulated "
+                 "guest's process, shim = the shim's queue "
                  f"threads (polling up to {r['poll_us']} us; on: with the tap's copy into the ring), "
                  "drainer = its Python thread, zmq = libzmq's I/O thread (CurveZMQ, TCP), both in "
                  "the shim's process")

@@ -140,9 +140,13 @@ def bench_datapath(directory, size, seconds, repeat, as_json) -> None:
                    "/dev/shm, its own storage, as an appliance domain's disk would be).")
 @click.option("--spill-dir", type=click.Path(file_okay=False, exists=True),
               help="Where the drainer's spill log goes (default: beside the images).")
+@click.option("--appliance-cpus", metavar="LIST",
+              help="Run the appliance on these CPUs (e.g. 2-3) and the guest, the shim and "
+                   "the drainer on the others, as an appliance domain with vCPUs of its own "
+                   "(default: all share every CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_mirror(directory, size, seconds, repeat, ring, appliance_dir, spill_dir,
-                 as_json) -> None:
+                 appliance_cpus, as_json) -> None:
     """The shim with mirroring off and on; prints on/off ratios and the lag."""
     import json
 
@@ -155,9 +159,16 @@ def bench_mirror(directory, size, seconds, repeat, ring, appliance_dir, spill_di
         raise XentapError("--seconds must be > 0 and --repeat at least 1")
     if ring_bytes < 1 << 20 or ring_bytes & (ring_bytes - 1):
         raise XentapError("--ring must be a power of two, at least 1M")
+    cpus = None
+    if appliance_cpus is not None:
+        try:
+            cpus = bm.parse_cpus(appliance_cpus)
+            bm.split_cpus(cpus)
+        except ValueError as e:
+            raise XentapError(f"--appliance-cpus {e}") from None
     progress = (lambda m: click.echo(f"bench: {m}", err=True))
     result = bm.run(directory, nbytes, seconds, repeat, ring_bytes, progress,
-                    appliance_dir=appliance_dir, spill_dir=spill_dir)
+                    appliance_dir=appliance_dir, spill_dir=spill_dir, appliance_cpus=cpus)
     click.echo(json.dumps(result, indent=2) if as_json else bm.format_table(result))
 
 

@@ -94,10 +94,14 @@ class Progress:
         return result
 
 
-def _serve(endpoint: str, data_dir: str, keys_dir: str, allowed_dir: str, ready) -> None:
-    """The local appliance (embedded default): a receiver keeping replicas."""
+def _serve(endpoint: str, data_dir: str, keys_dir: str, allowed_dir: str, ready,
+           cpus: set[int] | None = None) -> None:
+    """The local appliance (embedded default): a receiver keeping replicas;
+    on `cpus` only when given (before any of its threads starts)."""
     import logging
 
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     from appliance_domu.receiver import Receiver
     logging.basicConfig(level=logging.WARNING, format="appliance: %(message)s")
     rx = Receiver(endpoint, data_dir, curve=keys.CurveServer.from_dir(keys_dir, allowed_dir))
@@ -123,9 +127,11 @@ def _sha256(path: str) -> str:
 class LocalAppliance:
     """Keys for both ends and an appliance process on loopback, CurveZMQ on."""
 
-    def __init__(self, workdir: str, data_dir: str | None = None):
+    def __init__(self, workdir: str, data_dir: str | None = None,
+                 cpus: set[int] | None = None):
         """Keys go in `workdir`; the appliance's journals and replicas in
-        `data_dir` (default `workdir/appliance`)."""
+        `data_dir` (default `workdir/appliance`); its process runs on `cpus`
+        when given (as an appliance domain has vCPUs of its own)."""
         self.keys = os.path.join(workdir, "keys")
         self.allowed = os.path.join(workdir, "appliance-allowed")
         self.data = data_dir or os.path.join(workdir, "appliance")
@@ -139,7 +145,7 @@ class LocalAppliance:
         ctx = mp.get_context("fork")
         ready = ctx.Event()
         self.proc = ctx.Process(target=_serve, args=(self.endpoint, self.data, self.keys,
-                                                     self.allowed, ready), daemon=True)
+                                                     self.allowed, ready, cpus), daemon=True)
         self.proc.start()
         if not ready.wait(30):
             raise RuntimeError("the local appliance did not start")
