@@ -164,13 +164,21 @@ def test_the_appliance_runs_on_its_cpus_and_the_rest_on_the_others(tmp_path, mon
     seen = {}
     real_run = bm._Side.run
 
+    def queue_threads() -> dict:
+        out = {}
+        for t in os.listdir("/proc/self/task"):
+            try:                            # other threads come and go meanwhile
+                with open(f"/proc/self/task/{t}/comm") as f:
+                    if f.read().startswith("xt-d"):
+                        out[t] = os.sched_getaffinity(int(t))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return out
+
     def run(self, job, size, seconds):     # during a run: where each part may go
         seen.setdefault("appliance", os.sched_getaffinity(self.appliance_pid))
         seen.setdefault("guest", os.sched_getaffinity(self.side.proc.pid))
-        seen.setdefault("queue threads", {t: os.sched_getaffinity(int(t))
-                                          for t in os.listdir("/proc/self/task")
-                                          if open(f"/proc/self/task/{t}/comm").read()
-                                          .startswith("xt-d")})
+        seen.setdefault("queue threads", queue_threads())
         return real_run(self, job, size, seconds)
 
     monkeypatch.setattr(bm._Side, "run", run)
