@@ -83,13 +83,6 @@ struct xt_front {
     uint64_t deadline_ns;
 };
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static uint64_t splitmix(uint64_t *s)
 {
     uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
@@ -328,7 +321,7 @@ static bool issue(struct front_queue *q)
     }
     q->free_list = s->next_free;
     s->in_use = true;
-    s->t0 = now_ns();
+    s->t0 = xt_now_ns();
     s->issue_no = ++q->issued_no;
     s->op = op;
 
@@ -424,7 +417,7 @@ static void complete(struct front_queue *q, uint64_t id, int16_t status)
         return;
     }
     struct front_slot *s = &q->slots[id];
-    record_latency(q, now_ns() - s->t0);
+    record_latency(q, xt_now_ns() - s->t0);
     q->res.ios++;
     if (status != BLKIF_RSP_OKAY) {
         q->res.errors++;
@@ -504,15 +497,15 @@ static void *queue_run(void *arg)
     uint64_t drain_deadline = 0;
     /* rate_iops: this queue's share; it may have issued 1 + elapsed * rate by now */
     double ios_per_ns = (double)w->rate_iops / f->cfg.nr_queues / 1e9;
-    uint64_t t_start = now_ns();
+    uint64_t t_start = xt_now_ns();
 
     for (;;) {
         bool issuing = !atomic_load_explicit(&f->stop, memory_order_relaxed) &&
                        (!max_ios || issued < max_ios) &&
-                       (!f->deadline_ns || now_ns() < f->deadline_ns) && q->rc == 0;
+                       (!f->deadline_ns || xt_now_ns() < f->deadline_ns) && q->rc == 0;
         uint64_t allowed = UINT64_MAX;
         if (issuing && w->rate_iops)
-            allowed = 1 + (uint64_t)((double)(now_ns() - t_start) * ios_per_ns);
+            allowed = 1 + (uint64_t)((double)(xt_now_ns() - t_start) * ios_per_ns);
         if (issuing) {
             while (q->in_flight < w->queue_depth && !RING_FULL(&q->ring) &&
                    (!max_ios || issued < max_ios) && issued < allowed && issue(q))
@@ -524,8 +517,8 @@ static void *queue_run(void *arg)
         } else if (q->in_flight == 0) {
             break;
         } else if (!drain_deadline) {
-            drain_deadline = now_ns() + DRAIN_TIMEOUT_NS;
-        } else if (now_ns() > drain_deadline) {
+            drain_deadline = xt_now_ns() + DRAIN_TIMEOUT_NS;
+        } else if (xt_now_ns() > drain_deadline) {
             q->rc = xt_fail(q->err, ETIMEDOUT, "queue %u: the backend did not answer %u requests",
                             q->idx, q->in_flight);
             break;
@@ -595,7 +588,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
         }
     }
     atomic_store(&f->stop, false);
-    uint64_t t0 = now_ns();
+    uint64_t t0 = xt_now_ns();
     f->deadline_ns = w->seconds > 0 ? t0 + (uint64_t)(w->seconds * 1e9) : 0;
     int rc = 0;
     unsigned started = 0;
@@ -628,7 +621,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
     }
     for (unsigned i = 0; i < started; i++)
         pthread_join(f->queues[i].thread, NULL);
-    res->seconds = (double)(now_ns() - t0) / 1e9;
+    res->seconds = (double)(xt_now_ns() - t0) / 1e9;
 
     uint64_t *hist = calloc(LAT_BUCKETS, sizeof(uint64_t));
     uint64_t lat_max = 0, lat_sum = 0;
@@ -691,7 +684,7 @@ static int replay_issue(struct front_queue *q, uint8_t op, uint64_t sector, uint
         return xt_fail(q->err, ENOSPC, "sim domain has no room for request pages");
     q->free_list = s->next_free;
     s->in_use = true;
-    s->t0 = now_ns();
+    s->t0 = xt_now_ns();
     s->issue_no = ++q->issued_no;
     s->op = op;
     s->block = 0;
@@ -761,7 +754,7 @@ int xt_front_replay(xt_front *f, const struct xt_replay_op *ops, uint64_t n,
         return xt_fail(err, ENOMEM, "out of memory");
     }
     uint32_t max_sect = f->max_segs * XT_SECTORS_PER_PAGE;
-    uint64_t t0 = now_ns(), i = 0, last_progress = t0;
+    uint64_t t0 = xt_now_ns(), i = 0, last_progress = t0;
     uint32_t done_sect = 0;     /* of ops[i], already issued */
     bool fence = false;         /* a flush is in flight: issue nothing */
     int rc = 0;
@@ -801,14 +794,14 @@ int xt_front_replay(xt_front *f, const struct xt_replay_op *ops, uint64_t n,
         if (rc < 0 || (i == n && q->in_flight == 0))
             break;
         if (reap(q)) {
-            last_progress = now_ns();
+            last_progress = xt_now_ns();
             continue;
         }
         int more;
         RING_FINAL_CHECK_FOR_RESPONSES(&q->ring, more);
         if (more)
             continue;
-        if (now_ns() - last_progress > DRAIN_TIMEOUT_NS) {
+        if (xt_now_ns() - last_progress > DRAIN_TIMEOUT_NS) {
             rc = xt_fail(q->err, ETIMEDOUT, "replay: the backend did not answer %u requests",
                          q->in_flight);
             break;
@@ -818,7 +811,7 @@ int xt_front_replay(xt_front *f, const struct xt_replay_op *ops, uint64_t n,
             xt_fifo_drain(q->rx_fd);
     }
     *res = q->res;
-    res->seconds = (double)(now_ns() - t0) / 1e9;
+    res->seconds = (double)(xt_now_ns() - t0) / 1e9;
     if (res->ios) {
         res->lat_us_p50 = (double)percentile(q->lat, res->ios, 0.50);
         res->lat_us_p99 = (double)percentile(q->lat, res->ios, 0.99);
