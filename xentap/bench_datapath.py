@@ -269,6 +269,15 @@ def same_file(a: str, b: str) -> bool:
                 return True
 
 
+def open_direct(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open with O_DIRECT where the file system takes it (tmpfs does not:
+    then without)."""
+    try:
+        return os.open(path, flags | os.O_DIRECT, mode)
+    except OSError:
+        return os.open(path, flags, mode)
+
+
 def prepare_images(paths: list[str], size: int) -> None:
     """Fully written (not sparse) images, so that no side pays for allocation,
     written side by side: a MiB of each in turn, with O_DIRECT where the file
@@ -286,11 +295,8 @@ def prepare_images(paths: list[str], size: int) -> None:
     chunk.write(os.urandom(MiB))
     fds = []
     try:
-        for p in paths:
-            try:
-                fds.append(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600))
-            except OSError:             # tmpfs and others: no O_DIRECT, nor a layout to share
-                fds.append(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        for p in paths:                 # (tmpfs: no O_DIRECT, nor a layout to share)
+            fds.append(open_direct(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
         for i in range(size // MiB):
             for fd in fds:
                 if os.pwritev(fd, [chunk], i * MiB) != MiB:

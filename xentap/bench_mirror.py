@@ -312,10 +312,7 @@ def transport_alone(appliance: LocalAppliance, seconds: float = 1.0,
 def warm_image(path: str, size: int) -> None:
     """One sequential O_DIRECT read of the whole image (see bench_datapath.warm_image)."""
     buf = mmap.mmap(-1, 4 * MiB)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError:     # tmpfs takes no O_DIRECT
-        fd = os.open(path, os.O_RDONLY)
+    fd = bd.open_direct(path, os.O_RDONLY)
     try:
         off = 0
         while off < size:
