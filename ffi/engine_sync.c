@@ -32,19 +32,38 @@ void xt_io_do(int fd, struct xt_io *io)
         break;
     }
     while (io->done < io->len) {
-        uint8_t *buf = (uint8_t *)io->buf + io->done;
-        size_t len = io->len - io->done;
         off_t off = (off_t)(io->offset + io->done);
-        ssize_t r = io->op == XT_IO_READ ? pread(fd, buf, len, off)
-                                         : pwrite(fd, buf, len, off);
+        ssize_t r;
+        if (io->iov) {
+            r = io->op == XT_IO_READ ? preadv(fd, io->iov, (int)io->iovcnt, off)
+                                     : pwritev(fd, io->iov, (int)io->iovcnt, off);
+        } else {
+            uint8_t *buf = (uint8_t *)io->buf + io->done;
+            size_t len = io->len - io->done;
+            r = io->op == XT_IO_READ ? pread(fd, buf, len, off) : pwrite(fd, buf, len, off);
+        }
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0) {
             io->res = r < 0 ? -errno : -EIO;
             return;
         }
-        io->done += (size_t)r;
+        xt_io_advance(io, (size_t)r);
     }
+}
+
+void xt_io_advance(struct xt_io *io, size_t n)
+{
+    io->done += n;
+    if (!io->iov || io->done >= io->len)
+        return;
+    while (io->iovcnt && n >= io->iov->iov_len) {
+        n -= io->iov->iov_len;
+        io->iov++;
+        io->iovcnt--;
+    }
+    io->iov->iov_base = (uint8_t *)io->iov->iov_base + n;
+    io->iov->iov_len -= n;
 }
 
 struct sync_priv {

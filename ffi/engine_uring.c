@@ -52,12 +52,19 @@ static void prep_io(struct uring_priv *p, struct xt_io *io)
     /* The ring has an entry for every request slot: never NULL here. */
     uint8_t *buf = (uint8_t *)io->buf + io->done;
     unsigned len = (unsigned)(io->len - io->done);
+    uint64_t off = io->offset + io->done;
     switch (io->op) {
     case XT_IO_READ:
-        io_uring_prep_read(sqe, p->fd, buf, len, io->offset + io->done);
+        if (io->iov)
+            io_uring_prep_readv(sqe, p->fd, io->iov, io->iovcnt, off);
+        else
+            io_uring_prep_read(sqe, p->fd, buf, len, off);
         break;
     case XT_IO_WRITE:
-        io_uring_prep_write(sqe, p->fd, buf, len, io->offset + io->done);
+        if (io->iov)
+            io_uring_prep_writev(sqe, p->fd, io->iov, io->iovcnt, off);
+        else
+            io_uring_prep_write(sqe, p->fd, buf, len, off);
         break;
     case XT_IO_FSYNC:
         io_uring_prep_fsync(sqe, p->fd, IORING_FSYNC_DATASYNC);
@@ -171,7 +178,7 @@ static int uring_wait(struct xt_engine *e, struct xt_io **done, unsigned max,
             if (res == 0) {
                 io->res = -EIO;     /* past the end of the image */
             } else {
-                io->done += (size_t)res;    /* short transfer: go on */
+                xt_io_advance(io, (size_t)res);     /* short transfer: go on */
                 prep_io(p, io);
                 continue;
             }

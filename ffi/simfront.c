@@ -182,6 +182,7 @@ int xt_front_open(const struct xt_front_config *cfg, xt_front **out,
     p->protocol = cfg->protocol;
     p->nr_queues = cfg->nr_queues;
     p->ring_order = cfg->ring_order;
+    p->persistent = 1;      /* slot_prepare grants each page once, for good */
     f->queues = calloc(cfg->nr_queues, sizeof(*f->queues));
     if (!f->queues) {
         xt_front_close(f);

@@ -234,6 +234,7 @@ void xt_vbd_info(const xt_vbd *v, struct xt_vbd_info *out)
     out->max_ring_order = XT_MAX_RING_ORDER;
     out->max_queues = XT_MAX_QUEUES;
     out->direct = v->direct;
+    out->feature_persistent = 1;
 }
 
 const char *xt_vbd_engine_name(const xt_vbd *v)
@@ -266,6 +267,11 @@ static void queue_teardown(xt_vbd *v, struct xt_queue *q)
         v->t->ops->unbind(v->t, &q->ev);
     if (q->ring_addr)
         v->t->ops->unmap(v->t, q->ring_addr, q->nr_ring_pages);
+    for (unsigned i = 0; q->pgrants && i < q->pgrant_slots; i++)
+        if (q->pgrants[i].page)
+            v->t->ops->unmap(v->t, q->pgrants[i].page, 1);
+    free(q->pgrants);
+    free(q->iov_store);
     if (q->stop_fd > 0)
         close(q->stop_fd);
     for (unsigned i = 0; q->reqs && i < q->nr_reqs; i++)
@@ -275,6 +281,7 @@ static void queue_teardown(xt_vbd *v, struct xt_queue *q)
     free(q->seg_store);
     atomic_store(&q->c.in_flight, 0);
     atomic_store(&q->c.buffer_bytes, 0);
+    atomic_store(&q->c.grants_mapped, 0);
     add_counters(&v->closed, &q->c);
 }
 
@@ -314,10 +321,20 @@ static int queue_setup(xt_vbd *v, struct xt_queue *q, const struct xt_ring_param
     q->seg_store = calloc((size_t)q->nr_reqs * max_segs, sizeof(struct xt_seg));
     if (!q->reqs || !q->seg_store || !q->rsp)
         return xt_fail(err, ENOMEM, "out of memory for %u request slots", q->nr_reqs);
+    if (v->persistent) {
+        q->pgrant_slots = 1;
+        while (q->pgrant_slots < 2 * XT_MAX_PERSISTENT_GRANTS)
+            q->pgrant_slots *= 2;
+        q->pgrants = calloc(q->pgrant_slots, sizeof(*q->pgrants));
+        q->iov_store = calloc((size_t)q->nr_reqs * max_segs, sizeof(struct iovec));
+        if (!q->pgrants || !q->iov_store)
+            return xt_fail(err, ENOMEM, "out of memory for persistent grants");
+    }
     for (unsigned i = q->nr_reqs; i-- > 0;) {
         struct xt_req *r = &q->reqs[i];
         r->q = q;
         r->segs = &q->seg_store[(size_t)i * max_segs];
+        r->iov = q->iov_store ? &q->iov_store[(size_t)i * max_segs] : NULL;
         r->next_free = q->free_list;
         q->free_list = r;
     }
@@ -357,6 +374,7 @@ int xt_vbd_connect(xt_vbd *v, xt_transport *t, const struct xt_ring_params *p, c
     v->t = t;
     v->domid = p->domid;
     v->protocol = p->protocol;
+    v->persistent = p->persistent != 0;
     v->queues = calloc(p->nr_queues, sizeof(*v->queues));
     if (!v->queues) {
         pthread_mutex_unlock(&v->lock);
@@ -445,6 +463,7 @@ void xt_vbd_stats(const xt_vbd *cv, struct xt_stats *out)
     out->ns_to_engine = sum.ns_to_engine;
     out->ns_at_engine = sum.ns_at_engine;
     out->ns_to_answer = sum.ns_to_answer;
+    out->grants_mapped = sum.grants_mapped;
 }
 
 /* ---- the tap ---- */

@@ -26,6 +26,7 @@ enum {
     XT_MAX_INDIRECT_SEGMENTS = 256, /* feature-max-indirect-segments */
     XT_SECTOR_SIZE = 512,       /* blkif sector numbers are always 512 B */
     XT_DEFAULT_POLL_US = 200,   /* a queue thread's polling window, at most (xt_vbd_config.poll_us) */
+    XT_MAX_PERSISTENT_GRANTS = 1056,    /* guest pages kept mapped per queue (Linux blkback's default) */
 };
 
 /* I/O engines. */
@@ -98,6 +99,7 @@ struct xt_vbd_info {
     uint32_t max_ring_order;
     uint32_t max_queues;
     uint32_t direct;            /* 1: I/O bypasses the page cache (O_DIRECT) */
+    uint32_t feature_persistent;    /* persistent grants: a frontend's pages stay mapped */
 };
 
 /* What the frontend published: ring pages and event channel per queue. */
@@ -108,6 +110,8 @@ struct xt_ring_params {
     uint32_t ring_order;        /* 0 .. XT_MAX_RING_ORDER */
     uint32_t ring_ref[128];     /* [queue * XT_MAX_RING_PAGES + page] */
     uint32_t evtchn[8];         /* [queue], the frontend's unbound port */
+    uint32_t persistent;        /* the frontend's feature-persistent: it grants its data
+                                   pages once and keeps them granted until it disconnects */
 };
 
 struct xt_stats {
@@ -132,6 +136,7 @@ struct xt_stats {
      * in the ring for the guest (a read's grant copy, the tap, answers
      * published in ring order). */
     uint64_t timed, ns_to_engine, ns_at_engine, ns_to_answer;
+    uint64_t grants_mapped;     /* the guest's pages kept mapped (persistent grants) */
 };
 
 int xt_vbd_open(const struct xt_vbd_config *cfg, xt_vbd **out, char *err);

@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 #include <time.h>
 
 /* Xen's public headers leave the memory barriers of ring.h to the user
@@ -162,6 +163,8 @@ struct xt_io {
     uint64_t offset;
     void *buf;
     size_t len;
+    struct iovec *iov;      /* not NULL: the data is here instead of at buf */
+    unsigned iovcnt;
     size_t done;            /* engine-private: bytes done so far */
     int res;                /* out: 0 or -errno */
     struct xt_io *next;     /* engine-private list link */
@@ -197,6 +200,8 @@ extern const struct xt_engine_ops xt_engine_threads;
 extern const struct xt_engine_ops xt_engine_sync;
 /* Runs one I/O to its end with plain syscalls (the thread and sync engines). */
 void xt_io_do(int fd, struct xt_io *io);
+/* After a short transfer of n bytes: done grows, and iov skips what was done. */
+void xt_io_advance(struct xt_io *io, size_t n);
 /* 1 if this kernel lets us set up an io_uring. */
 bool xt_uring_available(void);
 
@@ -220,6 +225,7 @@ struct xt_req {
     uint64_t discard_sectors;
     struct xt_seg *segs;        /* XT_MAX_INDIRECT_SEGMENTS entries */
     uint8_t *buf;               /* bounce buffer, page aligned */
+    struct iovec *iov;          /* a direct read's segments in the guest's pages (persistent grants) */
     size_t buf_cap, len;
     struct xt_io io;
     struct xt_req *next_free;
@@ -233,6 +239,7 @@ struct xt_counters {
     atomic_uint_fast64_t in_flight, buffer_bytes, ring_stopped;
     /* where a read's or write's time went (xt_stats has the meaning) */
     atomic_uint_fast64_t timed, ns_to_engine, ns_at_engine, ns_to_answer;
+    atomic_uint_fast64_t grants_mapped;
 };
 
 /* An answer held until every request taken before it is answered too. */
@@ -298,6 +305,18 @@ struct xt_queue {
     struct xt_copy copies[XT_MAX_INDIRECT_SEGMENTS];
     struct xt_counters c;
     uint64_t t_seen;            /* when the last batch of completions was seen */
+    /* Persistent grants: gref -> the guest page mapped for it, open
+     * addressing over pgrant_slots (a power of two); NULL when the frontend
+     * did not ask for them or direct reads failed. */
+    struct xt_pgrant *pgrants;
+    unsigned pgrant_slots, nr_pgrants;
+    bool direct_reads_failed;
+    struct iovec *iov_store;
+};
+
+struct xt_pgrant {
+    uint32_t gref;
+    uint8_t *page;              /* NULL: a free slot */
 };
 
 struct xt_vbd {
@@ -317,6 +336,7 @@ struct xt_vbd {
     xt_transport *t;
     uint16_t domid;
     uint32_t protocol;
+    bool persistent;            /* negotiated: the frontend asked for persistent grants */
     unsigned nr_queues;
     struct xt_queue *queues;
     atomic_uint state;

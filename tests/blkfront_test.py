@@ -147,6 +147,7 @@ class TestBlkfront:
                     keys[prefix + K.fe_ring_ref(i)] = ref
             keys[prefix + K.FE_EVENT_CHANNEL] = p.evtchns[q]
         keys[K.FE_PROTOCOL] = K.PROTOCOL_X86_64
+        keys[K.FE_FEATURE_PERSISTENT] = int(p.persistent)
         keys.update(extra or {})
         self.write_keys(keys, state)
 

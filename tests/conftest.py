@@ -60,15 +60,16 @@ class XentapEnv:
 
     # -- the daemon --
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, serve=None) -> None:
         import threading
 
         from xentap.daemon import Daemon
-        from xentap.xenbus import sim_transports
+        from xentap.xenbus import ServeOptions, sim_transports
 
         ready = threading.Event()
         self.daemon = Daemon(sim_transports(self.sim_dir), transport_name="sim",
-                             xenstore_socket=self.socket, status_interval=0.2)
+                             xenstore_socket=self.socket, status_interval=0.2,
+                             serve=serve or ServeOptions())
         self._errors: list[BaseException] = []
 
         def body() -> None:

@@ -12,6 +12,8 @@ spin; and none of it may slow or disturb another guest's VBD.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import mmap
 import os
 import random
@@ -191,7 +193,7 @@ class HostileGuest:
 
     def __init__(self, tmp_path: Path, image: Path, *, domid: int = 5, protocol: int = B.NATIVE,
                  order: int = 0, readonly: bool = False, indirect: int = 256,
-                 engine: str = "threads"):
+                 engine: str = "threads", persistent: bool = False):
         self.dom = SimDomain(tmp_path / f"raw{domid}", domid=domid, nr_pages=1024)
         self.raw = RawDomain(self.dom)
         self.ring = RawRing(self.raw, protocol, order)
@@ -201,7 +203,8 @@ class HostileGuest:
             self.raw.grant(self.data + i)
         self.vbd = Vbd(image, engine=engine, readonly=readonly, max_indirect_segments=indirect)
         self.transport = Transport.sim(self.dom.path)
-        self.vbd.connect(self.transport, self.ring.params(domid))
+        self.vbd.connect(self.transport,
+                         dataclasses.replace(self.ring.params(domid), persistent=persistent))
         self.ids = iter(range(1, 1 << 30))
 
     def gref(self, i: int) -> int:
@@ -446,10 +449,11 @@ ERROR_CASES = [f for name, f in sorted(globals().items()) if name.startswith("ca
 SLOT_ONLY_CASES = [f for f in ERROR_CASES if not getattr(f, "writes_guest_memory", False)]
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["copy", "persistent"])
 @pytest.mark.parametrize("proto", PROTOS)
 @pytest.mark.parametrize("case", ERROR_CASES, ids=lambda f: f.__name__[5:])
-def test_malformed_request_gets_an_error_and_the_ring_keeps_serving(hostile, proto, case):
-    g = hostile(protocol=PROTOS[proto])
+def test_malformed_request_gets_an_error_and_the_ring_keeps_serving(hostile, proto, case, persistent):
+    g = hostile(protocol=PROTOS[proto], persistent=persistent)
     g.write_read_back(sector=8)
     before = g.vbd.stats()
     id_ = g.next_id()
@@ -502,6 +506,26 @@ def test_a_burst_of_malformed_requests_fills_the_ring_and_all_are_answered(hosti
         got = {rid: (op, st) for rid, op, st, _ in g.ring.responses(g.ring.size)}
         assert got == {id_: (op, B.RSP_ERROR) for id_, op in ids}
     g.write_read_back()
+
+
+def test_persistent_grants_map_only_what_the_guest_may_give(hostile):
+    """With persistent grants a read goes into the guest's page, mapped once;
+    a grant the guest may not give for a read (read-only, another domain's,
+    past its table) is never mapped, and that read is refused."""
+    g = hostile(persistent=True)
+    g.write_read_back(sector=64)            # reads into frames 32..34: mapped
+    assert g.vbd.stats()["grants_mapped"] == 3
+    g.write_read_back(sector=256)           # the same pages again: nothing new
+    assert g.vbd.stats()["grants_mapped"] == 3
+    g.raw.grant(g.gref(5), readonly=True)
+    g.raw.set_entry(g.gref(6), GTF_PERMIT_ACCESS, 9, g.gref(6))
+    for segs in ([seg(g, 5)], [seg(g, 6)], [B.segment(1 << 20)], [seg(g, 40), seg(g, 5)]):
+        id_ = g.next_id()
+        assert g.one(B.rw(B.NATIVE, B.OP_READ, id_, 0, segs))[:3] == (id_, B.OP_READ, B.RSP_ERROR)
+    st = g.vbd.stats()
+    assert st["grants_mapped"] == 4         # frame 40, before frame 5 was refused
+    assert st["err_grant"] == 4 and st["ring_stopped"] == 0
+    g.write_read_back(sector=128)
 
 
 def test_write_from_a_read_only_grant_is_fine(hostile):

@@ -44,6 +44,7 @@ GARBAGE = {
     "too many queues": ({K.FE_MULTI_QUEUE_NUM_QUEUES: 9}, "multi-queue-num-queues 9 out of range"),
     "zero queues": ({K.FE_MULTI_QUEUE_NUM_QUEUES: 0}, "out of range"),
     "queue keys missing": ({"_queues": 1, K.FE_MULTI_QUEUE_NUM_QUEUES: 2}, "missing queue-0/ring-ref"),
+    "feature-persistent not 0 or 1": ({K.FE_FEATURE_PERSISTENT: 2}, "feature-persistent 2 out of range"),
 }
 
 
@@ -117,6 +118,14 @@ def _reader(values):
 def test_parse_ring_params_native_single_page():
     p = parse_ring_params(_reader({"ring-ref": "8", "event-channel": "3"}), 7)
     assert (p.domid, p.nr_queues, p.ring_order, p.ring_refs, p.evtchns) == (7, 1, 0, [[8]], [3])
+    assert p.persistent is False
+
+
+@pytest.mark.parametrize("value,persistent", [("1", True), ("0", False)])
+def test_parse_ring_params_feature_persistent(value, persistent):
+    p = parse_ring_params(_reader({"ring-ref": "8", "event-channel": "3",
+                                   "feature-persistent": value}), 7)
+    assert p.persistent is persistent
 
 
 def test_parse_ring_params_multi_queue_multi_page():
@@ -135,6 +144,8 @@ def test_parse_ring_params_multi_queue_multi_page():
     ({"ring-ref": " 1", "event-channel": "1"}, "not a number"),
     ({"ring-ref": "\u00b2", "event-channel": "1"}, "not a number"),
     ({"ring-ref": "1"}, "missing event-channel"),
+    ({"ring-ref": "1", "event-channel": "1", "feature-persistent": "yes"},
+     "feature-persistent 'yes' is not a number"),
 ])
 def test_parse_ring_params_refuses(values, words):
     with pytest.raises(FrontendError, match=words):

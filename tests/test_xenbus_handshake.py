@@ -2,10 +2,13 @@
 what Linux's xen-blkfront does, over the xenstore stand-in and sim rings."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from xentap import shim
 from xentap import xs_keys as K
+from xentap.xenbus import ServeOptions
 from xentap.xs_keys import XenbusState
 
 GUEST = 5
@@ -15,7 +18,8 @@ def be_read(env, domid, devid, key):
     return env.xs.read(f"{K.backend_path(domid, devid)}/{key}")
 
 
-def test_handshake_advertises_features_and_serves_verified_io(xentap_env):
+def test_handshake_advertises_features_and_serves_verified_io(xentap_env, caplog):
+    caplog.set_level(logging.INFO, logger="xentap")
     env = xentap_env
     env.guest(GUEST)
     img = env.image(size=16 << 20)
@@ -28,7 +32,7 @@ def test_handshake_advertises_features_and_serves_verified_io(xentap_env):
     assert f.features[K.BE_FEATURE_MAX_INDIRECT_SEGMENTS] == shim.MAX_INDIRECT_SEGMENTS
     assert f.features[K.BE_MAX_RING_PAGE_ORDER] == shim.MAX_RING_ORDER
     assert f.features[K.BE_MULTI_QUEUE_MAX_QUEUES] == shim.MAX_QUEUES
-    # Advertised exactly when the shim says the feature works; never persistent grants.
+    # Advertised exactly when the shim says the feature works.
     assert f.features[K.BE_FEATURE_BARRIER] == info["feature_barrier"]
     assert f.features[K.BE_FEATURE_DISCARD] == info["feature_discard"]
     if info["feature_discard"]:
@@ -36,7 +40,7 @@ def test_handshake_advertises_features_and_serves_verified_io(xentap_env):
             info["discard_granularity"])
     else:
         assert be_read(env, GUEST, devid, K.BE_FEATURE_DISCARD) is None
-    assert be_read(env, GUEST, devid, K.BE_FEATURE_PERSISTENT) is None
+    assert be_read(env, GUEST, devid, K.BE_FEATURE_PERSISTENT) == "1" == str(info["feature_persistent"])
     assert be_read(env, GUEST, devid, K.BE_SECTOR_SIZE) == str(info["sector_size"])
     assert be_read(env, GUEST, devid, K.BE_PHYSICAL_SECTOR_SIZE) == str(
         info["physical_sector_size"])
@@ -45,6 +49,24 @@ def test_handshake_advertises_features_and_serves_verified_io(xentap_env):
     res = f.run(block_size=4096, queue_depth=16, read_pct=50, max_ios=2000, verify=True)
     assert res["errors"] == 0 and res["verify_failures"] == 0
     assert res["ios"] == 2000
+    assert "xvda: connected (1 queue x 1 ring page, persistent grants)" in caplog.text
+
+
+def test_persistent_grants_are_offered_only_if_the_daemon_is_told_to(xentap_env, caplog):
+    """`xentap daemon --no-persistent-grants`: not advertised, and a frontend
+    that asks for them anyway is served by copy."""
+    caplog.set_level(logging.INFO, logger="xentap")
+    env = xentap_env
+    env.stop_daemon()
+    env.start_daemon(ServeOptions(persistent=False))
+    env.guest(GUEST)
+    devid = env.attach(GUEST, env.image(), "xvda")
+    f = env.front(GUEST, "xvda")
+    assert f.front.params.persistent     # the test blkfront writes feature-persistent=1
+    assert be_read(env, GUEST, devid, K.BE_FEATURE_PERSISTENT) is None
+    res = f.run(block_size=4096, queue_depth=16, read_pct=50, max_ios=2000, verify=True)
+    assert res["errors"] == 0 and res["verify_failures"] == 0
+    assert "xvda: connected (1 queue x 1 ring page)" in caplog.text
 
 
 @pytest.mark.parametrize("queues,order", [(4, 2), (1, 4), (2, 0)])

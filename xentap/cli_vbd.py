@@ -94,6 +94,10 @@ def _domid(xs: Xs, domain: str) -> int:
               show_default=True, metavar="US",
               help="Queue threads poll their rings and completions this long at most before "
                    "sleeping (adaptive; 0: never poll, least CPU, more latency).")
+@click.option("--persistent-grants/--no-persistent-grants", default=True, show_default=True,
+              help="Offer persistent grants: reads go straight into the guest's pages, mapped "
+                   "once; Linux blkfront then allocates a page per grant of every ring slot "
+                   "up front (with 16-page rings and 256 segments, 0.5 GiB per queue).")
 @click.option("--keys-dir", default=P.DEFAULT_KEYS_DIR, show_default=True, metavar="DIR",
               help="dom0's CurveZMQ key pair (dom0.key_secret, from `xentap keys`) and the "
                    "appliance public key (appliance.key) used for endpoints given without one.")
@@ -111,7 +115,7 @@ def _domid(xs: Xs, domain: str) -> int:
 @_xs_option
 @_one_line_errors
 def daemon(transport: str, sim_dir: str | None, engine: str, direct: str, poll_us: int,
-           keys_dir: str, state_dir: str,
+           persistent_grants: bool, keys_dir: str, state_dir: str,
            mirror_ring: str, spill_limit: str, drain_timeout: float, verbose: bool,
            xenstore_socket: str | None) -> None:
     """Serve every xentap VBD in xenstore until SIGTERM."""
@@ -139,7 +143,7 @@ def daemon(transport: str, sim_dir: str | None, engine: str, direct: str, poll_u
                         format=("%(asctime)s.%(msecs)03d " if stamp else "") + "xentap: %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
     d = Daemon(factory, transport_name=transport, xenstore_socket=xenstore_socket,
-               serve=ServeOptions(engine=engine, poll_us=poll_us,
+               serve=ServeOptions(engine=engine, poll_us=poll_us, persistent=persistent_grants,
                                   direct={"auto": "auto", "on": True, "off": False}[direct]),
                keys_dir=os.path.abspath(keys_dir),
                state_dir=os.path.abspath(state_dir), mirror_ring=ring, spill_limit=limit,

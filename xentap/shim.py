@@ -39,6 +39,7 @@ MAX_QUEUES = lib.XT_MAX_QUEUES
 MAX_RING_ORDER = lib.XT_MAX_RING_ORDER
 MAX_RING_PAGES = lib.XT_MAX_RING_PAGES
 MAX_INDIRECT_SEGMENTS = lib.XT_MAX_INDIRECT_SEGMENTS
+MAX_PERSISTENT_GRANTS = lib.XT_MAX_PERSISTENT_GRANTS
 SECTOR_SIZE = lib.XT_SECTOR_SIZE
 DEFAULT_POLL_US = lib.XT_DEFAULT_POLL_US
 DIRECT_MODES = {False: lib.XT_DIRECT_OFF, True: lib.XT_DIRECT_ON, "auto": lib.XT_DIRECT_AUTO}
@@ -187,11 +188,13 @@ class RingParams:
     ring_refs: list[list[int]]      # [queue][page]
     evtchns: list[int]              # [queue]
     protocol: int = lib.XT_PROTO_NATIVE
+    persistent: bool = False        # feature-persistent: its data pages stay granted
 
     def to_c(self):
         p = ffi.new("struct xt_ring_params *")
         p.domid = self.domid
         p.protocol = self.protocol
+        p.persistent = int(self.persistent)
         p.nr_queues = self.nr_queues
         p.ring_order = self.ring_order
         if len(self.ring_refs) > MAX_QUEUES or len(self.evtchns) > MAX_QUEUES:
@@ -212,13 +215,14 @@ class RingParams:
                    ring_refs=[[p.ring_ref[q * MAX_RING_PAGES + i] for i in range(pages)]
                               for q in range(p.nr_queues)],
                    evtchns=[p.evtchn[q] for q in range(p.nr_queues)],
-                   protocol=p.protocol)
+                   protocol=p.protocol, persistent=bool(p.persistent))
 
 
 _STAT_FIELDS = ("nr_queues", "sectors", "reqs_read", "reqs_write", "reqs_flush",
                 "reqs_barrier", "reqs_discard", "reqs_indirect", "bytes_read", "bytes_written", "err_bad_request",
                 "err_unsupported", "err_grant", "err_io", "in_flight", "buffer_bytes",
-                "ring_stopped", "timed", "ns_to_engine", "ns_at_engine", "ns_to_answer")
+                "ring_stopped", "timed", "ns_to_engine", "ns_at_engine", "ns_to_answer",
+                "grants_mapped")
 
 
 class Vbd:
@@ -276,7 +280,7 @@ class Vbd:
             "sectors", "sector_size", "physical_sector_size", "readonly", "is_blockdev",
             "feature_flush", "feature_barrier", "feature_discard", "discard_granularity",
             "discard_alignment", "discard_secure", "max_indirect_segments", "max_ring_order", "direct",
-            "max_queues")}
+            "max_queues", "feature_persistent")}
 
     def connect(self, transport: Transport, params: RingParams) -> None:
         """Maps the rings, binds the event channels and starts serving."""

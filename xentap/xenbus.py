@@ -26,6 +26,7 @@ puts that VBD (only) in Closed with an ``error`` node.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import logging
 import os
@@ -351,7 +352,8 @@ def parse_ring_params(read: Callable[[str], str | None], domid: int,
     ABIs in shim.PROTOCOLS are served),
     multi-queue-num-queues (absent = 1; queues' keys under queue-<q>/ when
     over 1), ring-page-order (absent = one ``ring-ref``, else
-    ``ring-ref0..2^order-1``), event-channel.  Raises FrontendError.
+    ``ring-ref0..2^order-1``), event-channel, feature-persistent (absent =
+    0).  Raises FrontendError.
     """
     protocol = read(K.FE_PROTOCOL)
     served = shim.PROTOCOLS
@@ -385,8 +387,11 @@ def parse_ring_params(read: Callable[[str], str | None], domid: int,
             seen.add(ref)
     if len(set(evtchns)) != len(evtchns):
         raise FrontendError(errno.EINVAL, "two queues share one event channel")
+    persistent_raw = read(K.FE_FEATURE_PERSISTENT)
+    persistent = persistent_raw is not None and _uint(persistent_raw, K.FE_FEATURE_PERSISTENT, 0, 1) == 1
     return shim.RingParams(domid=domid, nr_queues=nr_queues, ring_order=order or 0,
-                           ring_refs=ring_refs, evtchns=evtchns, protocol=served[protocol])
+                           ring_refs=ring_refs, evtchns=evtchns, protocol=served[protocol],
+                           persistent=persistent)
 
 
 # --- how images are served ------------------------------------------------------------
@@ -394,17 +399,21 @@ def parse_ring_params(read: Callable[[str], str | None], domid: int,
 @dataclass(frozen=True)
 class ServeOptions:
     """How the daemon serves every image: the shim's I/O engine, direct I/O
-    ("auto": O_DIRECT where the image takes it, the page cache elsewhere) and
-    the queue threads' polling window (see shim.Vbd)."""
+    ("auto": O_DIRECT where the image takes it, the page cache elsewhere),
+    the queue threads' polling window (see shim.Vbd) and whether persistent
+    grants are offered (a frontend that takes them may allocate a page per
+    grant of every ring slot up front, as Linux blkfront does)."""
     engine: str = "auto"
     direct: bool | str = "auto"
     poll_us: int = shim.DEFAULT_POLL_US
+    persistent: bool = True
 
 
 # --- what the backend advertises -------------------------------------------------------
 
-def feature_keys(vbd: shim.Vbd) -> dict[str, int]:
-    """The backend keys blkfront reads, from what the shim reports."""
+def feature_keys(vbd: shim.Vbd, persistent: bool = True) -> dict[str, int]:
+    """The backend keys blkfront reads, from what the shim reports
+    (persistent grants only if `persistent` too)."""
     i = vbd.info()
     keys = {
         K.BE_SECTORS: i["sectors"],
@@ -425,6 +434,8 @@ def feature_keys(vbd: shim.Vbd) -> dict[str, int]:
         keys[K.BE_DISCARD_SECURE] = int(bool(i["discard_secure"]))
     if i.get("max_indirect_segments"):
         keys[K.BE_FEATURE_MAX_INDIRECT_SEGMENTS] = i["max_indirect_segments"]
+    if i.get("feature_persistent") and persistent:
+        keys[K.BE_FEATURE_PERSISTENT] = 1
     return keys
 
 
@@ -616,7 +627,7 @@ class BackendDevice:
         written as 0.
         """
         assert self.vbd is not None
-        keys = feature_keys(self.vbd)
+        keys = feature_keys(self.vbd, self.serve.persistent)
         absent = [k for k in K.BE_FEATURE_KEYS if k not in keys] + [K.BE_ERROR]
 
         def tx(t: Xs) -> None:
@@ -638,6 +649,10 @@ class BackendDevice:
         except FrontendError as e:
             self._fail(be, e.errnum, f"frontend {self.fe}: {e.reason}")
             return
+        # Both ends must want them; a frontend's key alone is not enough.
+        params = dataclasses.replace(
+            params, persistent=params.persistent and K.BE_FEATURE_PERSISTENT in feature_keys(
+                self.vbd, self.serve.persistent))
         try:
             self.transport = self.transports(self.domid)
             self.vbd.connect(self.transport, params)
@@ -650,8 +665,9 @@ class BackendDevice:
         self.xs.rm(f"{self.be}/{K.BE_ERROR}")
         self._set_state(XenbusState.CONNECTED)
         pages = 1 << params.ring_order
-        log.info("%s: connected (%d queue%s x %d ring page%s)", self.name, params.nr_queues,
-                 "s" * (params.nr_queues > 1), pages, "s" * (pages > 1))
+        log.info("%s: connected (%d queue%s x %d ring page%s%s)", self.name, params.nr_queues,
+                 "s" * (params.nr_queues > 1), pages, "s" * (pages > 1),
+                 ", persistent grants" if params.persistent else "")
 
     def _fail(self, be: BackendNode, errnum: int, reason: str) -> None:
         """xenbus_dev_fatal: an ``error`` node, one log line, then Closed."""

@@ -186,7 +186,8 @@ BE_FEATURE_DISCARD = "feature-discard"
 BE_DISCARD_GRANULARITY = "discard-granularity"
 BE_DISCARD_ALIGNMENT = "discard-alignment"
 BE_DISCARD_SECURE = "discard-secure"
-#: "1": persistent grants.  Not advertised yet.
+#: "1": persistent grants: a frontend that asks for them too keeps its data
+#: pages granted until it disconnects, and the shim keeps them mapped.
 BE_FEATURE_PERSISTENT = "feature-persistent"
 #: Most segments of one BLKIF_OP_INDIRECT request.
 BE_FEATURE_MAX_INDIRECT_SEGMENTS = "feature-max-indirect-segments"
@@ -234,7 +235,7 @@ FE_EVENT_CHANNEL = "event-channel"
 FE_PROTOCOL = "protocol"
 #: Number of queues; when over 1, each queue's keys are under queue-<q>/.
 FE_MULTI_QUEUE_NUM_QUEUES = "multi-queue-num-queues"
-#: The frontend asks for persistent grants (ignored: not advertised).
+#: "1": the frontend asks for persistent grants (with the backend's key).
 FE_FEATURE_PERSISTENT = "feature-persistent"
 
 #: ``protocol`` values.

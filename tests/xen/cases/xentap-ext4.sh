@@ -1,6 +1,8 @@
 # xentap-ext4: a PV guest whose xvda is served by xentap's shim over the real
-# `xen` transport (ring grant-mapped through /dev/xen/gntdev, data moved by
-# grant copy, event channels through /dev/xen/evtchn), with `xentap daemon`
+# `xen` transport (ring grant-mapped through /dev/xen/gntdev; reads into the
+# guest's pages, mapped once with persistent grants, which blkfront asks for
+# by default; writes by grant copy; event channels through /dev/xen/evtchn),
+# with `xentap daemon`
 # doing the xenbus handshake.  The guest boots with `xentap create` on
 # xl_scripts/guest-xentap.cfg (xl create -p without the xentap disk, xentap
 # attach of a raw image in dom0's tmpfs as xvda, wait for the daemon to
@@ -28,6 +30,7 @@
 #   XT_XENTAP_GUEST_EXTRA  more guest kernel arguments (xen_blkfront.* options)
 #   XT_XENTAP_GUEST_VCPUS  the guest's vcpus (blkfront makes at most one queue per cpu)
 #   XT_XENTAP_EXPECT_FE    "key=value ..." the frontend node must hold once connected
+#                          (default: feature-persistent=1, blkfront's default)
 #   XT_XENTAP_EXPECT_GUEST "key=value ..." the guest's XT-BLKINFO line must hold
 # xt-timeout: 1800
 # xt-lane: xentap
@@ -36,7 +39,7 @@ set -u
 name=$XT_CASE
 extra=${XT_XENTAP_GUEST_EXTRA:-}
 vcpus=${XT_XENTAP_GUEST_VCPUS:-1}
-expect_fe=${XT_XENTAP_EXPECT_FE:-}
+expect_fe=${XT_XENTAP_EXPECT_FE:-feature-persistent=1}
 expect_guest=${XT_XENTAP_EXPECT_GUEST:-}
 protect=${XT_XENTAP_PROTECT:-}
 protect=${protect:-0}
@@ -145,6 +148,10 @@ for kvp in $expect_guest; do
     echo " $blkinfo " | grep -q " $kvp " || fail "guest's blkinfo lacks $kvp: $blkinfo"
 done
 [ -z "$expect_fe$expect_guest" ] || log "negotiated as expected: $expect_fe $expect_guest"
+# Reads into grant-mapped pages worked: no queue fell back to copying.
+if grep "domain $domid queue [0-9]*: the kernel cannot read into mapped grant pages" "$dlog"; then
+    fail "direct reads into the guest's persistently granted pages failed"
+fi
 
 # --- the daemon's view: its counters after the guest ended, and now
 sed 's/^/status: /' "$XT_WORK/st.ls"
