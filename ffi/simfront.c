@@ -20,6 +20,7 @@
 #include "xt_sim.h"
 
 #define LAT_BUCKETS 65536   /* 1 us each; the last one holds everything slower */
+#define WAKE_BUCKETS 1024   /* 1 us each, likewise */
 #define DRAIN_TIMEOUT_NS (15ull * 1000000000ull)
 #define MAX_VERIFY_SECTORS (1ull << 27)     /* 64 GiB of oracle */
 
@@ -63,6 +64,7 @@ struct front_queue {
     uint64_t *lat;
     uint64_t lat_max;
     uint64_t lat_sum;           /* ns, over every answered request */
+    uint64_t wake[WAKE_BUCKETS]; /* notified while asleep -> running again */
     struct xt_front_result res;
     int rc;
     char err[XT_ERRLEN];
@@ -531,22 +533,29 @@ static void *queue_run(void *arg)
         if (more)
             continue;
         struct pollfd pfd = { .fd = q->rx_fd, .events = POLLIN };
+        uint64_t slept = xt_now_ns();
         /* held back by the rate: wake for the next slot, not only for a response */
-        if (poll(&pfd, 1, issuing && issued >= allowed ? 1 : 100) > 0)
-            xt_fifo_drain(q->rx_fd);
+        if (poll(&pfd, 1, issuing && issued >= allowed ? 1 : 100) > 0) {
+            uint64_t sent = xt_fifo_drain(q->rx_fd), now = xt_now_ns();
+            if (sent > slept && now >= sent) {      /* the event found us asleep */
+                uint64_t us = (now - sent) / 1000;
+                q->wake[us < WAKE_BUCKETS ? us : WAKE_BUCKETS - 1]++;
+                q->res.wakes++;
+            }
+        }
     }
     return NULL;
 }
 
-static uint64_t percentile(const uint64_t *hist, uint64_t total, double pct)
+static uint64_t percentile(const uint64_t *hist, unsigned buckets, uint64_t total, double pct)
 {
     uint64_t want = (uint64_t)((double)total * pct), seen = 0;
-    for (unsigned i = 0; i < LAT_BUCKETS; i++) {
+    for (unsigned i = 0; i < buckets; i++) {
         seen += hist[i];
         if (seen > want)
             return i;
     }
-    return LAT_BUCKETS - 1;
+    return buckets - 1;
 }
 
 int xt_front_run(xt_front *f, const struct xt_workload *w,
@@ -604,6 +613,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
         q->rc = 0;
         q->lat_max = 0;
         q->lat_sum = 0;
+        memset(q->wake, 0, sizeof(q->wake));
         free(q->busy);
         q->busy = calloc(f->region_blocks / f->cfg.nr_queues + 1, 1);
         q->lat = calloc(LAT_BUCKETS, sizeof(uint64_t));
@@ -625,6 +635,7 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
     res->seconds = (double)(xt_now_ns() - t0) / 1e9;
 
     uint64_t *hist = calloc(LAT_BUCKETS, sizeof(uint64_t));
+    uint64_t wake[WAKE_BUCKETS] = {0};
     uint64_t lat_max = 0, lat_sum = 0;
     for (unsigned i = 0; i < f->cfg.nr_queues; i++) {
         struct front_queue *q = &f->queues[i];
@@ -649,15 +660,20 @@ int xt_front_run(xt_front *f, const struct xt_workload *w,
         if (q->lat_max > lat_max)
             lat_max = q->lat_max;
         lat_sum += q->lat_sum;
+        res->wakes += q->res.wakes;
+        for (unsigned b = 0; b < WAKE_BUCKETS; b++)
+            wake[b] += q->wake[b];
         free(q->lat);
         q->lat = NULL;
     }
     if (hist && res->ios) {
-        res->lat_us_p50 = (double)percentile(hist, res->ios, 0.50);
-        res->lat_us_p99 = (double)percentile(hist, res->ios, 0.99);
+        res->lat_us_p50 = (double)percentile(hist, LAT_BUCKETS, res->ios, 0.50);
+        res->lat_us_p99 = (double)percentile(hist, LAT_BUCKETS, res->ios, 0.99);
         res->lat_us_max = (double)lat_max / 1000.0;
         res->lat_us_mean = (double)lat_sum / 1000.0 / (double)res->ios;
     }
+    if (res->wakes)
+        res->wake_us_p50 = (double)percentile(wake, WAKE_BUCKETS, res->wakes, 0.50);
     free(hist);
     return rc;
 }
@@ -814,8 +830,8 @@ int xt_front_replay(xt_front *f, const struct xt_replay_op *ops, uint64_t n,
     *res = q->res;
     res->seconds = (double)(xt_now_ns() - t0) / 1e9;
     if (res->ios) {
-        res->lat_us_p50 = (double)percentile(q->lat, res->ios, 0.50);
-        res->lat_us_p99 = (double)percentile(q->lat, res->ios, 0.99);
+        res->lat_us_p50 = (double)percentile(q->lat, LAT_BUCKETS, res->ios, 0.50);
+        res->lat_us_p99 = (double)percentile(q->lat, LAT_BUCKETS, res->ios, 0.99);
         res->lat_us_max = (double)q->lat_max / 1000.0;
         res->lat_us_mean = (double)q->lat_sum / 1000.0 / (double)res->ios;
     }

@@ -202,19 +202,28 @@ int xt_simdom_alloc_port(xt_simdom *d, uint32_t *port, int *rx_fd, int *tx_fd, c
     return 0;
 }
 
+/* An event carries nothing on Xen; here it carries the time it was sent
+ * (xt_now_ns), so that the sim blkfront can tell how long its wake-up took. */
 void xt_fifo_notify(int fd)
 {
-    static const char one = 1;
+    uint64_t sent = xt_now_ns();
     /* A full FIFO already holds a pending event: EAGAIN is fine. */
-    ssize_t w = write(fd, &one, 1);
+    ssize_t w = write(fd, &sent, sizeof(sent));
     (void)w;
 }
 
-void xt_fifo_drain(int fd)
+uint64_t xt_fifo_drain(int fd)
 {
-    char buf[256];
-    while (read(fd, buf, sizeof(buf)) == (ssize_t)sizeof(buf))
-        ;
+    uint64_t buf[32];
+    uint64_t first = 0;
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof(buf))) > 0) {
+        if (!first && n >= (ssize_t)sizeof(buf[0]))
+            first = buf[0];
+        if (n < (ssize_t)sizeof(buf))
+            break;
+    }
+    return first;
 }
 
 /* ---------------- the backend's transport ---------------- */

@@ -264,6 +264,11 @@ struct xt_front_result {
     uint64_t flush_order_violations; /* a flush or barrier answered before an earlier write, or a write before an earlier barrier */
     double seconds;
     double lat_us_p50, lat_us_p99, lat_us_max, lat_us_mean;
+    /* The sim transport's events carry their send time: how long the guest
+     * took to run again after an event that found it asleep (the median of
+     * `wakes` such events), its part of every round trip it slept in. */
+    uint64_t wakes;
+    double wake_us_p50;
 };
 
 int xt_front_open(const struct xt_front_config *cfg, xt_front **out,

@@ -31,6 +31,7 @@ uint32_t xt_simdom_grant(xt_simdom *d, uint32_t frame, bool readonly);
 void xt_simdom_revoke(xt_simdom *d, uint32_t gref);
 int xt_simdom_alloc_port(xt_simdom *d, uint32_t *port, int *rx_fd, int *tx_fd, char *err);
 void xt_fifo_notify(int fd);
-void xt_fifo_drain(int fd);
+/* Empties the FIFO; returns the send time of the first event in it (0: none). */
+uint64_t xt_fifo_drain(int fd);
 
 #endif

@@ -91,6 +91,9 @@ def test_time_figures_add_up_to_the_median_round_trip():
                             "10", "+", "50"]
     assert bd.time_line("4 KiB", None, t) is None
     assert bd.median_times([{"time_us": None}]) is None
+    # the sim guest's wake-up, when the runs have it, follows the guest's part
+    woke = bd.time_line("4 KiB", {"round_trip": 300.0}, {**t, "wake": 41.0, "ios_per_wake": 31.5})
+    assert woke.endswith("+     50 (wake-up 41, 1 per 32 I/Os)"), woke
 
 
 def test_disk_figures_are_the_devices_time_per_io_and_requests_at_it():

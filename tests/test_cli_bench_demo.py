@@ -47,6 +47,7 @@ def test_bench_datapath_json_has_a_ratio_per_workload(tmp_path):
         assert t["fio"]["round_trip"] > 0 and t["shim"]["at_engine"] > 0, t
         assert t["shim"]["round_trip"] == pytest.approx(
             sum(t["shim"][k] for k in ("to_engine", "at_engine", "to_answer", "guest")), abs=1), t
+        assert 0 < t["shim"]["wake"] < t["shim"]["round_trip"] and t["shim"]["ios_per_wake"] >= 1, t
     assert 0 <= out["rss_mib_per_vbd"] < 32
 
 

@@ -182,6 +182,19 @@ def test_the_shims_time_per_request_fits_in_the_guests_round_trip(guest_factory)
     t = bench_datapath.shim_times(before, after, res["lat_us_mean"])
     assert t["guest"] == pytest.approx(res["lat_us_mean"] - sum(parts.values()))
     assert bench_datapath.shim_times(after, after, 1.0) is None
+    # The guest slept between answers (a queue of 16 against a disk) and its
+    # wake-ups, timed from the shim's event, are each within a round trip.
+    assert 0 < res["wakes"] < res["ios"]
+    assert 0 < res["wake_us_p50"] <= res["lat_us_max"]
+
+
+def test_the_guests_wake_up_counts_only_events_that_found_it_asleep(guest_factory):
+    """At queue depth 1 the guest sleeps for every answer; its wake-up is
+    part of each round trip, so below the round trip's median."""
+    g = guest_factory()
+    res = g.front.run(block_size=4096, queue_depth=1, read_pct=100, size=MiB, max_ios=2000)
+    assert res["wakes"] >= 0.9 * res["ios"], res
+    assert 0 < res["wake_us_p50"] <= res["lat_us_p50"], res
 
 
 def test_a_rate_holds_the_guest_to_that_many_ios_a_second(guest_factory):

@@ -165,6 +165,17 @@ def shim_times(before: dict, after: dict, round_trip_us: float) -> dict | None:
     return _with_guest({"round_trip": round_trip_us, **part})
 
 
+def guest_wake(t: dict | None, res: dict) -> dict | None:
+    """`t` with the sim guest's wake-up after the shim's event (the median,
+    us; its events carry their send time) and how many requests it reaped
+    per wake-up: in a queue that moves as one convoy, every request of the
+    round waits for it."""
+    if t is not None:
+        t["wake"] = res["wake_us_p50"]
+        t["ios_per_wake"] = round(res["ios"] / res["wakes"], 1) if res["wakes"] else 0.0
+    return t
+
+
 def median_times(runs: list[dict]) -> dict | None:
     """The median of the runs' shim_times, part by part; the guest's part is
     what the median round trip leaves (medians taken apart do not add up)."""
@@ -176,9 +187,12 @@ def median_times(runs: list[dict]) -> dict | None:
 
 
 def _split(t: dict) -> str:
-    return (f"{t['round_trip']:>7,.0f}" if SHIM_PARTS[0] not in t else
-            f"{t['round_trip']:>7,.0f} = {t['to_engine']:>5,.0f} + {t['at_engine']:>7,.0f}"
-            f" + {t['to_answer']:>5,.0f} + {t['guest']:>6,.0f}")
+    if SHIM_PARTS[0] not in t:
+        return f"{t['round_trip']:>7,.0f}"
+    wake = (f" (wake-up {t['wake']:,.0f}, 1 per {t['ios_per_wake']:,.0f} I/Os)"
+            if t.get("wake") else "")
+    return (f"{t['round_trip']:>7,.0f} = {t['to_engine']:>5,.0f} + {t['at_engine']:>7,.0f}"
+            f" + {t['to_answer']:>5,.0f} + {t['guest']:>6,.0f}{wake}")
 
 
 def time_line(label: str, a: dict | None, b: dict | None,
@@ -241,7 +255,7 @@ class ShimSide:
         return {"iops": r["ios"] / r["seconds"], "mb_s": nbytes / r["seconds"] / 1e6,
                 "cpu": cpu / r["seconds"], "seconds": r["seconds"],
                 "lat_us_p50": r["lat_us_p50"], "lat_us_p99": r["lat_us_p99"],
-                "time_us": shim_times(st0, st1, r["lat_us_mean"])}
+                "time_us": guest_wake(shim_times(st0, st1, r["lat_us_mean"]), r)}
 
     def rss_mib(self) -> tuple[float, float]:
         """(resident anonymous memory the VBD added, of which request buffers), MiB."""
@@ -417,7 +431,8 @@ def format_table(r: dict) -> str:
     if any(times):
         lines.append("a request's time, us, median per run: its round trip, and the shim's as "
                      "taken -> engine + at the engine (the disk, the kernel) + done -> answered "
-                     "+ the guest and the hand-offs")
+                     "+ the guest and the hand-offs (of them, the guest's wake-up after the "
+                     "shim's event, and how often it slept)")
         lines += [t for t in times if t]
     lines.append(f"shim resident memory per VBD: {r['rss_mib_per_vbd']:.2f} MiB "
                  f"(beyond {r['request_buffers_mib']:.2f} MiB of request buffers)")

@@ -396,7 +396,7 @@ def _front_result(res) -> dict[str, Any]:
     return {k: getattr(res, k) for k in (
         "ios", "reads", "writes", "flushes", "barriers", "discards", "bytes_read", "bytes_written", "errors",
         "verify_failures", "first_bad_sector", "flush_order_violations", "seconds", "lat_us_p50", "lat_us_p99",
-        "lat_us_max", "lat_us_mean")}
+        "lat_us_max", "lat_us_mean", "wakes", "wake_us_p50")}
 
 
 class SimFront:
