@@ -58,16 +58,18 @@
 #define FZ_MIRROR_BYTES (1u << 20)
 
 struct fz_config {
-    uint32_t protocol, ring_order, readonly, indirect, sector_size, mirror;
+    uint32_t protocol, ring_order, readonly, indirect, sector_size, mirror, persistent;
 };
 
+/* persistent: reads go into pages mapped on first use and kept across
+ * inputs, as a frontend that asked for persistent grants promises them */
 static const struct fz_config configs[FZ_NR_CONFIGS] = {
-    { XT_PROTO_NATIVE, 0, 0, 256, 512, 1 },
-    { XT_PROTO_X86_32, 0, 0, 256, 512, 1 },
-    { XT_PROTO_NATIVE, 1, 1, 32, 512, 0 },      /* read-only */
-    { XT_PROTO_X86_32, 1, 0, 0, 4096, 1 },      /* no indirect, 4 KiB sectors */
-    { XT_PROTO_NATIVE, 0, 0, 17, 4096, 0 },     /* odd indirect limit, no tap */
-    { XT_PROTO_X86_32, 0, 1, 256, 4096, 0 },    /* read-only, 4 KiB */
+    { XT_PROTO_NATIVE, 0, 0, 256, 512, 1, 1 },
+    { XT_PROTO_X86_32, 0, 0, 256, 512, 1, 0 },
+    { XT_PROTO_NATIVE, 1, 1, 32, 512, 0, 0 },   /* read-only */
+    { XT_PROTO_X86_32, 1, 0, 0, 4096, 1, 1 },   /* no indirect, 4 KiB sectors */
+    { XT_PROTO_NATIVE, 0, 0, 17, 4096, 0, 0 },  /* odd indirect limit, no tap */
+    { XT_PROTO_X86_32, 0, 1, 256, 4096, 0, 1 }, /* read-only, 4 KiB */
 };
 
 struct fz_vbd {
@@ -137,6 +139,9 @@ static void queue_setup(struct fz_vbd *f, unsigned cfg_idx, uint32_t port)
         q->reqs[i].q = q;
         q->reqs[i].segs = &q->seg_store[(size_t)i * max_segs];
     }
+    v->persistent = c->persistent;
+    if (v->persistent && xt_queue_persistent_init(q, max_segs, err) < 0)
+        die("persistent grants", err);
     int wake[2] = { q->ev.fd, q->stop_fd };
     q->engine.ops = v->engine_ops;
     if (v->engine_ops->init(&q->engine, v->fd, q->nr_reqs, wake, 2, err) < 0)

@@ -285,6 +285,20 @@ static void queue_teardown(xt_vbd *v, struct xt_queue *q)
     add_counters(&v->closed, &q->c);
 }
 
+int xt_queue_persistent_init(struct xt_queue *q, unsigned max_segs, char *err)
+{
+    q->pgrant_slots = 1;
+    while (q->pgrant_slots < 2 * XT_MAX_PERSISTENT_GRANTS)
+        q->pgrant_slots *= 2;
+    q->pgrants = calloc(q->pgrant_slots, sizeof(*q->pgrants));
+    q->iov_store = calloc((size_t)q->nr_reqs * max_segs, sizeof(struct iovec));
+    if (!q->pgrants || !q->iov_store)
+        return xt_fail(err, ENOMEM, "out of memory for persistent grants");
+    for (unsigned i = 0; i < q->nr_reqs; i++)
+        q->reqs[i].iov = &q->iov_store[(size_t)i * max_segs];
+    return 0;
+}
+
 static int queue_setup(xt_vbd *v, struct xt_queue *q, const struct xt_ring_params *p, char *err)
 {
     q->stop_fd = -1;
@@ -321,23 +335,16 @@ static int queue_setup(xt_vbd *v, struct xt_queue *q, const struct xt_ring_param
     q->seg_store = calloc((size_t)q->nr_reqs * max_segs, sizeof(struct xt_seg));
     if (!q->reqs || !q->seg_store || !q->rsp)
         return xt_fail(err, ENOMEM, "out of memory for %u request slots", q->nr_reqs);
-    if (v->persistent) {
-        q->pgrant_slots = 1;
-        while (q->pgrant_slots < 2 * XT_MAX_PERSISTENT_GRANTS)
-            q->pgrant_slots *= 2;
-        q->pgrants = calloc(q->pgrant_slots, sizeof(*q->pgrants));
-        q->iov_store = calloc((size_t)q->nr_reqs * max_segs, sizeof(struct iovec));
-        if (!q->pgrants || !q->iov_store)
-            return xt_fail(err, ENOMEM, "out of memory for persistent grants");
-    }
     for (unsigned i = q->nr_reqs; i-- > 0;) {
         struct xt_req *r = &q->reqs[i];
         r->q = q;
         r->segs = &q->seg_store[(size_t)i * max_segs];
-        r->iov = q->iov_store ? &q->iov_store[(size_t)i * max_segs] : NULL;
         r->next_free = q->free_list;
         q->free_list = r;
     }
+
+    if (v->persistent && (rc = xt_queue_persistent_init(q, max_segs, err)) < 0)
+        return rc;
 
     int wake[2] = { q->ev.fd, q->stop_fd };
     q->engine.ops = v->engine_ops;

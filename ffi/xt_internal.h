@@ -319,6 +319,10 @@ struct xt_pgrant {
     uint8_t *page;              /* NULL: a free slot */
 };
 
+/* With persistent grants: the queue's table of mapped pages and each
+ * request's room for its segments as iovecs (queue_teardown frees them). */
+int xt_queue_persistent_init(struct xt_queue *q, unsigned max_segs, char *err);
+
 struct xt_vbd {
     int fd;
     char *path;
