@@ -2,6 +2,7 @@
 what Linux's xen-blkfront does, over the xenstore stand-in and sim rings."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -50,6 +51,9 @@ def test_handshake_advertises_features_and_serves_verified_io(xentap_env, caplog
     assert res["errors"] == 0 and res["verify_failures"] == 0
     assert res["ios"] == 2000
     assert "xvda: connected (1 queue x 1 ring page, persistent grants)" in caplog.text
+    # `xentap status --json` shows the pages its reads went into, while connected
+    env.wait_for(lambda: json.loads(env.cli("status", "--json").output)["vbds"][0]["grants_mapped"] > 0,
+                 what="grants_mapped in the status")
 
 
 def test_persistent_grants_are_offered_only_if_the_daemon_is_told_to(xentap_env, caplog):

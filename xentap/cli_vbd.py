@@ -429,6 +429,7 @@ def read_vbds(xs: Xs) -> list[dict[str, Any]]:
                 "bytes": num(K.ST_BYTES),
                 "errors": num(K.ST_ERRORS),
                 "in_flight": num(K.ST_IN_FLIGHT),
+                "grants_mapped": num(K.ST_GRANTS_MAPPED),
                 "reads": num(K.ST_READS),
                 "writes": num(K.ST_WRITES),
                 "flushes": num(K.ST_FLUSHES),

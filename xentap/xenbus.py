@@ -738,6 +738,7 @@ class BackendDevice:
         for k in K.ST_CUMULATIVE:
             st[k] = self._base[k] + now[k]
         st[K.ST_IN_FLIGHT] = s["in_flight"] if s is not None else 0
+        st[K.ST_GRANTS_MAPPED] = s["grants_mapped"] if s is not None else 0
         st[K.ST_NR_QUEUES] = s["nr_queues"] if s is not None else 0
         st[K.ST_ERROR] = self.failed or ""
         return st

@@ -342,6 +342,7 @@ ST_REQUESTS = "requests"          # every request served (read, write, flush, ba
 ST_BYTES = "bytes"                # bytes read + written
 ST_ERRORS = "errors"              # requests answered with an error
 ST_IN_FLIGHT = "in-flight"
+ST_GRANTS_MAPPED = "grants-mapped"  # the guest's pages kept mapped (persistent grants)
 ST_READS = "reads"
 ST_WRITES = "writes"
 ST_FLUSHES = "flushes"
