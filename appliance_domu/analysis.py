@@ -15,12 +15,17 @@ Analysis never holds up acknowledgement, and never takes the receiver's
 CPU: the worker spends at most ``cpu_share`` of one core (thread CPU time,
 a token bucket; the appliance shares its machine with the guests it
 protects, and the analyzer's per-byte work cannot keep up with a fast
-guest anyway).  When the queue is full the message is not analysed; the
-VBD's status says ``behind`` (and how many messages were skipped), one log
-line says so, and messages are skipped until the queue has drained to a
-quarter (so that what is analysed comes in long contiguous runs, not one
-message here and there); its analyzer restarts on the next message it gets,
-learning the layout again from the replica image.
+guest anyway).  Each VBD has its own queue and the worker takes from them
+in turn, so that one guest's write flood neither delays nor blinds the
+analysis of the others.  The queues share one bound (messages and bytes).
+When it is reached, a VBD that holds the most of it has its message not
+analysed; a VBD that holds less takes room from the one that holds the most
+(whose newest queued messages are then not analysed).  A VBD whose messages
+are skipped has its status say ``behind`` (and how many were skipped), one
+log line says so, and its messages are skipped until its queue has drained
+to a quarter of the bound (so that what is analysed comes in long
+contiguous runs, not one message here and there); its analyzer restarts on
+the next message it gets, learning the layout again from the replica image.
 
 The VBD's current data state is published to ``<data_dir>/<vbd>/analysis.json``
 (:data:`STATE_NAME`; written atomically), where ``xentap analyze VBD`` reads
@@ -222,8 +227,14 @@ class Analysis:
         self.queue_msgs = queue_msgs
         self.publish_interval = publish_interval
         self.cpu_share = cpu_share
-        self._skipping = False  # the queue was full: skip until it drained to a quarter
-        self._q: deque = deque()
+        # Per VBD (by uuid): its queue of (vbd, message, bytes), its bytes; the
+        # VBDs with something queued, in the order the worker serves them; the
+        # VBDs skipping until their queue drained to a quarter; totals.
+        self._queues: dict[str, deque] = {}
+        self._vbytes: dict[str, int] = {}
+        self._ready: deque = deque()
+        self._skipping: set[str] = set()
+        self._qmsgs = 0
         self._qbytes = 0
         self._cv = threading.Condition()
         self._vbds: dict[str, _Vbd] = {}
@@ -268,28 +279,60 @@ class Analysis:
         n = wire.payload_bytes(msg)
         v.submitted_seq = rng[1]
         with self._cv:
-            if self._skipping and len(self._q) <= self.queue_msgs // 4 \
-                    and self._qbytes <= self.queue_bytes // 4:
-                self._skipping = False
-            if self._skipping or len(self._q) >= self.queue_msgs \
-                    or (self._q and self._qbytes + n > self.queue_bytes):
-                self._skipping = True
-                v.skipped += rng[1] - rng[0] + 1
-                self.stats["skipped"] += rng[1] - rng[0] + 1
-                now = time.monotonic()
-                if now - self._behind_logged >= 10:
-                    self._behind_logged = now
-                    log.warning("analysis is behind (%d messages, %d MiB queued): %s seqs "
-                                "%d..%d not analysed; it restarts from the replica",
-                                len(self._q), self._qbytes >> 20, key, rng[0], rng[1])
+            q = self._queues.setdefault(key, deque())
+            if key in self._skipping and len(q) <= self.queue_msgs // 4 \
+                    and self._vbytes.get(key, 0) <= self.queue_bytes // 4:
+                self._skipping.discard(key)
+            if key in self._skipping or not self._make_room(key, n):
+                self._skip(v, rng)
                 return
-            self._q.append((v, msg, n))
+            if not q:
+                self._ready.append(key)
+            q.append((v, msg, n))
+            self._vbytes[key] = self._vbytes.get(key, 0) + n
+            self._qmsgs += 1
             self._qbytes += n
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="xentap-analysis",
                                                 daemon=True)
                 self._thread.start()
             self._cv.notify()
+
+    def _full(self, n: int) -> bool:
+        return self._qmsgs >= self.queue_msgs or (self._qmsgs > 0 and
+                                                  self._qbytes + n > self.queue_bytes)
+
+    def _make_room(self, key: str, n: int) -> bool:
+        """Room for `n` more bytes of VBD `key`, taken if need be from the VBD
+        that holds the most (its newest messages go unanalysed); False if
+        `key` holds the most itself.  Under self._cv."""
+        while self._full(n):
+            big = max((k for k in self._queues if self._queues[k]),
+                      key=lambda k: (self._vbytes[k], len(self._queues[k])))
+            if (self._vbytes.get(key, 0), len(self._queues[key])) >= \
+                    (self._vbytes[big], len(self._queues[big])):
+                self._skipping.add(key)
+                return False
+            v, msg, nn = self._queues[big].pop()
+            self._vbytes[big] -= nn
+            self._qmsgs -= 1
+            self._qbytes -= nn
+            if not self._queues[big]:
+                self._ready.remove(big)
+            self._skipping.add(big)
+            self._skip(v, wire.seq_range(msg))
+        return True
+
+    def _skip(self, v: _Vbd, rng: tuple[int, int]) -> None:
+        """Counts (and says, once per 10 s) seqs of `v` that go unanalysed."""
+        v.skipped += rng[1] - rng[0] + 1
+        self.stats["skipped"] += rng[1] - rng[0] + 1
+        now = time.monotonic()
+        if now - self._behind_logged >= 10:
+            self._behind_logged = now
+            log.warning("analysis is behind (%d messages, %d MiB queued): %s seqs "
+                        "%d..%d not analysed; it restarts from the replica",
+                        self._qmsgs, self._qbytes >> 20, v.uuid, rng[0], rng[1])
 
     def close(self, timeout: float = 10.0) -> None:
         """Analyse what is queued (for at most ``timeout`` s), publish, stop."""
@@ -301,13 +344,13 @@ class Analysis:
             t.join(timeout)
             if t.is_alive():
                 log.warning("analysis: %d messages still queued at shutdown were not "
-                            "analysed", len(self._q))
+                            "analysed", self._qmsgs)
         for v in list(self._vbds.values()):
             v.close()
 
     def idle(self) -> bool:
         with self._cv:
-            return not self._q and not self._busy
+            return not self._qmsgs and not self._busy
 
     def wait_idle(self, timeout: float) -> bool:
         """True once everything submitted was analysed (tests, the demo)."""
@@ -324,7 +367,7 @@ class Analysis:
         for key, v in list(self._vbds.items()):
             out[key] = self._vbd_status(v)
         with self._cv:
-            q = dict(messages=len(self._q), bytes=self._qbytes)
+            q = dict(messages=self._qmsgs, bytes=self._qbytes)
         return dict(queue=q, stats=dict(self.stats), vbds=out, unavailable=self.unavailable)
 
     def _vbd_status(self, v: _Vbd) -> dict:
@@ -346,8 +389,13 @@ class Analysis:
                     time.sleep(min(1.0, -tokens / self.cpu_share))
                     continue
             with self._cv:
-                if self._q:
-                    v, msg, n = self._q.popleft()
+                if self._ready:     # the VBDs in turn, a message each
+                    key = self._ready.popleft()
+                    v, msg, n = self._queues[key].popleft()
+                    if self._queues[key]:
+                        self._ready.append(key)
+                    self._vbytes[key] -= n
+                    self._qmsgs -= 1
                     self._qbytes -= n
                     self._busy = True
                 elif finish_due:

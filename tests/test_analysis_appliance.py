@@ -224,6 +224,50 @@ def test_analysis_that_falls_behind_skips_and_says_so_without_blocking(tmp_path)
     assert st["state"]["filesystems"][0]["type"] == "ext4"
 
 
+def test_one_vbds_flood_neither_delays_nor_blinds_another_vbds_analysis(tmp_path):
+    """The worker takes the VBDs' queues in turn; a VBD that arrives while
+    another fills the shared bound takes room from it, not the skip."""
+    import threading
+
+    r = Receiver("tcp://127.0.0.1:0", tmp_path / "appliance", insecure=True).start()
+    r.analysis.queue_msgs = 8
+    hold = threading.Event()
+    fed: list[str] = []
+    real_feed = r.analysis._feed
+
+    def slow_feed(v, msg):
+        hold.wait(120)
+        fed.append(str(v.uuid))
+        real_feed(v, msg)
+
+    r.analysis._feed = slow_feed
+    a, b = uuid.uuid4(), uuid.uuid4()
+    sa = Sender(r.endpoint, a)
+    sb = Sender(r.endpoint, b)
+    try:
+        for i in range(40):                 # a floods: the bound holds 8 of its messages
+            sa.write(i * 4096, bytes([i + 1]) * 4096)
+        sa.wait_ack(sa.seq - 1)
+        for i in range(3):                  # then b: 4 messages
+            sb.write(i * 4096, b"\x07" * 4096)
+        sb.flush()
+        sb.wait_ack(sb.seq - 1)
+        st = r.status()["analysis"]["vbds"]
+        assert st[str(b)]["skipped"] == 0, st
+        assert st[str(a)]["skipped"] >= 40 - 8, st
+        hold.set()
+        assert r.analysis.wait_idle(30)
+    finally:
+        hold.set()
+        sa.close()
+        sb.close()
+        r.stop()
+    last_b = max(i for i, u in enumerate(fed) if u == str(b))
+    assert fed[:last_b].count(str(a)) <= 5, fed    # in turn: a, a, b, a, b, a, b, a, b
+    st = an.read_state(tmp_path / "appliance" / str(b))
+    assert st["status"]["analysed_seq"] == sb.seq - 1 and st["status"]["skipped"] == 0
+
+
 @pytest.mark.slow
 def test_tags_survive_an_appliance_restart(tmp_path):
     vbd = uuid.uuid4()
