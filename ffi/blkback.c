@@ -324,8 +324,9 @@ static int copy_data(struct xt_queue *q, struct xt_req *req, enum xt_copy_dir di
  * 32 reads' round).  Writes still go through the bounce buffer: the
  * bytes written and the bytes mirrored must be the same bytes, whatever the
  * guest does to its pages meanwhile, and copying them in cost nothing
- * measurable.  At most XT_MAX_PERSISTENT_GRANTS pages per queue are kept;
- * a read naming others is served by copy.
+ * measurable.  At most XT_MAX_PERSISTENT_GRANTS pages per queue are kept,
+ * and xt_set_persistent_grants_limit's in the whole process; a read naming
+ * others is served by copy.
  */
 static uint8_t *persistent_page(struct xt_queue *q, uint32_t gref)
 {
@@ -336,12 +337,14 @@ static uint8_t *persistent_page(struct xt_queue *q, uint32_t gref)
             return g->page;
         if (g->page)
             continue;
-        if (q->nr_pgrants == XT_MAX_PERSISTENT_GRANTS)
+        if (q->nr_pgrants == XT_MAX_PERSISTENT_GRANTS || !xt_pgrant_take())
             return NULL;
         char err[XT_ERRLEN];
         uint8_t *page = q->vbd->t->ops->map(q->vbd->t, q->vbd->domid, &gref, 1, err);
-        if (!page)
+        if (!page) {
+            xt_pgrant_give(1);
             return NULL;    /* a bad grant: the copy path answers with the error */
+        }
         *g = (struct xt_pgrant){ .gref = gref, .page = page };
         q->nr_pgrants++;
         count(&q->c.grants_mapped, 1);

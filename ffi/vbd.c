@@ -270,6 +270,7 @@ static void queue_teardown(xt_vbd *v, struct xt_queue *q)
     for (unsigned i = 0; q->pgrants && i < q->pgrant_slots; i++)
         if (q->pgrants[i].page)
             v->t->ops->unmap(v->t, q->pgrants[i].page, 1);
+    xt_pgrant_give(q->nr_pgrants);
     free(q->pgrants);
     free(q->iov_store);
     if (q->stop_fd > 0)
@@ -283,6 +284,40 @@ static void queue_teardown(xt_vbd *v, struct xt_queue *q)
     atomic_store(&q->c.buffer_bytes, 0);
     atomic_store(&q->c.grants_mapped, 0);
     add_counters(&v->closed, &q->c);
+}
+
+static atomic_uint_fast64_t pgrants_mapped, pgrants_limit;
+
+static uint64_t default_pgrants_limit(void)
+{
+    uint64_t max_maps = sysfs_u64("/proc/sys/vm/max_map_count");
+    return (max_maps ? max_maps : 65530) / 2;
+}
+
+uint64_t xt_set_persistent_grants_limit(uint64_t n)
+{
+    atomic_store(&pgrants_limit, n ? n : default_pgrants_limit());
+    return atomic_load(&pgrants_limit);
+}
+
+bool xt_pgrant_take(void)
+{
+    uint64_t limit = atomic_load(&pgrants_limit);
+    if (!limit) {
+        uint64_t none = 0;
+        limit = default_pgrants_limit();
+        if (!atomic_compare_exchange_strong(&pgrants_limit, &none, limit))
+            limit = none;
+    }
+    if (atomic_fetch_add(&pgrants_mapped, 1) < limit)
+        return true;
+    atomic_fetch_sub(&pgrants_mapped, 1);
+    return false;
+}
+
+void xt_pgrant_give(uint64_t n)
+{
+    atomic_fetch_sub(&pgrants_mapped, n);
 }
 
 int xt_queue_persistent_init(struct xt_queue *q, unsigned max_segs, char *err)

@@ -224,6 +224,12 @@ int xt_vbd_mirror_arm_wake(xt_vbd *v, uint64_t sent);
 /* Where the shim writes its log lines (default 2, stderr). */
 void xt_set_log_fd(int fd);
 
+/* Persistent grants kept mapped by the whole process, at most.  Each is a
+ * mapping (a VMA) of its own; past vm.max_map_count every mmap of the
+ * process fails, io_uring's and the heap's too.  Default (and after 0):
+ * half of vm.max_map_count.  Returns the limit now in force. */
+uint64_t xt_set_persistent_grants_limit(uint64_t n);
+
 /* ------------------------------------------------------------------ */
 /* The sim blkfront: a frontend that drives the ring protocol as Linux's
  * xen-blkfront does, with fio-like workloads. */

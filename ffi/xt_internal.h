@@ -322,6 +322,10 @@ struct xt_pgrant {
 /* With persistent grants: the queue's table of mapped pages and each
  * request's room for its segments as iovecs (queue_teardown frees them). */
 int xt_queue_persistent_init(struct xt_queue *q, unsigned max_segs, char *err);
+/* The process-wide count of persistent grant mappings (xt_set_persistent_grants_limit):
+ * take one before mapping (false: over the limit), give back those unmapped. */
+bool xt_pgrant_take(void);
+void xt_pgrant_give(uint64_t n);
 
 struct xt_vbd {
     int fd;

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from xentap import bench_datapath
-from xentap.shim import (DEFAULT_POLL_US, MAX_INDIRECT_SEGMENTS, MAX_PERSISTENT_GRANTS, RingParams, SimDomain, SimFront, Transport,
+from xentap.shim import (DEFAULT_POLL_US, MAX_INDIRECT_SEGMENTS, MAX_PERSISTENT_GRANTS, RingParams,
+                         set_persistent_grants_limit, SimDomain, SimFront, Transport,
                          Vbd, VbdBusyError)
 
 MiB = 1 << 20
@@ -271,6 +272,27 @@ def test_persistent_grants_past_the_limit_are_served_by_copy(guest_factory):
     st = g.vbd.stats()
     assert st["grants_mapped"] == MAX_PERSISTENT_GRANTS
     assert st["buffer_bytes"] > 0
+
+
+def test_persistent_grants_of_the_whole_process_stay_under_its_limit(guest_factory, tmp_path):
+    """Past the process's limit reads are copied; pages unmapped at disconnect
+    count no more."""
+    assert set_persistent_grants_limit() == int(Path("/proc/sys/vm/max_map_count").read_text()) // 2
+    assert set_persistent_grants_limit(100) == 100
+    try:
+        g = guest_factory(order=1)
+        assert_clean(g.front.run(block_size=MiB, queue_depth=4, read_pct=0, size=16 * MiB,
+                                 max_ios=16, sequential=True, verify=True))
+        assert_clean(g.front.run(block_size=MiB, queue_depth=4, read_pct=100, size=16 * MiB,
+                                 max_ios=64, verify=True))
+        assert g.vbd.stats()["grants_mapped"] == 100
+        g.vbd.disconnect()
+        g.vbd.connect(g.transport, g.params)     # the 100 were given back
+        assert_clean(g.front.run(block_size=4096, queue_depth=8, read_pct=100, size=16 * MiB,
+                                 max_ios=500, verify=True))
+        assert 0 < g.vbd.stats()["grants_mapped"] <= 100
+    finally:
+        set_persistent_grants_limit()
 
 
 def test_read_only_vbd_refuses_writes_and_keeps_the_image(guest_factory, image):

@@ -90,6 +90,13 @@ def set_log_fd(fd: int) -> None:
     lib.xt_set_log_fd(fd)
 
 
+def set_persistent_grants_limit(n: int = 0) -> int:
+    """Persistent grants the whole process keeps mapped, at most (each is a
+    mapping of its own, and past vm.max_map_count every mmap of the process
+    fails); 0: the default, half of vm.max_map_count.  Returns the limit."""
+    return lib.xt_set_persistent_grants_limit(n)
+
+
 class VbdBusyError(OSError):
     """The image is already served by another VBD, or the VBD is connected."""
 
