@@ -528,6 +528,29 @@ def test_persistent_grants_map_only_what_the_guest_may_give(hostile):
     g.write_read_back(sector=128)
 
 
+@pytest.mark.parametrize("engine", ["io_uring", "threads"])
+def test_a_read_cut_short_by_a_shrunk_image_is_an_error(hostile, image, engine):
+    """An image truncated under the VBD: a read straight into the guest's
+    pages that gets part of its bytes (to the new end of the file, mid-page)
+    carries on from there, then fails with an I/O error; the ring serves on."""
+    g = hostile(persistent=True, engine=engine)
+    g.write_read_back(sector=128)       # 64 KiB..76 KiB, read back into frames 32..34
+    data = [g.raw.read(g.data + 32 + i) for i in range(2)]
+    os.truncate(image, 64 * 1024 + 4096 + 512)     # the file now ends 512 bytes into its second page
+    for i in range(3):
+        g.raw.write(g.data + 40 + i, 0, b"\xee" * 4096)
+    id_ = g.next_id()
+    rsp = g.one(B.rw(B.NATIVE, B.OP_READ, id_, 128, [seg(g, 40), seg(g, 41), seg(g, 42)]))
+    assert rsp[:3] == (id_, B.OP_READ, B.RSP_ERROR)
+    # what there was went where it belongs, and nothing past it
+    assert g.raw.read(g.data + 40) == data[0]
+    assert g.raw.read(g.data + 41) == data[1][:512] + b"\xee" * 3584
+    assert g.raw.read(g.data + 42) == b"\xee" * 4096
+    st = g.vbd.stats()
+    assert st["err_io"] == 1 and st["ring_stopped"] == 0 and st["grants_mapped"] >= 3
+    g.write_read_back(sector=8)
+
+
 def test_write_from_a_read_only_grant_is_fine(hostile):
     """A read-only grant may be the source of a write (only reads need write access)."""
     g = hostile()
