@@ -337,7 +337,8 @@ static uint8_t *persistent_page(struct xt_queue *q, uint32_t gref)
             return g->page;
         if (g->page)
             continue;
-        if (q->nr_pgrants == XT_MAX_PERSISTENT_GRANTS || !xt_pgrant_take())
+        if (atomic_load_explicit(&q->c.grants_mapped, memory_order_relaxed) ==
+                XT_MAX_PERSISTENT_GRANTS || !xt_pgrant_take())
             return NULL;
         char err[XT_ERRLEN];
         uint8_t *page = q->vbd->t->ops->map(q->vbd->t, q->vbd->domid, &gref, 1, err);
@@ -346,7 +347,6 @@ static uint8_t *persistent_page(struct xt_queue *q, uint32_t gref)
             return NULL;    /* a bad grant: the copy path answers with the error */
         }
         *g = (struct xt_pgrant){ .gref = gref, .page = page };
-        q->nr_pgrants++;
         count(&q->c.grants_mapped, 1);
         return page;
     }

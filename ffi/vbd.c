@@ -270,7 +270,7 @@ static void queue_teardown(xt_vbd *v, struct xt_queue *q)
     for (unsigned i = 0; q->pgrants && i < q->pgrant_slots; i++)
         if (q->pgrants[i].page)
             v->t->ops->unmap(v->t, q->pgrants[i].page, 1);
-    xt_pgrant_give(q->nr_pgrants);
+    xt_pgrant_give(atomic_load(&q->c.grants_mapped));
     free(q->pgrants);
     free(q->iov_store);
     if (q->stop_fd > 0)

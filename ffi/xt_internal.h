@@ -306,10 +306,10 @@ struct xt_queue {
     struct xt_counters c;
     uint64_t t_seen;            /* when the last batch of completions was seen */
     /* Persistent grants: gref -> the guest page mapped for it, open
-     * addressing over pgrant_slots (a power of two); NULL when the frontend
-     * did not ask for them or direct reads failed. */
+     * addressing over pgrant_slots (a power of two), as many as
+     * c.grants_mapped; NULL when the frontend did not ask for them. */
     struct xt_pgrant *pgrants;
-    unsigned pgrant_slots, nr_pgrants;
+    unsigned pgrant_slots;
     bool direct_reads_failed;
     struct iovec *iov_store;
 };
