@@ -137,6 +137,29 @@ def _commit_soon(rep) -> None:
         rep.dirty_since = time.monotonic()
 
 
+class _Queue:
+    """One VBD's messages waiting for the worker (under Analysis._cv); kept by
+    the VBD's uuid, so it outlives a _Vbd replaced when the replica reopens."""
+
+    def __init__(self) -> None:
+        self.items: deque = deque()  # (its _Vbd, message, payload bytes)
+        self.nbytes = 0
+        self.skipping = False  # was over the bound: skip until drained to a quarter
+
+    def push(self, item: tuple) -> None:
+        self.items.append(item)
+        self.nbytes += item[2]
+
+    def take(self, newest: bool = False) -> tuple:
+        item = self.items.pop() if newest else self.items.popleft()
+        self.nbytes -= item[2]
+        return item
+
+    def size(self) -> tuple[int, int]:
+        """What it holds of the bound, to compare queues by."""
+        return self.nbytes, len(self.items)
+
+
 class _Vbd:
     """One VBD's analyzer and its bookkeeping (worker thread only, but status())."""
 
@@ -227,13 +250,10 @@ class Analysis:
         self.queue_msgs = queue_msgs
         self.publish_interval = publish_interval
         self.cpu_share = cpu_share
-        # Per VBD (by uuid): its queue of (vbd, message, bytes), its bytes; the
-        # VBDs with something queued, in the order the worker serves them; the
-        # VBDs skipping until their queue drained to a quarter; totals.
-        self._queues: dict[str, deque] = {}
-        self._vbytes: dict[str, int] = {}
-        self._ready: deque = deque()
-        self._skipping: set[str] = set()
+        # The VBDs' queues (by uuid), those with something queued in the order
+        # the worker serves them, and what they hold together.
+        self._queues: dict[str, _Queue] = {}
+        self._ready: deque[_Queue] = deque()
         self._qmsgs = 0
         self._qbytes = 0
         self._cv = threading.Condition()
@@ -279,17 +299,16 @@ class Analysis:
         n = wire.payload_bytes(msg)
         v.submitted_seq = rng[1]
         with self._cv:
-            q = self._queues.setdefault(key, deque())
-            if key in self._skipping and len(q) <= self.queue_msgs // 4 \
-                    and self._vbytes.get(key, 0) <= self.queue_bytes // 4:
-                self._skipping.discard(key)
-            if key in self._skipping or not self._make_room(key, n):
+            q = self._queues.setdefault(key, _Queue())
+            if q.skipping and len(q.items) <= self.queue_msgs // 4 \
+                    and q.nbytes <= self.queue_bytes // 4:
+                q.skipping = False
+            if q.skipping or not self._make_room(q, n):
                 self._skip(v, rng)
                 return
-            if not q:
-                self._ready.append(key)
-            q.append((v, msg, n))
-            self._vbytes[key] = self._vbytes.get(key, 0) + n
+            if not q.items:
+                self._ready.append(q)
+            q.push((v, msg, n))
             self._qmsgs += 1
             self._qbytes += n
             if self._thread is None:
@@ -302,24 +321,21 @@ class Analysis:
         return self._qmsgs >= self.queue_msgs or (self._qmsgs > 0 and
                                                   self._qbytes + n > self.queue_bytes)
 
-    def _make_room(self, key: str, n: int) -> bool:
-        """Room for `n` more bytes of VBD `key`, taken if need be from the VBD
-        that holds the most (its newest messages go unanalysed); False if
-        `key` holds the most itself.  Under self._cv."""
+    def _make_room(self, q: _Queue, n: int) -> bool:
+        """Room for `n` more bytes in queue `q`, taken if need be from the
+        queue that holds the most (its newest messages go unanalysed); False
+        if `q` holds the most itself.  Under self._cv."""
         while self._full(n):
-            big = max((k for k in self._queues if self._queues[k]),
-                      key=lambda k: (self._vbytes[k], len(self._queues[k])))
-            if (self._vbytes.get(key, 0), len(self._queues[key])) >= \
-                    (self._vbytes[big], len(self._queues[big])):
-                self._skipping.add(key)
+            big = max(self._ready, key=_Queue.size)
+            if q.size() >= big.size():
+                q.skipping = True
                 return False
-            v, msg, nn = self._queues[big].pop()
-            self._vbytes[big] -= nn
+            v, msg, nn = big.take(newest=True)
             self._qmsgs -= 1
             self._qbytes -= nn
-            if not self._queues[big]:
+            if not big.items:
                 self._ready.remove(big)
-            self._skipping.add(big)
+            big.skipping = True
             self._skip(v, wire.seq_range(msg))
         return True
 
@@ -390,11 +406,10 @@ class Analysis:
                     continue
             with self._cv:
                 if self._ready:     # the VBDs in turn, a message each
-                    key = self._ready.popleft()
-                    v, msg, n = self._queues[key].popleft()
-                    if self._queues[key]:
-                        self._ready.append(key)
-                    self._vbytes[key] -= n
+                    q = self._ready.popleft()
+                    v, msg, n = q.take()
+                    if q.items:
+                        self._ready.append(q)
                     self._qmsgs -= 1
                     self._qbytes -= n
                     self._busy = True
